@@ -1,0 +1,271 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Cython kernels for one layer of LSTM / GRU / RNN, both directions at once.
+
+One persistent OpenMP parallel region per call: each thread owns one or more work
+items (direction d, a slice of hidden units), projects the inputs of all steps for its
+slice with single-threaded BLAS, then steps through time: recurrent GEMM of its slice,
+fused gate math (kernels/rf_gates.h), one barrier per step (two for LSTM with
+projection and GRU with linear_before_reset=False). The weights of a slice stay in that
+core's cache. The previous state is read from one half of a ping-pong buffer and the
+new one written to the other, so no thread overwrites what another is reading.
+
+Data layout (prepared by rnnfast._engine, which also validates and allocates):
+packed rows, step-major: step t holds rows [off_t, off_t + bsz[t]) of ``x`` and ``y``,
+the sequences sorted by length (longest first), so the live rows of a step are a
+prefix of the batch and padded steps cost nothing.
+"""
+from cython cimport floating
+from cython.parallel cimport parallel, threadid
+from libc.stdint cimport int64_t
+from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
+
+cdef extern from "rf_gates.h" nogil:
+    void rf_barrier()
+    int rf_have_openmp()
+    void rf_lstm_gates_f(int n, int H, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg,
+                         const float *bx, const float *bh, float *c, int ldc, float *h1, int ld1, float *h2, int ld2)
+    void rf_lstm_gates_d(int n, int H, int u0, int u1, const double *xg, int ldx, const double *hg, int ldg,
+                         const double *bx, const double *bh, double *c, int ldc, double *h1, int ld1, double *h2, int ld2)
+    void rf_gru_gates_f(int n, int H, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg,
+                        const float *bx, const float *bh, const float *hp, int ldp, float *h1, int ld1, float *h2, int ld2)
+    void rf_gru_gates_d(int n, int H, int u0, int u1, const double *xg, int ldx, const double *hg, int ldg,
+                        const double *bx, const double *bh, const double *hp, int ldp, double *h1, int ld1, double *h2, int ld2)
+    void rf_gru_rz_f(int n, int H, int u0, int u1, const float *xg, int ldx, float *hg, int ldg,
+                     const float *bx, const float *bh, const float *hp, int ldp, float *rh, int ldr)
+    void rf_gru_rz_d(int n, int H, int u0, int u1, const double *xg, int ldx, double *hg, int ldg,
+                     const double *bx, const double *bh, const double *hp, int ldp, double *rh, int ldr)
+    void rf_gru_n_f(int n, int H, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg,
+                    const float *bx, const float *bh, const float *hp, int ldp, float *h1, int ld1, float *h2, int ld2)
+    void rf_gru_n_d(int n, int H, int u0, int u1, const double *xg, int ldx, const double *hg, int ldg,
+                    const double *bx, const double *bh, const double *hp, int ldp, double *h1, int ld1, double *h2, int ld2)
+    void rf_rnn_gates_f(int n, int relu, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg,
+                        const float *bx, const float *bh, float *h1, int ld1, float *h2, int ld2)
+    void rf_rnn_gates_d(int n, int relu, int u0, int u1, const double *xg, int ldx, const double *hg, int ldg,
+                        const double *bx, const double *bh, double *h1, int ld1, double *h2, int ld2)
+    void rf_copy_cols_f(int n, int u0, int u1, const float *src, int lds, float *dst, int ldd)
+    void rf_copy_cols_d(int n, int u0, int u1, const double *src, int lds, double *dst, int ldd)
+
+# Cell codes: keep in step with rnnfast/cells.py.
+DEF LSTM = 0
+DEF LSTM_PROJ = 1
+DEF GRU_LBR = 2
+DEF GRU_NOLBR = 3
+DEF RNN_TANH = 4
+DEF RNN_RELU = 5
+
+DEF UNIT_BLOCK = 16     # hidden-unit slices are multiples of this (one AVX-512 vector)
+DEF MAX_DIRS = 2
+
+
+def have_openmp() -> bool:
+    """Whether these kernels were compiled with OpenMP."""
+    return bool(rf_have_openmp())
+
+
+cdef inline void _gemm_nt(int n, int m, int k, const floating *A, int lda, const floating *W, int ldw,
+                          floating *C, int ldc, floating beta) noexcept nogil:
+    """C[n, m] (row-major, ld ldc) = A[n, k] @ W[m, k]^T + beta*C, single-threaded BLAS."""
+    cdef char tr = b'T'
+    cdef char nt = b'N'
+    cdef floating one = 1
+    cdef int inc = 1
+    if n <= 0 or m <= 0:
+        return
+    if n == 1:
+        if floating is float:
+            sgemv(&tr, &k, &m, &one, <float*>W, &ldw, <float*>A, &inc, &beta, C, &inc)
+        else:
+            dgemv(&tr, &k, &m, &one, <double*>W, &ldw, <double*>A, &inc, &beta, C, &inc)
+    else:
+        if floating is float:
+            sgemm(&tr, &nt, &m, &n, &k, &one, <float*>W, &ldw, <float*>A, &lda, &beta, C, &ldc)
+        else:
+            dgemm(&tr, &nt, &m, &n, &k, &one, <double*>W, &ldw, <double*>A, &lda, &beta, C, &ldc)
+
+
+cdef inline int _split(int total, int k, int parts) noexcept nogil:
+    """Start of part k when [0, total) is cut into `parts` slices of whole blocks."""
+    cdef int nb = (total + UNIT_BLOCK - 1) // UNIT_BLOCK
+    cdef int s = UNIT_BLOCK * ((nb * k) // parts)
+    return s if s < total else total
+
+
+cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
+                  int T, int N, int B, int I, int H, int Hout,
+                  const int64_t *bsz, const floating *x,
+                  const floating **w_ih, const floating **w_hh, const floating **bx,
+                  const floating **bh, const floating **w_hr,
+                  floating *xg, floating *hbuf, floating *cst, floating *y,
+                  floating *hg, floating *s2) noexcept nogil:
+    cdef int G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
+    cdef int GH = G * H
+    cdef int ldy = ndir * Hout
+    cdef int nitems = ndir * cpd
+    cdef int it, d, k, g, u0, u1, p0, p1, s, t, n, off, phase
+    cdef bint rev
+    cdef const floating *xgt
+    cdef floating *hr
+    cdef floating *hw
+    cdef floating *yt
+    cdef floating *xgd
+    cdef floating *hgd
+    cdef floating *s2d
+    cdef floating *cd
+    cdef floating zero = 0
+    cdef int[MAX_DIRS] offs
+
+    # 1. input projections of all steps, each item its own gate rows
+    it = tid
+    while it < nitems:
+        d = it // cpd; k = it % cpd
+        u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+        for g in range(G):
+            _gemm_nt(N, u1 - u0, I, x, I, w_ih[d] + <size_t>(g * H + u0) * I, I,
+                     xg + <size_t>d * N * GH + g * H + u0, GH, zero)
+        it = it + nthr
+    for d in range(ndir):
+        rev = rev0 if d == 0 else True
+        offs[d] = N - <int>bsz[T - 1] if rev else 0
+
+    # 2. the recurrence
+    for s in range(T):
+        for phase in range(2):
+            if phase == 1 and code != LSTM_PROJ and code != GRU_NOLBR:
+                break
+            it = tid
+            while it < nitems:
+                d = it // cpd; k = it % cpd
+                rev = rev0 if d == 0 else True
+                t = T - 1 - s if rev else s
+                n = <int>bsz[t]
+                off = offs[d]
+                u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+                xgd = xg + <size_t>d * N * GH
+                xgt = xgd + <size_t>off * GH
+                hgd = hg + <size_t>d * B * GH
+                hr = hbuf + <size_t>(2 * d + (s % 2)) * B * Hout
+                hw = hbuf + <size_t>(2 * d + ((s + 1) % 2)) * B * Hout
+                yt = y + <size_t>off * ldy + d * Hout
+                s2d = s2 + <size_t>d * B * H
+                cd = cst + <size_t>d * B * H
+                if phase == 0:
+                    if code == GRU_NOLBR:
+                        for g in range(2):
+                            _gemm_nt(n, u1 - u0, Hout, hr, Hout, w_hh[d] + <size_t>(g * H + u0) * Hout, Hout,
+                                     hgd + g * H + u0, GH, zero)
+                    else:
+                        for g in range(G):
+                            _gemm_nt(n, u1 - u0, Hout, hr, Hout, w_hh[d] + <size_t>(g * H + u0) * Hout, Hout,
+                                     hgd + g * H + u0, GH, zero)
+                    if code == LSTM:
+                        if floating is float:
+                            rf_lstm_gates_f(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], cd, H, hw, Hout, yt, ldy)
+                        else:
+                            rf_lstm_gates_d(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], cd, H, hw, Hout, yt, ldy)
+                    elif code == LSTM_PROJ:
+                        if floating is float:
+                            rf_lstm_gates_f(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], cd, H, s2d, H, NULL, 0)
+                        else:
+                            rf_lstm_gates_d(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], cd, H, s2d, H, NULL, 0)
+                    elif code == GRU_LBR:
+                        if floating is float:
+                            rf_gru_gates_f(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, hw, Hout, yt, ldy)
+                        else:
+                            rf_gru_gates_d(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, hw, Hout, yt, ldy)
+                    elif code == GRU_NOLBR:
+                        if floating is float:
+                            rf_gru_rz_f(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, s2d, H)
+                        else:
+                            rf_gru_rz_d(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, s2d, H)
+                    else:
+                        if floating is float:
+                            rf_rnn_gates_f(n, code == RNN_RELU, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hw, Hout, yt, ldy)
+                        else:
+                            rf_rnn_gates_d(n, code == RNN_RELU, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hw, Hout, yt, ldy)
+                elif code == LSTM_PROJ:
+                    p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
+                    _gemm_nt(n, p1 - p0, H, s2d, H, w_hr[d] + <size_t>p0 * H, H, yt + p0, ldy, zero)
+                    if floating is float:
+                        rf_copy_cols_f(n, p0, p1, yt, ldy, hw, Hout)
+                    else:
+                        rf_copy_cols_d(n, p0, p1, yt, ldy, hw, Hout)
+                else:   # GRU_NOLBR, phase 2
+                    _gemm_nt(n, u1 - u0, H, s2d, H, w_hh[d] + <size_t>(2 * H + u0) * Hout, Hout,
+                             hgd + 2 * H + u0, GH, zero)
+                    if floating is float:
+                        rf_gru_n_f(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, hw, Hout, yt, ldy)
+                    else:
+                        rf_gru_n_d(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, hw, Hout, yt, ldy)
+                it = it + nthr
+            rf_barrier()
+        # advance every direction's row offset (each thread keeps its own copy)
+        for d in range(ndir):
+            rev = rev0 if d == 0 else True
+            if rev:
+                if s + 1 < T:
+                    offs[d] = offs[d] - <int>bsz[T - 2 - s]
+            else:
+                offs[d] = offs[d] + <int>bsz[s]
+
+
+def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
+              const floating[:, ::1] w_ih0, const floating[:, ::1] w_hh0,
+              const floating[::1] bx0, const floating[::1] bh0, const floating[:, ::1] w_hr0,
+              const floating[:, ::1] w_ih1, const floating[:, ::1] w_hh1,
+              const floating[::1] bx1, const floating[::1] bh1, const floating[:, ::1] w_hr1,
+              int ndir, bint rev0, floating[:, :, ::1] xg, floating[:, :, :, ::1] hbuf,
+              floating[:, :, ::1] cst, floating[:, ::1] y, floating[:, :, ::1] hg,
+              floating[:, :, ::1] s2, int nthreads):
+    """Run one layer (one or two directions) over packed rows; see the module docstring.
+
+    Parameters
+    ----------
+    code : cell code (rnnfast.cells).
+    x : (N, I) packed inputs.  bsz : (T,) live rows per step, non-increasing, >= 1.
+    w_ih*, w_hh*, bx*, bh*, w_hr* : direction 0 and 1 weights (direction 1 ignored when
+        ndir == 1; w_hr only read for LSTM with projection).
+    rev0 : direction 0 runs in reverse (direction 1 always does).
+    xg : (ndir, N, G*H) scratch.  hbuf : (ndir, 2, B, Hout), both halves holding h0;
+        after the call half ``L % 2`` of row j holds its final state for a forward
+        direction of length L, half ``T % 2`` for a reverse one.
+    cst : (ndir, B, H) c0 in, c_n out (LSTM).  y : (N, ndir*Hout) output.
+    hg : (ndir, B, G*H) and s2 : (ndir, B, H) scratch.  nthreads : threads to use.
+    """
+    cdef int T = bsz.shape[0]
+    cdef int N = x.shape[0]
+    cdef int I = x.shape[1]
+    cdef int Hout = hbuf.shape[3]
+    cdef int B = hbuf.shape[2]
+    cdef int H = s2.shape[2]
+    cdef int cpd, nitems, nthr, tid
+    cdef const floating *w_ih[MAX_DIRS]
+    cdef const floating *w_hh[MAX_DIRS]
+    cdef const floating *bx[MAX_DIRS]
+    cdef const floating *bh[MAX_DIRS]
+    cdef const floating *w_hr[MAX_DIRS]
+    if T == 0 or N == 0:
+        return
+    w_ih[0] = &w_ih0[0, 0]; w_hh[0] = &w_hh0[0, 0]; bx[0] = &bx0[0]; bh[0] = &bh0[0]; w_hr[0] = &w_hr0[0, 0]
+    w_ih[1] = &w_ih1[0, 0]; w_hh[1] = &w_hh1[0, 0]; bx[1] = &bx1[0]; bh[1] = &bh1[0]; w_hr[1] = &w_hr1[0, 0]
+    if nthreads < 1:
+        nthreads = 1
+    cpd = nthreads // ndir
+    if cpd < 1:
+        cpd = 1
+    if cpd > (H + UNIT_BLOCK - 1) // UNIT_BLOCK:
+        cpd = (H + UNIT_BLOCK - 1) // UNIT_BLOCK
+    nitems = ndir * cpd
+    nthr = nthreads if nthreads < nitems else nitems
+    if not rf_have_openmp():
+        nthr = 1
+    if nthr == 1:
+        with nogil:
+            _worker(0, 1, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
+                    w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
+                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0])
+    else:
+        with nogil, parallel(num_threads=nthr):
+            tid = threadid()
+            _worker(tid, nthr, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
+                    w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
+                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0])

@@ -1,0 +1,159 @@
+/* Fused per-step gate math of every cell, for float (suffix _f) and double (_d).
+ *
+ * The equations are those of rnnfast/cells.py (the one definition of each cell); the
+ * Numba backend (kernels/numba_rnn.py) follows the same module. Each function updates
+ * rows [0, n) and hidden units [u0, u1) of one direction for one step:
+ *   xg:  input projections of this step,  row stride ldx (= G*H), no bias yet
+ *   hg:  recurrent projections,           row stride ldg (= G*H), no bias yet
+ *   bx, bh: the input and recurrent biases (G*H each; zeros when the layer has none)
+ * Loops are written for `#pragma omp simd`; exp and tanh are declared with glibc's
+ * vector variants (libmvec) so that they vectorise without -ffast-math.
+ * rf_barrier() is an orphaned OpenMP barrier: called from inside a parallel region it
+ * synchronises that region's team; without OpenMP it does nothing.
+ */
+#ifndef RF_GATES_H
+#define RF_GATES_H
+
+#include <math.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+extern float expf(float) __attribute__((__simd__("notinbranch")));
+extern float tanhf(float) __attribute__((__simd__("notinbranch")));
+extern double exp(double) __attribute__((__simd__("notinbranch")));
+extern double tanh(double) __attribute__((__simd__("notinbranch")));
+#endif
+
+#if defined(_OPENMP)
+#define RF_SIMD _Pragma("omp simd")
+static inline void rf_barrier(void) { _Pragma("omp barrier") }
+static inline int rf_have_openmp(void) { return 1; }
+#else
+#if defined(__GNUC__)
+#define RF_SIMD _Pragma("GCC ivdep")
+#else
+#define RF_SIMD
+#endif
+static inline void rf_barrier(void) {}
+static inline int rf_have_openmp(void) { return 0; }
+#endif
+
+#define RF_DEFINE_GATES(T, SFX, EXP, TANH)                                                   \
+static inline T rf_sigmoid_##SFX(T v) { return (T)1 / ((T)1 + EXP(-v)); }                    \
+                                                                                             \
+/* LSTM: writes c (row stride ldc) and h = o*tanh(c) into h1 (ld1) and, if h2, h2 (ld2). */  \
+static inline void rf_lstm_gates_##SFX(int n, int H, int u0, int u1,                         \
+        const T *xg, int ldx, const T *hg, int ldg, const T *bx, const T *bh,                \
+        T *c, int ldc, T *h1, int ld1, T *h2, int ld2) {                                     \
+    for (int j = 0; j < n; ++j) {                                                            \
+        const T *xr = xg + (size_t)j * ldx, *gr = hg + (size_t)j * ldg;                      \
+        T *cr = c + (size_t)j * ldc, *o1 = h1 + (size_t)j * ld1;                             \
+        T *o2 = h2 ? h2 + (size_t)j * ld2 : o1;                                              \
+        RF_SIMD                                                                              \
+        for (int u = u0; u < u1; ++u) {                                                      \
+            T gi = xr[u] + gr[u] + bx[u] + bh[u];                                            \
+            T gf = xr[H + u] + gr[H + u] + bx[H + u] + bh[H + u];                            \
+            T gg = xr[2 * H + u] + gr[2 * H + u] + bx[2 * H + u] + bh[2 * H + u];            \
+            T go = xr[3 * H + u] + gr[3 * H + u] + bx[3 * H + u] + bh[3 * H + u];            \
+            T i = (T)1 / ((T)1 + EXP(-gi));                                                  \
+            T f = (T)1 / ((T)1 + EXP(-gf));                                                  \
+            T o = (T)1 / ((T)1 + EXP(-go));                                                  \
+            T cn = f * cr[u] + i * TANH(gg);                                                 \
+            T hn = o * TANH(cn);                                                             \
+            cr[u] = cn; o1[u] = hn; o2[u] = hn;                                              \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+/* GRU, linear_before_reset=True: hp = previous h (ldp). */                                  \
+static inline void rf_gru_gates_##SFX(int n, int H, int u0, int u1,                          \
+        const T *xg, int ldx, const T *hg, int ldg, const T *bx, const T *bh,                \
+        const T *hp, int ldp, T *h1, int ld1, T *h2, int ld2) {                              \
+    for (int j = 0; j < n; ++j) {                                                            \
+        const T *xr = xg + (size_t)j * ldx, *gr = hg + (size_t)j * ldg;                      \
+        const T *pr = hp + (size_t)j * ldp;                                                  \
+        T *o1 = h1 + (size_t)j * ld1, *o2 = h2 + (size_t)j * ld2;                            \
+        RF_SIMD                                                                              \
+        for (int u = u0; u < u1; ++u) {                                                      \
+            T r = (T)1 / ((T)1 + EXP(-(xr[u] + gr[u] + bx[u] + bh[u])));                     \
+            T z = (T)1 / ((T)1 + EXP(-(xr[H + u] + gr[H + u] + bx[H + u] + bh[H + u])));     \
+            T nn = TANH(xr[2 * H + u] + bx[2 * H + u] + r * (gr[2 * H + u] + bh[2 * H + u]));\
+            T hn = nn + z * (pr[u] - nn);                                                    \
+            o1[u] = hn; o2[u] = hn;                                                          \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+/* GRU, linear_before_reset=False, phase 1: z into hg's z slot, r*h into rh (ldr). */        \
+static inline void rf_gru_rz_##SFX(int n, int H, int u0, int u1,                             \
+        const T *xg, int ldx, T *hg, int ldg, const T *bx, const T *bh,                      \
+        const T *hp, int ldp, T *rh, int ldr) {                                              \
+    for (int j = 0; j < n; ++j) {                                                            \
+        const T *xr = xg + (size_t)j * ldx; T *gr = hg + (size_t)j * ldg;                    \
+        const T *pr = hp + (size_t)j * ldp; T *rr = rh + (size_t)j * ldr;                    \
+        RF_SIMD                                                                              \
+        for (int u = u0; u < u1; ++u) {                                                      \
+            T r = (T)1 / ((T)1 + EXP(-(xr[u] + gr[u] + bx[u] + bh[u])));                     \
+            T z = (T)1 / ((T)1 + EXP(-(xr[H + u] + gr[H + u] + bx[H + u] + bh[H + u])));     \
+            gr[H + u] = z; rr[u] = r * pr[u];                                                \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+/* GRU, linear_before_reset=False, phase 2: hg's n slot holds (r*h) W_hn^T. */               \
+static inline void rf_gru_n_##SFX(int n, int H, int u0, int u1,                              \
+        const T *xg, int ldx, const T *hg, int ldg, const T *bx, const T *bh,                \
+        const T *hp, int ldp, T *h1, int ld1, T *h2, int ld2) {                              \
+    for (int j = 0; j < n; ++j) {                                                            \
+        const T *xr = xg + (size_t)j * ldx, *gr = hg + (size_t)j * ldg;                      \
+        const T *pr = hp + (size_t)j * ldp;                                                  \
+        T *o1 = h1 + (size_t)j * ld1, *o2 = h2 + (size_t)j * ld2;                            \
+        RF_SIMD                                                                              \
+        for (int u = u0; u < u1; ++u) {                                                      \
+            T z = gr[H + u];                                                                 \
+            T nn = TANH(xr[2 * H + u] + bx[2 * H + u] + gr[2 * H + u] + bh[2 * H + u]);      \
+            T hn = nn + z * (pr[u] - nn);                                                    \
+            o1[u] = hn; o2[u] = hn;                                                          \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+/* Elman RNN: relu when relu != 0, else tanh. */                                             \
+static inline void rf_rnn_gates_##SFX(int n, int relu, int u0, int u1,                      \
+        const T *xg, int ldx, const T *hg, int ldg, const T *bx, const T *bh,                \
+        T *h1, int ld1, T *h2, int ld2) {                                                    \
+    for (int j = 0; j < n; ++j) {                                                            \
+        const T *xr = xg + (size_t)j * ldx, *gr = hg + (size_t)j * ldg;                      \
+        T *o1 = h1 + (size_t)j * ld1, *o2 = h2 + (size_t)j * ld2;                            \
+        if (relu) {                                                                          \
+            RF_SIMD                                                                          \
+            for (int u = u0; u < u1; ++u) {                                                  \
+                T a = xr[u] + gr[u] + bx[u] + bh[u];                                         \
+                T hn = a > (T)0 ? a : (T)0;                                                  \
+                o1[u] = hn; o2[u] = hn;                                                      \
+            }                                                                                \
+        } else {                                                                             \
+            RF_SIMD                                                                          \
+            for (int u = u0; u < u1; ++u) {                                                  \
+                T hn = TANH(xr[u] + gr[u] + bx[u] + bh[u]);                                  \
+                o1[u] = hn; o2[u] = hn;                                                      \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+/* Copy columns [u0, u1) of n rows. */                                                       \
+static inline void rf_copy_cols_##SFX(int n, int u0, int u1, const T *src, int lds,          \
+        T *dst, int ldd) {                                                                   \
+    for (int j = 0; j < n; ++j)                                                              \
+        memcpy(dst + (size_t)j * ldd + u0, src + (size_t)j * lds + u0,                       \
+               sizeof(T) * (size_t)(u1 - u0));                                               \
+}
+
+RF_DEFINE_GATES(float, f, expf, tanhf)
+RF_DEFINE_GATES(double, d, exp, tanh)
+
+#endif /* RF_GATES_H */

@@ -1,0 +1,15 @@
+"""rnnfast: fast CPU recurrent layers for NumPy with PyTorch-compatible weights.
+
+Kernels (the Cython extension and the Numba module) load lazily, on first use, so that
+``import rnnfast`` stays fast.
+"""
+from __future__ import annotations
+
+from .backends import available_backends, backend, get_backend, set_backend
+from .functional import gru, lstm, rnn
+from .threads import get_num_threads, set_num_threads
+
+__version__ = "0.1.0"
+
+__all__ = ["lstm", "gru", "rnn", "available_backends", "set_backend", "get_backend", "backend",
+           "set_num_threads", "get_num_threads", "__version__"]

@@ -1,0 +1,163 @@
+"""Run a stack of recurrent layers on one backend (inputs already validated).
+
+The fast backends work on *packed rows*: the sequences are sorted by length once,
+longest first, and step t holds the rows of its live sequences, a prefix of the
+sorted batch, stored one step after another. All layers and directions run on that
+layout (one input projection GEMM per layer and direction over every real row, no
+padded work), and the result is scattered back to (T, B, F) once at the end. Without
+`lengths`, the (T, B, F) input already is that layout and nothing is copied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import backends, reference, threads
+from .cells import CELLS, LSTM_PROJ, GRU_LBR, GRU_NOLBR, RNN_RELU
+
+
+@dataclass(frozen=True)
+class DirWeights:
+    """Weights of one direction of one layer, in the compute dtype, C-contiguous."""
+
+    w_ih: np.ndarray
+    w_hh: np.ndarray
+    b_ih: np.ndarray | None
+    b_hh: np.ndarray | None
+    w_hr: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where each packed row comes from: rows of step t are (t, perm[j]) for j < bsz[t]."""
+
+    perm: np.ndarray | None       # sorted position -> batch index (None: identity, all full)
+    lengths_sorted: np.ndarray    # (B,)
+    bsz: np.ndarray               # (T_max,) int64, live rows per step
+    rows_t: np.ndarray | None     # (N,) time index of each packed row
+    rows_b: np.ndarray | None     # (N,) batch index of each packed row
+
+
+def make_packing(T: int, B: int, lengths: np.ndarray | None) -> Packing:
+    if lengths is None or bool(np.all(lengths == T)):
+        return Packing(None, np.full(B, T, np.int64), np.full(T, B, np.int64), None, None)
+    perm = np.argsort(-lengths, kind="stable")
+    ls = lengths[perm]
+    tmax = int(ls[0]) if B else 0
+    live = ls[None, :] > np.arange(tmax)[:, None]
+    bsz = live.sum(axis=1).astype(np.int64)
+    ti, ji = np.nonzero(live)
+    return Packing(perm, ls, bsz, ti, perm[ji])
+
+
+def _final_parity(pk: Packing, reverse: bool) -> np.ndarray:
+    return np.full(pk.lengths_sorted.shape, pk.bsz.shape[0] % 2) if reverse else pk.lengths_sorted % 2
+
+
+def run_stack(kind: str, code: int, x: np.ndarray, weights: list[list[DirWeights]],
+              h0: np.ndarray | None, c0: np.ndarray | None, lengths: np.ndarray | None, *,
+              rev0: bool = False, backend: str = "auto"):
+    """Forward of `len(weights)` layers of `len(weights[0])` directions.
+
+    Returns ``(y, h_n, c_n)``: y (T, B, D*H_out), h_n (L*D, B, H_out), c_n (L*D, B, H)
+    for LSTM else None, all in x's dtype.
+    """
+    T, B, _ = x.shape
+    L, D = len(weights), len(weights[0])
+    G = CELLS[kind].num_gates
+    H = weights[0][0].w_hh.shape[0] // G
+    Hout = weights[0][0].w_hr.shape[0] if code == LSTM_PROJ else H
+    dtype = x.dtype
+    if h0 is None:
+        h0 = np.zeros((L * D, B, Hout), dtype)
+    if kind == "lstm" and c0 is None:
+        c0 = np.zeros((L * D, B, H), dtype)
+    name = backends.resolve(kind, B, H, dtype, threads.get_num_threads())
+    if name == "reference":
+        return _run_reference(kind, code, x, weights, h0, c0, lengths, rev0)
+    return _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout)
+
+
+def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0):
+    out = x
+    hn, cn = np.empty_like(h0), (None if c0 is None else np.empty_like(c0))
+    D = len(weights[0])
+    for layer, dirs in enumerate(weights):
+        ys = []
+        for d, w in enumerate(dirs):
+            k = layer * D + d
+            y, h, c = reference.run_direction(
+                kind, out, w.w_ih, w.w_hh, w.b_ih, w.b_hh, h0=h0[k],
+                c0=None if c0 is None else c0[k], w_hr=w.w_hr, lengths=lengths,
+                reverse=rev0 if d == 0 else True, linear_before_reset=code != GRU_NOLBR,
+                nonlinearity="relu" if code == RNN_RELU else "tanh")
+            ys.append(y)
+            hn[k] = h
+            if cn is not None:
+                cn[k] = c
+        out = np.concatenate(ys, axis=-1).astype(x.dtype) if D > 1 else ys[0].astype(x.dtype)
+    return out, hn, cn
+
+
+def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout):
+    T, B, I = x.shape
+    L, D = len(weights), len(weights[0])
+    dtype = x.dtype
+    pk = make_packing(T, B, lengths)
+    N = int(pk.bsz.sum())
+    if N == 0:   # every sequence empty: zero outputs, states unchanged
+        return (np.zeros((T, B, D * Hout), dtype), h0.copy(), None if c0 is None else c0.copy())
+    if pk.perm is None:
+        inp = x.reshape(T * B, I)
+        h0s, c0s = h0, c0
+    else:
+        inp = x[pk.rows_t, pk.rows_b]
+        h0s = h0[:, pk.perm]
+        c0s = None if c0 is None else c0[:, pk.perm]
+    mod = backends.kernel_module(name)
+    nthreads = threads.get_num_threads()
+    if name == "cython":
+        threads.set_blas_threads(1)
+    else:
+        threads.set_blas_threads(nthreads)
+    zeros_b = np.zeros(G * H, dtype)
+    dummy_hr = np.zeros((1, 1), dtype)
+    hn_s = np.empty((L * D, B, Hout), dtype)
+    cn_s = np.empty((L * D, B, H), dtype) if kind == "lstm" else None
+    xg = np.empty((D, N, G * H), dtype)          # one projection buffer per direction
+    hg = np.empty((D, B, G * H), dtype)
+    s2 = np.empty((D, B, H), dtype)
+    rows = np.arange(B)
+    for layer, dirs in enumerate(weights):
+        sl = slice(layer * D, (layer + 1) * D)
+        hbuf = np.empty((D, 2, B, Hout), dtype)
+        hbuf[:, 0] = h0s[sl]
+        hbuf[:, 1] = h0s[sl]
+        cst = c0s[sl].copy() if kind == "lstm" else s2
+        y = np.empty((N, D * Hout), dtype)
+        w = [dirs[0], dirs[-1]]
+        args = []
+        for wd in w:
+            args += [wd.w_ih, wd.w_hh,
+                     zeros_b if wd.b_ih is None else wd.b_ih,
+                     zeros_b if wd.b_hh is None else wd.b_hh,
+                     wd.w_hr if wd.w_hr is not None else dummy_hr]
+        mod.run_layer(code, inp, pk.bsz, *args, D, bool(rev0), xg, hbuf, cst, y, hg, s2, nthreads)
+        for d in range(D):
+            par = _final_parity(pk, rev0 if d == 0 else True)
+            hn_s[layer * D + d] = hbuf[d, par, rows]
+            if cn_s is not None:
+                cn_s[layer * D + d] = cst[d]
+        inp = y
+    if pk.perm is None:
+        return inp.reshape(T, B, D * Hout), hn_s, cn_s
+    out = np.zeros((T, B, D * Hout), dtype)
+    out[pk.rows_t, pk.rows_b] = inp
+    hn = np.empty_like(hn_s)
+    hn[:, pk.perm] = hn_s
+    cn = None
+    if cn_s is not None:
+        cn = np.empty_like(cn_s)
+        cn[:, pk.perm] = cn_s
+    return out, hn, cn

@@ -1,0 +1,100 @@
+"""Backend selection: "auto", "cython", "numba", "reference".
+
+The process-wide choice is set with :func:`set_backend`; :func:`backend` overrides it
+for the current thread/context only (a ``contextvars`` scope), so concurrent calls
+from other threads are not affected. Kernel modules are imported on first use.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import importlib.util
+import threading
+from typing import Iterator
+
+BACKENDS = ("cython", "numba", "reference")
+_global = {"name": "auto"}
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("rnnfast_backend", default=None)
+_modules: dict[str, object] = {}
+_lock = threading.Lock()
+_available: list[str] | None = None
+
+_KERNEL_MODULE = {"cython": "rnnfast.kernels.cy_rnn", "numba": "rnnfast.kernels.numba_rnn"}
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this installation (always includes "reference")."""
+    global _available
+    if _available is None:
+        names = []
+        if importlib.util.find_spec("rnnfast.kernels.cy_rnn") is not None:
+            names.append("cython")
+        if importlib.util.find_spec("numba") is not None:
+            names.append("numba")
+        names.append("reference")
+        _available = names
+    return list(_available)
+
+
+def _check(name: str, allow_auto: bool = True) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"backend must be a string, got {type(name).__name__}")
+    if allow_auto and name == "auto":
+        return name
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {['auto', *BACKENDS]}")
+    if name not in available_backends():
+        raise ValueError(f"backend {name!r} is not available here; available: {available_backends()}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide backend ("auto", "cython", "numba" or "reference")."""
+    _global["name"] = _check(name)
+
+
+def get_backend() -> str:
+    """The backend name in force for this context ("auto" unless set)."""
+    scoped = _scoped.get()
+    return scoped if scoped is not None else _global["name"]
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[str]:
+    """Use backend `name` inside a ``with`` block (this thread/context only)."""
+    token = _scoped.set(_check(name))
+    try:
+        yield name
+    finally:
+        _scoped.reset(token)
+
+
+def kernel_module(name: str):
+    """Import (once) and return the kernel module of backend `name`."""
+    mod = _modules.get(name)
+    if mod is None:
+        with _lock:
+            mod = _modules.get(name)
+            if mod is None:
+                mod = importlib.import_module(_KERNEL_MODULE[name])
+                _modules[name] = mod
+    return mod
+
+
+# "auto": a fixed table written from measurements (see README, "Dispatch"); the same
+# call always takes the same path. Keyed by cell kind; the Cython kernels won every
+# standard workload measured (python -m rnnfast bench --backends cython,numba).
+_AUTO_ORDER = ("cython", "numba", "reference")
+
+
+def resolve(kind: str, batch: int, hidden: int, dtype, nthreads: int) -> str:
+    """The concrete backend for one call under the current setting."""
+    name = get_backend()
+    if name != "auto":
+        return name
+    avail = available_backends()
+    for cand in _AUTO_ORDER:
+        if cand in avail:
+            return cand
+    return "reference"

@@ -1,0 +1,88 @@
+"""Plain NumPy implementation of every cell: the test oracle and the "reference" backend.
+
+Everything here runs in float64 and loops over time in Python, one step after another,
+written to be read rather than to be fast. The equations are those of
+:mod:`rnnfast.cells`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .cells import CELLS
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def cell_step(kind: str, xt: np.ndarray, h: np.ndarray, c: np.ndarray | None,
+              w_ih: np.ndarray, w_hh: np.ndarray, b_ih: np.ndarray, b_hh: np.ndarray,
+              w_hr: np.ndarray | None = None, linear_before_reset: bool = True,
+              nonlinearity: str = "tanh") -> tuple[np.ndarray, np.ndarray | None]:
+    """One step of one cell for a batch: returns (h', c')."""
+    H = w_hh.shape[0] // CELLS[kind].num_gates
+    gx = xt @ w_ih.T + b_ih
+    if kind == "lstm":
+        g = gx + h @ w_hh.T + b_hh
+        i, f, gg, o = sigmoid(g[:, :H]), sigmoid(g[:, H:2 * H]), np.tanh(g[:, 2 * H:3 * H]), sigmoid(g[:, 3 * H:])
+        c_new = f * c + i * gg
+        h_new = o * np.tanh(c_new)
+        if w_hr is not None:
+            h_new = h_new @ w_hr.T
+        return h_new, c_new
+    if kind == "gru":
+        gh_rz = h @ w_hh[:2 * H].T + b_hh[:2 * H]
+        r = sigmoid(gx[:, :H] + gh_rz[:, :H])
+        z = sigmoid(gx[:, H:2 * H] + gh_rz[:, H:])
+        if linear_before_reset:
+            n = np.tanh(gx[:, 2 * H:] + r * (h @ w_hh[2 * H:].T + b_hh[2 * H:]))
+        else:
+            n = np.tanh(gx[:, 2 * H:] + (r * h) @ w_hh[2 * H:].T + b_hh[2 * H:])
+        return (1.0 - z) * n + z * h, None
+    if kind == "rnn":
+        a = gx + h @ w_hh.T + b_hh
+        return (np.tanh(a) if nonlinearity == "tanh" else np.maximum(a, 0.0)), None
+    raise ValueError(f"unknown cell kind {kind!r}")
+
+
+def run_direction(kind: str, x: np.ndarray, w_ih: np.ndarray, w_hh: np.ndarray,
+                  b_ih: np.ndarray | None = None, b_hh: np.ndarray | None = None, *,
+                  h0: np.ndarray | None = None, c0: np.ndarray | None = None,
+                  w_hr: np.ndarray | None = None, lengths: np.ndarray | None = None,
+                  reverse: bool = False, linear_before_reset: bool = True,
+                  nonlinearity: str = "tanh"):
+    """One layer, one direction over a time-major batch ``x`` of shape (T, B, I).
+
+    Returns ``(y, h_n, c_n)`` in float64: y (T, B, H_out), zero at t >= lengths[b];
+    ``c_n`` is None except for LSTM. A reverse direction runs each sequence from its
+    last valid step down to step 0 (PyTorch's packed-sequence semantics).
+    """
+    x = np.asarray(x, np.float64)
+    T, B, _ = x.shape
+    G = CELLS[kind].num_gates
+    H = w_hh.shape[0] // G
+    w_ih, w_hh = np.asarray(w_ih, np.float64), np.asarray(w_hh, np.float64)
+    b_ih = np.zeros(G * H) if b_ih is None else np.asarray(b_ih, np.float64)
+    b_hh = np.zeros(G * H) if b_hh is None else np.asarray(b_hh, np.float64)
+    w_hr = None if w_hr is None else np.asarray(w_hr, np.float64)
+    Hout = w_hr.shape[0] if w_hr is not None else H
+    h = np.zeros((B, Hout)) if h0 is None else np.array(h0, np.float64)
+    c = None
+    if kind == "lstm":
+        c = np.zeros((B, H)) if c0 is None else np.array(c0, np.float64)
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+    y = np.zeros((T, B, Hout))
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    for t in steps:
+        live = lengths > t
+        if not live.any():
+            continue
+        h_new, c_new = cell_step(kind, x[t, live], h[live], None if c is None else c[live],
+                                 w_ih, w_hh, b_ih, b_hh, w_hr, linear_before_reset, nonlinearity)
+        h[live] = h_new
+        if c is not None:
+            c[live] = c_new
+        y[t, live] = h_new
+    return y, h, c

@@ -1,0 +1,69 @@
+"""One process-wide thread policy for Numba, OpenMP (Cython kernels) and BLAS.
+
+Numba's and OpenMP's thread counts are per calling thread and threadpoolctl's limits
+are process-global, so every kernel entry applies the count itself (``apply_*``),
+never once at start-up. BLAS runs single-threaded inside rnnfast's own parallel
+regions (OpenMP threads each call BLAS on their slice) and with the rnnfast count
+when it is called from one thread only.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+_lock = threading.Lock()
+_num_threads: int = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+_blas = {"libs": None, "current": None}
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads every rnnfast kernel uses (process-wide).
+
+    Parameters
+    ----------
+    n : int
+        Thread count, at least 1.
+    """
+    global _num_threads
+    if isinstance(n, bool) or not isinstance(n, (int,)) and not hasattr(n, "__index__"):
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """Return the process-wide thread count used by rnnfast kernels."""
+    return _num_threads
+
+
+def _blas_libs():
+    if _blas["libs"] is None:
+        with _lock:
+            if _blas["libs"] is None:
+                try:
+                    import scipy.linalg.cython_blas  # noqa: F401 - load scipy's BLAS first
+                    from threadpoolctl import ThreadpoolController
+                    ctl = ThreadpoolController()
+                    _blas["libs"] = [lib for lib in ctl.lib_controllers if lib.user_api == "blas"]
+                except Exception:  # noqa: BLE001 - no threadpoolctl support: leave BLAS alone
+                    _blas["libs"] = []
+    return _blas["libs"]
+
+
+def set_blas_threads(n: int) -> None:
+    """Set the thread count of every loaded BLAS (cheap when it is unchanged)."""
+    if _blas["current"] == n:
+        return
+    for lib in _blas_libs():
+        try:
+            lib.set_num_threads(n)
+        except Exception:  # noqa: BLE001
+            pass
+    _blas["current"] = n
+
+
+def blas_info() -> list[dict]:
+    """Describe the loaded BLAS libraries (for ``python -m rnnfast info``)."""
+    return [lib.info() for lib in _blas_libs()]
