@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from .backends import available_backends, backend, get_backend, set_backend
 from .functional import gru, lstm, rnn
+from .interop import from_torch
+from .layers import GRU, LSTM, RNN
 from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
 
-__all__ = ["lstm", "gru", "rnn", "available_backends", "set_backend", "get_backend", "backend",
+__all__ = ["lstm", "gru", "rnn", "LSTM", "GRU", "RNN", "from_torch", "available_backends", "set_backend", "get_backend", "backend",
            "set_num_threads", "get_num_threads", "__version__"]

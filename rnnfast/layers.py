@@ -1,0 +1,251 @@
+"""Layers ``LSTM``, ``GRU`` and ``RNN`` with PyTorch's parameter names and semantics."""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import _engine
+from ._validation import check_input, check_lengths, check_state, to_numpy
+from .cells import CELLS, cell_code
+from .functional import check_nonlinearity
+
+
+def _check_int(name: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{name}: expected >= {lo}, got {v}")
+    return int(v)
+
+
+def _check_dtype(dtype) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype: expected float32 or float64, got {dt}")
+    return dt
+
+
+class _RNNBase:
+    """Shared machinery of the multi-layer, optionally bidirectional recurrent layers."""
+
+    _kind = ""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, dtype=np.float32, seed=None, *, _code: int | None = None):
+        self.input_size = _check_int("input_size", input_size, 1)
+        self.hidden_size = _check_int("hidden_size", hidden_size, 1)
+        self.num_layers = _check_int("num_layers", num_layers, 1)
+        self.proj_size = _check_int("proj_size", proj_size, 0)
+        if self.proj_size and self._kind != "lstm":
+            raise ValueError(f"proj_size: only LSTM supports a projection, got {proj_size}")
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(f"proj_size: expected 0 <= proj_size < hidden_size ({hidden_size}), got {proj_size}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout: expected a number in [0, 1], got {dropout!r}")
+        self.dropout = float(dropout)
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        self.dtype = _check_dtype(dtype)
+        self.seed = seed
+        self._code = _code
+        self._rng = np.random.default_rng(seed)
+        self.grads: dict[str, np.ndarray] = {}
+        self._ctx = None
+        G, H, D = CELLS[self._kind].num_gates, self.hidden_size, self.num_directions
+        k = 1.0 / np.sqrt(H)
+        self._params: dict[str, np.ndarray] = {}
+        self._shapes: dict[str, tuple] = {}
+        for layer in range(self.num_layers):
+            in_size = self.input_size if layer == 0 else self.output_size * D
+            for d in range(D):
+                sfx = f"l{layer}" + ("_reverse" if d else "")
+                shapes = {f"weight_ih_{sfx}": (G * H, in_size), f"weight_hh_{sfx}": (G * H, self.output_size)}
+                if self.bias:
+                    shapes[f"bias_ih_{sfx}"] = (G * H,)
+                    shapes[f"bias_hh_{sfx}"] = (G * H,)
+                if self.proj_size:
+                    shapes[f"weight_hr_{sfx}"] = (self.proj_size, H)
+                for name, shape in shapes.items():
+                    self._shapes[name] = shape
+                    self._params[name] = self._rng.uniform(-k, k, shape).astype(self.dtype)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self) -> int:
+        """Width of h (proj_size when projecting, else hidden_size)."""
+        return self.proj_size or self.hidden_size
+
+    # ------------------------------------------------------------------ parameters
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The live parameter arrays (PyTorch names); in-place updates are seen by the next call."""
+        return dict(self._params)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the parameters, keyed by PyTorch's names."""
+        return {k: v.copy() for k, v in self._params.items()}
+
+    def load_state_dict(self, mapping) -> None:
+        """Load parameters (strict). Values may be any array-like, torch tensors included.
+
+        Raises ``ValueError`` naming every missing, unexpected or mis-shaped key; on error
+        nothing is changed.
+        """
+        if not hasattr(mapping, "keys"):
+            raise TypeError(f"load_state_dict: expected a mapping, got {type(mapping).__name__}")
+        keys = set(mapping.keys())
+        missing = sorted(set(self._shapes) - keys)
+        unexpected = sorted(keys - set(self._shapes))
+        converted, bad = {}, []
+        for k in self._shapes:
+            if k not in keys:
+                continue
+            arr = to_numpy(mapping[k], k)
+            if arr.dtype.kind not in "fiu":
+                raise TypeError(f"load_state_dict: {k} has non-numeric dtype {arr.dtype}")
+            if arr.shape != self._shapes[k]:
+                bad.append(f"{k} (expected shape {self._shapes[k]}, got {arr.shape})")
+            converted[k] = arr
+        if missing or unexpected or bad:
+            parts = []
+            if missing:
+                parts.append(f"missing keys: {missing}")
+            if unexpected:
+                parts.append(f"unexpected keys: {unexpected}")
+            if bad:
+                parts.append(f"shape mismatch: {bad}")
+            raise ValueError("load_state_dict: " + "; ".join(parts))
+        for k, arr in converted.items():
+            self._params[k][...] = arr       # in place: live references stay valid
+
+    def _weights(self) -> list[list[_engine.DirWeights]]:
+        out = []
+        for layer in range(self.num_layers):
+            dirs = []
+            for d in range(self.num_directions):
+                sfx = f"l{layer}" + ("_reverse" if d else "")
+                p = self._params
+                dirs.append(_engine.DirWeights(
+                    p[f"weight_ih_{sfx}"], p[f"weight_hh_{sfx}"], p.get(f"bias_ih_{sfx}"),
+                    p.get(f"bias_hh_{sfx}"), p.get(f"weight_hr_{sfx}")))
+            out.append(dirs)
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def _prepare(self, x, hx, lengths):
+        xs, unbatched = check_input(x, "x", self.dtype, self.input_size, self.batch_first)
+        T, B, _ = xs.shape
+        LD = self.num_layers * self.num_directions
+        h0 = c0 = None
+        if hx is not None:
+            if self._kind == "lstm":
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise ValueError("hx: expected a tuple (h0, c0) for LSTM")
+                h0 = check_state(hx[0], "hx[0] (h0)", self.dtype, (LD, B, self.output_size), unbatched)
+                c0 = check_state(hx[1], "hx[1] (c0)", self.dtype, (LD, B, self.hidden_size), unbatched)
+            else:
+                h0 = check_state(hx, "hx", self.dtype, (LD, B, self.hidden_size), unbatched)
+        ln = check_lengths(lengths, T, B, unbatched)
+        return xs, unbatched, h0, c0, ln
+
+    def _finish(self, y, hn, cn, unbatched):
+        if unbatched:
+            y, hn, cn = y[:, 0], hn[:, 0], (None if cn is None else cn[:, 0])
+        elif self.batch_first:
+            y = y.transpose(1, 0, 2)
+        return y, ((hn, cn) if self._kind == "lstm" else hn)
+
+    def forward(self, x, hx=None, lengths=None, train: bool = False):
+        """Run the layer.
+
+        Parameters
+        ----------
+        x : array_like (T, B, I), (B, T, I) with batch_first, or unbatched (T, I).
+        hx : initial state; LSTM ``(h0, c0)`` with h0 (L*D, B, H_out), c0 (L*D, B, H);
+            GRU/RNN h0 (L*D, B, H). Zeros when None.
+        lengths : int array_like (B,), optional.
+        train : keep what :meth:`backward` needs (and apply dropout between layers).
+
+        Returns
+        -------
+        y, hx_n : outputs (T, B, D*H_out) and final states shaped like hx.
+        """
+        xs, unbatched, h0, c0, ln = self._prepare(x, hx, lengths)
+        if train:
+            from . import training
+            y, hn, cn, ctx = training.stack_forward_train(
+                self._kind, self._code, xs, self._weights(), h0, c0, ln,
+                dropout=self.dropout, rng=self._rng)
+            self._ctx = (ctx, unbatched, self.batch_first)
+        else:
+            y, hn, cn = _engine.run_stack(self._kind, self._code, xs, self._weights(), h0, c0, ln)
+        return self._finish(y, hn, cn, unbatched)
+
+    __call__ = forward
+
+    def backward(self, dy, dhx_n=None):
+        """Gradients of sum(y*dy) + sum(hx_n*dhx_n) after a ``forward(..., train=True)``.
+
+        Returns ``(dx, dhx)`` shaped like x and hx; fills :attr:`grads`.
+        """
+        if self._ctx is None:
+            raise RuntimeError("backward() needs a forward(..., train=True) call first")
+        from . import training
+        ctx, unbatched, batch_first = self._ctx
+        dx, dhx, grads = training.layer_backward(self, ctx, dy, dhx_n, unbatched, batch_first)
+        self.grads = grads
+        return dx, dhx
+
+    def __repr__(self) -> str:
+        extra = f", proj_size={self.proj_size}" if self.proj_size else ""
+        return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+                f"bidirectional={self.bidirectional}, batch_first={self.batch_first}, "
+                f"dtype={self.dtype.name}{extra})")
+
+
+class LSTM(_RNNBase):
+    """Multi-layer LSTM (gates i, f, g, o; optional projection ``proj_size``), PyTorch-compatible."""
+
+    _kind = "lstm"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, dtype=np.float32, seed=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, dtype, seed, _code=cell_code("lstm", proj=proj_size > 0))
+
+
+class GRU(_RNNBase):
+    """Multi-layer GRU (gates r, z, n), PyTorch-compatible; ``linear_before_reset=False`` is ONNX's default form."""
+
+    _kind = "gru"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 dtype=np.float32, seed=None, linear_before_reset: bool = True):
+        self.linear_before_reset = bool(linear_before_reset)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         0, dtype, seed, _code=cell_code("gru", linear_before_reset=self.linear_before_reset))
+
+
+class RNN(_RNNBase):
+    """Multi-layer Elman RNN with ``nonlinearity`` "tanh" or "relu", PyTorch-compatible."""
+
+    _kind = "rnn"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 dtype=np.float32, seed=None, nonlinearity: str = "tanh"):
+        check_nonlinearity(nonlinearity)
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         0, dtype, seed, _code=cell_code("rnn", nonlinearity=nonlinearity))
