@@ -19,6 +19,17 @@ from cython.parallel cimport parallel, threadid
 from libc.stdint cimport int64_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
+cdef extern from "rf_fused.h" nogil:
+    int rf_panel_units(int G, int is_double)
+    void rf_pack_f(int G, int H, int K, int p0, int p1, const float *W, float *P)
+    void rf_pack_d(int G, int H, int K, int p0, int p1, const double *W, double *P)
+    void rf_fused_step_f(int code, int G, int H, int K, int n, int p0, int p1, const float *P,
+                         const float *xg, int ldx, const float *bx, const float *bh, const float *hp, int ldp,
+                         float *c, int ldc, float *h1, int ld1, float *h2, int ld2)
+    void rf_fused_step_d(int code, int G, int H, int K, int n, int p0, int p1, const double *P,
+                         const double *xg, int ldx, const double *bx, const double *bh, const double *hp, int ldp,
+                         double *c, int ldc, double *h1, int ld1, double *h2, int ld2)
+
 cdef extern from "rf_gates.h" nogil:
     void rf_barrier()
     int rf_have_openmp()
@@ -55,11 +66,32 @@ DEF RNN_RELU = 5
 
 DEF UNIT_BLOCK = 16     # hidden-unit slices are multiples of this (one AVX-512 vector)
 DEF MAX_DIRS = 2
+DEF FUSED_MIN_T = 4
+DEF FUSED_MAX_N = 32    # above this many live rows per step, BLAS per gate is faster
 
 
 def have_openmp() -> bool:
     """Whether these kernels were compiled with OpenMP."""
     return bool(rf_have_openmp())
+
+
+cdef inline int _gates(int code) noexcept nogil:
+    return 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
+
+
+def packed_size(int code, int H, int K, bint is_double, int T) -> int:
+    """Elements of packed recurrent weights per direction for the fused step (0: not used).
+
+    The fused micro-kernel path serves LSTM (with or without projection), GRU with
+    linear_before_reset=True and RNN, when the sequence is long enough (T >= 4) for the
+    packing to pay for itself; other calls use BLAS per gate.
+    """
+    if code == GRU_NOLBR or T < FUSED_MIN_T:
+        return 0
+    cdef int G = _gates(code)
+    cdef int up = rf_panel_units(G, is_double)
+    cdef int npan = (H + up - 1) // up
+    return npan * K * G * up
 
 
 cdef inline void _gemm_nt(int n, int m, int k, const floating *A, int lda, const floating *W, int ldw,
@@ -83,6 +115,10 @@ cdef inline void _gemm_nt(int n, int m, int k, const floating *A, int lda, const
             dgemm(&tr, &nt, &m, &n, &k, &one, <double*>W, &ldw, <double*>A, &lda, &beta, C, &ldc)
 
 
+cdef inline int _imin(int a, int b) noexcept nogil:
+    return a if a < b else b
+
+
 cdef inline int _split(int total, int k, int parts) noexcept nogil:
     """Start of part k when [0, total) is cut into `parts` slices of whole blocks."""
     cdef int nb = (total + UNIT_BLOCK - 1) // UNIT_BLOCK
@@ -96,12 +132,16 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                   const floating **w_ih, const floating **w_hh, const floating **bx,
                   const floating **bh, const floating **w_hr,
                   floating *xg, floating *hbuf, floating *cst, floating *y,
-                  floating *hg, floating *s2) noexcept nogil:
-    cdef int G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
+                  floating *hg, floating *s2, floating *wpk, int npk) noexcept nogil:
+    cdef int G = _gates(code)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
     cdef int nitems = ndir * cpd
     cdef int it, d, k, g, u0, u1, p0, p1, s, t, n, off, phase
+    cdef int UP = rf_panel_units(G, floating is double)
+    cdef int npan = (H + UP - 1) // UP
+    cdef bint fused = npk > 0
+    cdef floating *wpd
     cdef bint rev
     cdef const floating *xgt
     cdef floating *hr
@@ -118,7 +158,14 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     it = tid
     while it < nitems:
         d = it // cpd; k = it % cpd
-        u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+        if fused:
+            u0 = _imin(H, (npan * k // cpd) * UP); u1 = _imin(H, (npan * (k + 1) // cpd) * UP)
+            if floating is float:
+                rf_pack_f(G, H, Hout, npan * k // cpd, npan * (k + 1) // cpd, w_hh[d], wpk + <size_t>d * npk)
+            else:
+                rf_pack_d(G, H, Hout, npan * k // cpd, npan * (k + 1) // cpd, w_hh[d], wpk + <size_t>d * npk)
+        else:
+            u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
         for g in range(G):
             _gemm_nt(N, u1 - u0, I, x, I, w_ih[d] + <size_t>(g * H + u0) * I, I,
                      xg + <size_t>d * N * GH + g * H + u0, GH, zero)
@@ -139,7 +186,11 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 t = T - 1 - s if rev else s
                 n = <int>bsz[t]
                 off = offs[d]
-                u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+                if fused:
+                    p0 = npan * k // cpd; p1 = npan * (k + 1) // cpd
+                    u0 = _imin(H, p0 * UP); u1 = _imin(H, p1 * UP)
+                else:
+                    u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
                 xgd = xg + <size_t>d * N * GH
                 xgt = xgd + <size_t>off * GH
                 hgd = hg + <size_t>d * B * GH
@@ -148,7 +199,23 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 yt = y + <size_t>off * ldy + d * Hout
                 s2d = s2 + <size_t>d * B * H
                 cd = cst + <size_t>d * B * H
-                if phase == 0:
+                if phase == 0 and fused and n <= FUSED_MAX_N:
+                    wpd = wpk + <size_t>d * npk
+                    if code == LSTM_PROJ:
+                        if floating is float:
+                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, GH, bx[d], bh[d], hr, Hout,
+                                            cd, H, s2d, H, NULL, 0)
+                        else:
+                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, GH, bx[d], bh[d], hr, Hout,
+                                            cd, H, s2d, H, NULL, 0)
+                    else:
+                        if floating is float:
+                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, GH, bx[d], bh[d], hr, Hout,
+                                            cd, H, hw, Hout, yt, ldy)
+                        else:
+                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, GH, bx[d], bh[d], hr, Hout,
+                                            cd, H, hw, Hout, yt, ldy)
+                elif phase == 0:
                     if code == GRU_NOLBR:
                         for g in range(2):
                             _gemm_nt(n, u1 - u0, Hout, hr, Hout, w_hh[d] + <size_t>(g * H + u0) * Hout, Hout,
@@ -215,7 +282,7 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
               const floating[::1] bx1, const floating[::1] bh1, const floating[:, ::1] w_hr1,
               int ndir, bint rev0, floating[:, :, ::1] xg, floating[:, :, :, ::1] hbuf,
               floating[:, :, ::1] cst, floating[:, ::1] y, floating[:, :, ::1] hg,
-              floating[:, :, ::1] s2, int nthreads):
+              floating[:, :, ::1] s2, int nthreads, floating[::1] wpk=None):
     """Run one layer (one or two directions) over packed rows; see the module docstring.
 
     Parameters
@@ -237,7 +304,9 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
     cdef int Hout = hbuf.shape[3]
     cdef int B = hbuf.shape[2]
     cdef int H = s2.shape[2]
-    cdef int cpd, nitems, nthr, tid
+    cdef int cpd, nitems, nthr, tid, npk = 0, maxchunks
+    cdef floating *wp = NULL
+    cdef int G = _gates(code)
     cdef const floating *w_ih[MAX_DIRS]
     cdef const floating *w_hh[MAX_DIRS]
     cdef const floating *bx[MAX_DIRS]
@@ -252,8 +321,14 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
     cpd = nthreads // ndir
     if cpd < 1:
         cpd = 1
-    if cpd > (H + UNIT_BLOCK - 1) // UNIT_BLOCK:
-        cpd = (H + UNIT_BLOCK - 1) // UNIT_BLOCK
+    if wpk is not None and wpk.shape[0] > 0:
+        npk = wpk.shape[0] // ndir
+        wp = &wpk[0]
+        maxchunks = (H + rf_panel_units(G, floating is double) - 1) // rf_panel_units(G, floating is double)
+    else:
+        maxchunks = (H + UNIT_BLOCK - 1) // UNIT_BLOCK
+    if cpd > maxchunks:
+        cpd = maxchunks
     nitems = ndir * cpd
     nthr = nthreads if nthreads < nitems else nitems
     if not rf_have_openmp():
@@ -262,10 +337,10 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
         with nogil:
             _worker(0, 1, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
-                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0])
+                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, nthr, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
-                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0])
+                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk)

@@ -17,6 +17,9 @@ from . import backends, reference, threads
 from .cells import CELLS, LSTM_PROJ, GRU_LBR, GRU_NOLBR, RNN_RELU
 
 
+_USE_FUSED = True     # private switch for measurements: False = BLAS per gate in every step
+
+
 @dataclass(frozen=True)
 class DirWeights:
     """Weights of one direction of one layer, in the compute dtype, C-contiguous."""
@@ -129,6 +132,11 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout)
     hg = np.empty((D, B, G * H), dtype)
     s2 = np.empty((D, B, H), dtype)
     rows = np.arange(B)
+    extra = {}
+    if name == "cython" and _USE_FUSED:     # packed recurrent weights for the fused micro-kernel step
+        n_el = mod.packed_size(code, H, Hout, dtype == np.float64, int(pk.bsz.shape[0]))
+        if n_el:
+            extra["wpk"] = np.empty(D * n_el, dtype)
     for layer, dirs in enumerate(weights):
         sl = slice(layer * D, (layer + 1) * D)
         hbuf = np.empty((D, 2, B, Hout), dtype)
@@ -143,7 +151,7 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout)
                      zeros_b if wd.b_ih is None else wd.b_ih,
                      zeros_b if wd.b_hh is None else wd.b_hh,
                      wd.w_hr if wd.w_hr is not None else dummy_hr]
-        mod.run_layer(code, inp, pk.bsz, *args, D, bool(rev0), xg, hbuf, cst, y, hg, s2, nthreads)
+        mod.run_layer(code, inp, pk.bsz, *args, D, bool(rev0), xg, hbuf, cst, y, hg, s2, nthreads, **extra)
         for d in range(D):
             par = _final_parity(pk, rev0 if d == 0 else True)
             hn_s[layer * D + d] = hbuf[d, par, rows]

@@ -1,0 +1,172 @@
+/* Fused recurrent step: packed-weight micro-kernel + gate math, float (_f) and double (_d).
+ *
+ * For small and medium batches a recurrent step is n x (G*H) x K with n small, where
+ * general BLAS loses most of its speed. Here each thread owns whole *panels*: UP hidden
+ * units with all their G gates, packed once per call (rf_pack_*) as K rows of G*UP
+ * contiguous values. The micro-kernel keeps an MR x (G*UP) block of recurrent
+ * pre-activations in vector registers (GCC/Clang vector extensions: AVX-512, AVX2 or
+ * SSE, whatever -march gives), writes it to a small L1 tile, and the gate math of
+ * rf_gates.h-style loops runs on that tile at once, so the gate pre-activations never
+ * travel through memory. Equations: rnnfast/cells.py.
+ */
+#ifndef RF_FUSED_H
+#define RF_FUSED_H
+
+#include <string.h>
+#include "rf_gates.h"
+
+#define RF_VBYTES 64
+typedef float rf_vf __attribute__((vector_size(RF_VBYTES)));
+typedef double rf_vd __attribute__((vector_size(RF_VBYTES)));
+#define RF_VLF (RF_VBYTES / 4)
+#define RF_VLD (RF_VBYTES / 8)
+#define RF_MR 6          /* rows per micro-kernel block */
+#define RF_MAXNV 4       /* vectors per panel row */
+
+/* Units per panel: a panel row holds G*UP values in NV = G*UP/VL vectors (NV <= 4). */
+static inline int rf_panel_units(int G, int is_double) {
+    int vl = is_double ? RF_VLD : RF_VLF;
+    return G == 1 ? 4 * vl : vl;
+}
+
+#define RF_DEFINE_FUSED(T, SFX, VT, VL, EXP, TANH)                                              \
+/* Pack panels [p0, p1) of W (G*H x K, gate-major rows) as P[p][k][g*UP + v]. */               \
+__attribute__((optimize("no-tree-vectorize")))                                               \
+static inline void rf_pack_##SFX(int G, int H, int K, int p0, int p1, const T *W, T *P) {      \
+    const int UP = rf_panel_units(G, sizeof(T) == 8), PW = G * UP;                             \
+    for (int p = p0; p < p1; ++p) {                                                            \
+        T *dst = P + (size_t)p * K * PW;                                                       \
+        for (int g = 0; g < G; ++g) {                                                          \
+            for (int v0 = 0; v0 < UP; v0 += 8) {                                               \
+                int u0 = p * UP + v0;                                                          \
+                int nv = H - u0 < 8 ? (H - u0 > 0 ? H - u0 : 0) : 8;                           \
+                const T *sb = W + (size_t)(g * H + u0) * K;                                    \
+                T *db = dst + g * UP + v0;                                                     \
+                if (nv == 8) {                                                                 \
+                    for (int k = 0; k < K; ++k) {                                              \
+                        T *d = db + (size_t)k * PW;                                            \
+                        d[0] = sb[k]; d[1] = sb[K + k]; d[2] = sb[2 * (size_t)K + k];          \
+                        d[3] = sb[3 * (size_t)K + k]; d[4] = sb[4 * (size_t)K + k];            \
+                        d[5] = sb[5 * (size_t)K + k]; d[6] = sb[6 * (size_t)K + k];            \
+                        d[7] = sb[7 * (size_t)K + k];                                          \
+                    }                                                                          \
+                } else {                                                                       \
+                    for (int k = 0; k < K; ++k)                                                \
+                        for (int v = 0; v < 8; ++v)                                            \
+                            db[(size_t)k * PW + v] = v < nv ? sb[(size_t)v * K + k] : (T)0;    \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+}                                                                                              \
+                                                                                               \
+static inline __attribute__((always_inline)) void rf_mk_body_##SFX(const int MR_, const int NV_, \
+        int K, const T *A, int lda, const T *P, T *out) {                                      \
+    VT acc[RF_MR][RF_MAXNV];                                                                   \
+    for (int r = 0; r < MR_; ++r)                                                              \
+        for (int v = 0; v < NV_; ++v) acc[r][v] = (VT){0};                                     \
+    for (int k = 0; k < K; ++k) {                                                              \
+        VT w[RF_MAXNV];                                                                        \
+        for (int v = 0; v < NV_; ++v) memcpy(&w[v], P + (size_t)k * NV_ * VL + v * VL, sizeof(VT)); \
+        for (int r = 0; r < MR_; ++r) {                                                        \
+            VT a = (VT){0} + A[(size_t)r * lda + k];                                           \
+            for (int v = 0; v < NV_; ++v) acc[r][v] += a * w[v];                               \
+        }                                                                                      \
+    }                                                                                          \
+    for (int r = 0; r < MR_; ++r)                                                              \
+        for (int v = 0; v < NV_; ++v) memcpy(out + r * RF_MAXNV * VL + v * VL, &acc[r][v], sizeof(VT)); \
+}                                                                                              \
+                                                                                               \
+/* out[r][0:NV*VL] (row stride RF_MAXNV*VL) = A[r, :K] @ panel, r < mr <= RF_MR. */            \
+static inline void rf_mk_##SFX(int mr, int nv, int K, const T *A, int lda, const T *P, T *out) { \
+    if (nv == 4) {                                                                             \
+        switch (mr) {                                                                          \
+        case 1: rf_mk_body_##SFX(1, 4, K, A, lda, P, out); break;                              \
+        case 2: rf_mk_body_##SFX(2, 4, K, A, lda, P, out); break;                              \
+        case 3: rf_mk_body_##SFX(3, 4, K, A, lda, P, out); break;                              \
+        case 4: rf_mk_body_##SFX(4, 4, K, A, lda, P, out); break;                              \
+        case 5: rf_mk_body_##SFX(5, 4, K, A, lda, P, out); break;                              \
+        default: rf_mk_body_##SFX(6, 4, K, A, lda, P, out); break;                             \
+        }                                                                                      \
+    } else {                                                                                   \
+        switch (mr) {                                                                          \
+        case 1: rf_mk_body_##SFX(1, 3, K, A, lda, P, out); break;                              \
+        case 2: rf_mk_body_##SFX(2, 3, K, A, lda, P, out); break;                              \
+        case 3: rf_mk_body_##SFX(3, 3, K, A, lda, P, out); break;                              \
+        case 4: rf_mk_body_##SFX(4, 3, K, A, lda, P, out); break;                              \
+        case 5: rf_mk_body_##SFX(5, 3, K, A, lda, P, out); break;                              \
+        default: rf_mk_body_##SFX(6, 3, K, A, lda, P, out); break;                             \
+        }                                                                                      \
+    }                                                                                          \
+}                                                                                              \
+                                                                                               \
+/* One step for panels [p0, p1) and rows [0, n): recurrent product + gates.                   \
+ * code: 0/1 LSTM (h written to h1 (ld1) and h2 (ld2, may be NULL)), 2 GRU (lbr),            \
+ * 4/5 RNN tanh/relu. xg: this step's input projections (row stride ldx = G*H);               \
+ * hp: previous h (ldp), also the GEMM input (K = its width); c: cell state (ldc). */        \
+static inline void rf_fused_step_##SFX(int code, int G, int H, int K, int n, int p0, int p1,  \
+        const T *P, const T *xg, int ldx, const T *bx, const T *bh, const T *hp, int ldp,     \
+        T *c, int ldc, T *h1, int ld1, T *h2, int ld2) {                                       \
+    const int UP = rf_panel_units(G, sizeof(T) == 8), PW = G * UP, NV = PW / VL;               \
+    T tile[RF_MR * RF_MAXNV * VL] __attribute__((aligned(64)));                                \
+    const int TS = RF_MAXNV * VL;                                                              \
+    int nblk = (n + RF_MR - 1) / RF_MR;                                                        \
+    for (int p = p0; p < p1; ++p) {                                                            \
+        const T *Pp = P + (size_t)p * K * PW;                                                  \
+        int ua = p * UP, ub = ua + UP < H ? ua + UP : H;                                       \
+        for (int b = 0; b < nblk; ++b) {                                                       \
+            int r0 = (n * b) / nblk, r1 = (n * (b + 1)) / nblk;                                \
+            rf_mk_##SFX(r1 - r0, NV, K, hp + (size_t)r0 * ldp, ldp, Pp, tile);                 \
+            for (int r = r0; r < r1; ++r) {                                                    \
+                const T *t = tile + (r - r0) * TS - ua;  /* t[g*UP + u] for unit u */          \
+                const T *xr = xg + (size_t)r * ldx;                                            \
+                T *o1 = h1 + (size_t)r * ld1;                                                  \
+                T *o2 = h2 ? h2 + (size_t)r * ld2 : o1;                                        \
+                if (code <= 1) {                                                               \
+                    T *cr = c + (size_t)r * ldc;                                               \
+                    RF_SIMD                                                                    \
+                    for (int u = ua; u < ub; ++u) {                                            \
+                        T gi = xr[u] + t[u] + bx[u] + bh[u];                                   \
+                        T gf = xr[H + u] + t[UP + u] + bx[H + u] + bh[H + u];                  \
+                        T gg = xr[2 * H + u] + t[2 * UP + u] + bx[2 * H + u] + bh[2 * H + u];  \
+                        T go = xr[3 * H + u] + t[3 * UP + u] + bx[3 * H + u] + bh[3 * H + u];  \
+                        T i = (T)1 / ((T)1 + EXP(-gi));                                        \
+                        T f = (T)1 / ((T)1 + EXP(-gf));                                        \
+                        T o = (T)1 / ((T)1 + EXP(-go));                                        \
+                        T cn = f * cr[u] + i * TANH(gg);                                       \
+                        T hn = o * TANH(cn);                                                   \
+                        cr[u] = cn; o1[u] = hn; o2[u] = hn;                                    \
+                    }                                                                          \
+                } else if (code == 2) {                                                        \
+                    const T *pr = hp + (size_t)r * ldp;                                        \
+                    RF_SIMD                                                                    \
+                    for (int u = ua; u < ub; ++u) {                                            \
+                        T rr = (T)1 / ((T)1 + EXP(-(xr[u] + t[u] + bx[u] + bh[u])));           \
+                        T z = (T)1 / ((T)1 + EXP(-(xr[H + u] + t[UP + u] + bx[H + u] + bh[H + u]))); \
+                        T nn = TANH(xr[2 * H + u] + bx[2 * H + u] + rr * (t[2 * UP + u] + bh[2 * H + u])); \
+                        T hn = nn + z * (pr[u] - nn);                                          \
+                        o1[u] = hn; o2[u] = hn;                                                \
+                    }                                                                          \
+                } else if (code == 5) {                                                        \
+                    RF_SIMD                                                                    \
+                    for (int u = ua; u < ub; ++u) {                                            \
+                        T a = xr[u] + t[u] + bx[u] + bh[u];                                    \
+                        T hn = a > (T)0 ? a : (T)0;                                            \
+                        o1[u] = hn; o2[u] = hn;                                                \
+                    }                                                                          \
+                } else {                                                                       \
+                    RF_SIMD                                                                    \
+                    for (int u = ua; u < ub; ++u) {                                            \
+                        T hn = TANH(xr[u] + t[u] + bx[u] + bh[u]);                             \
+                        o1[u] = hn; o2[u] = hn;                                                \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+}
+
+RF_DEFINE_FUSED(float, f, rf_vf, RF_VLF, expf, tanhf)
+RF_DEFINE_FUSED(double, d, rf_vd, RF_VLD, exp, tanh)
+
+#endif /* RF_FUSED_H */

@@ -1,0 +1,817 @@
+"""``python -m rnnfast bench``: rnnfast against its NumPy reference backend, PyTorch and
+ONNX Runtime on the standard workloads of BENCHMARKS.md.
+
+The design is that of the project's referee (``../shared/tools/anchor_bench.py``), whose
+workload table this module repeats (same names, shapes and FLOP counts):
+
+* Before timing, every library's result is checked against an oracle: PyTorch when it
+  is installed, else rnnfast's own "reference" backend (float64 NumPy). Outputs are
+  compared; for training also dx and every weight gradient; errors are relative to the
+  oracle's scale where it exceeds 1 (:func:`max_err`). A result off by more than
+  :data:`TOLERANCE` is reported as ``WRONG`` and not timed.
+* Every library is warmed up (JIT compiles, caches), then each round times every
+  library as the best of a short burst of calls, after a pause that lets the previous
+  library's idle threads stop spinning. Figures are medians over rounds; a ratio is
+  the median of the per-round ratios (> 1: rnnfast is faster). GF/s counts useful work
+  only (no padded steps).
+* The reference backend is slow on the large workloads: when ``rounds x burst`` of its
+  calls would take longer than :data:`REFERENCE_BUDGET_S` it is timed by one call only
+  (ratio = that time over rnnfast's median), and ``--no-reference`` leaves it out.
+* Features that rnnfast does not have yet (training, minGRU, a backend whose kernels
+  are missing) are reported as ``n/a (reason)``; the run goes on.
+
+PyTorch, ONNX Runtime (with ``onnx``) and matplotlib are optional and imported only here,
+lazily; rnnfast itself never needs them.
+
+Exit status: 0, or 1 when a rnnfast result was wrong or a rnnfast call failed (a
+feature reported n/a is not a failure).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+# name: (kind, T, B, I, H, extra) -- identical to the referee's WORKLOADS
+WORKLOADS: dict[str, tuple] = {
+    "lstm-b1":        ("lstm", 100, 1, 256, 256, {}),
+    "lstm-b8":        ("lstm", 100, 8, 256, 256, {}),
+    "lstm-b64":       ("lstm", 100, 64, 512, 512, {}),
+    "gru-b1":         ("gru", 100, 1, 256, 256, {}),
+    "gru-b64":        ("gru", 100, 64, 512, 512, {}),
+    "rnn-b64":        ("rnn", 100, 64, 512, 512, {}),
+    "lstm-2l-bidir":  ("lstm", 500, 16, 256, 256, {"num_layers": 2, "bidirectional": True}),
+    "lstm-varlen":    ("lstm", 500, 16, 256, 256, {"varlen": True}),
+    "lstm-step":      ("lstm", 100, 1, 256, 256, {"stream": True}),
+    "lstm-train-b8":  ("lstm", 100, 8, 256, 256, {"train": True}),
+    "lstm-train-b64": ("lstm", 100, 64, 512, 512, {"train": True}),
+    "gru-train-b64":  ("gru", 100, 64, 512, 512, {"train": True}),
+    "mingru-long":    ("mingru", 4096, 4, 256, 256, {}),
+}
+G = {"lstm": 4, "gru": 3, "rnn": 1, "mingru": 2}
+
+TOLERANCE = 1e-3            # max error (see max_err) accepted before timing
+REFERENCE_BUDGET_S = 3.0    # reference timed every round only if that costs less than this
+PEERS = ("reference", "torch", "ort")
+PEER_TITLES = {"reference": "ref", "torch": "torch", "ort": "ort"}
+
+
+# ----------------------------------------------------------------------------- workloads
+def flops(kind, T, B, I, H, ex, steps=None) -> int:
+    """Useful FLOPs; `steps` = sum of lengths when sequences are of different lengths."""
+    L = ex.get("num_layers", 1)
+    D = 2 if ex.get("bidirectional") else 1
+    TB = steps if steps is not None else T * B
+    f = 2 * TB * G[kind] * H * (I + (H if kind != "mingru" else 0)) * D
+    if L > 1:
+        f += (L - 1) * 2 * TB * G[kind] * H * (D * H + H) * D
+    return f * (3 if ex.get("train") else 1)
+
+
+class TorchMinGRU:
+    """minGRU exactly as SPEC.md defines it, in PyTorch (the referee's peer): the
+    projections are one GEMM each and the recurrence a loop over time."""
+
+    def __init__(self, I, H):
+        import torch
+        self.torch = torch
+        self.z = torch.nn.Linear(I, H)
+        self.h = torch.nn.Linear(I, H)
+
+    def state_dict(self):
+        return {"weight_z": self.z.weight, "bias_z": self.z.bias, "weight_h": self.h.weight, "bias_h": self.h.bias}
+
+    def __call__(self, x):
+        torch = self.torch
+        z = torch.sigmoid(self.z(x))
+        ht = self.h(x)
+        h = torch.zeros_like(ht[0])
+        out = torch.empty_like(ht)
+        for t in range(x.shape[0]):
+            h = torch.lerp(h, ht[t], z[t])
+            out[t] = h
+        return out, h
+
+
+def make_torch(kind, I, H, ex):
+    """The PyTorch module of a workload (seeded as the referee does)."""
+    import torch
+    torch.manual_seed(0)
+    if kind == "mingru":
+        return TorchMinGRU(I, H)
+    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[kind]
+    return cls(I, H, num_layers=ex.get("num_layers", 1), bidirectional=ex.get("bidirectional", False))
+
+
+def make_ort(kind, T, B, I, H, sd, threads, stream=False):
+    """Single-layer unidirectional ONNX Runtime session carrying the weights `sd` (PyTorch
+    names, numpy arrays); with `stream`, an LSTM of one step taking and returning (h, c)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    w, r, bi, bh = sd["weight_ih_l0"], sd["weight_hh_l0"], sd["bias_ih_l0"], sd["bias_hh_l0"]
+    if kind == "lstm":   # torch i,f,g,o -> onnx i,o,f,c
+        def perm(a):
+            return np.concatenate([a[0:H], a[3 * H:4 * H], a[H:2 * H], a[2 * H:3 * H]])
+    elif kind == "gru":  # torch r,z,n -> onnx z,r,h
+        def perm(a):
+            return np.concatenate([a[H:2 * H], a[0:H], a[2 * H:3 * H]])
+    else:
+        def perm(a):
+            return a
+    W = numpy_helper.from_array(perm(w)[None].astype(np.float32), "W")
+    R = numpy_helper.from_array(perm(r)[None].astype(np.float32), "R")
+    Bb = numpy_helper.from_array(np.concatenate([perm(bi), perm(bh)])[None].astype(np.float32), "B")
+    attrs = {"hidden_size": H}
+    if kind == "gru":
+        attrs["linear_before_reset"] = 1
+    op = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[kind]
+
+    def f32(n, shape):
+        return helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+    if stream:
+        node = helper.make_node(op, ["X", "W", "R", "B", "", "h0", "c0"], ["", "Y_h", "Y_c"], **attrs)
+        ins = [f32("X", [1, B, I]), f32("h0", [1, B, H]), f32("c0", [1, B, H])]
+        outs = [f32("Y_h", None), f32("Y_c", None)]
+    else:
+        node = helper.make_node(op, ["X", "W", "R", "B", "seq"], ["Y"], **attrs)
+        ins = [f32("X", [T, B, I]), helper.make_tensor_value_info("seq", TensorProto.INT32, [B])]
+        outs = [f32("Y", None)]
+    g = helper.make_graph([node], "g", ins, outs, [W, R, Bb])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------- correctness
+def max_err(a, b) -> float:
+    """Largest absolute difference of `a` from the oracle `b`, relative to the oracle's
+    scale when that exceeds 1 (weight gradients sum over T*B rows and reach the hundreds).
+    NaN anywhere gives NaN; a shape mismatch raises ``ValueError``."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"shape {a.shape} vs {b.shape}")
+    if not a.size:
+        return 0.0
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    if not (np.all(np.isfinite(a64)) and np.all(np.isfinite(b64))):
+        return float("nan")
+    return float(np.max(np.abs(a64 - b64)) / max(1.0, float(np.max(np.abs(b64)))))
+
+
+def compare(got, want) -> float:
+    """Max error of a result against the oracle's; results are arrays or lists of arrays
+    (training: dx then the weight gradients), compared element by element."""
+    if isinstance(want, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(want):
+            n = len(got) if isinstance(got, (list, tuple)) else "an array"
+            raise ValueError(f"expected {len(want)} arrays, got {n}")
+        return max((max_err(g, w) for g, w in zip(got, want)), default=0.0)
+    return max_err(got, want)
+
+
+def check_result(got, want, tol: float = TOLERANCE) -> tuple[bool, float, str]:
+    """``(ok, error, message)``: ok when the error is within `tol` (NaN is never ok)."""
+    try:
+        e = compare(got, want)
+    except ValueError as ex:
+        return False, float("nan"), f"WRONG: {ex}"
+    if e <= tol:          # False for NaN
+        return True, e, ""
+    return False, e, f"WRONG: max error vs oracle {e:.3g} > {tol:g}"
+
+
+# ----------------------------------------------------------------------------- building
+def _na(exc: BaseException) -> str | None:
+    """The "n/a" reason when `exc` means a feature rnnfast does not have yet, else None."""
+    msg = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (NotImplementedError, ImportError)):
+        return msg
+    if isinstance(exc, AttributeError) and "rnnfast" in str(exc):
+        return msg
+    return None
+
+
+def _short(s: str, n: int = 110) -> str:
+    s = " ".join(str(s).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str
+    T: int
+    B: int
+    I: int
+    H: int
+    ex: dict
+    x: np.ndarray
+    lengths: np.ndarray
+    sd: dict            # numpy state dict (PyTorch names)
+    tmod: object        # torch module or None
+    work: int
+
+    @property
+    def train(self) -> bool:
+        return bool(self.ex.get("train"))
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.ex.get("stream"))
+
+    @property
+    def varlen(self) -> bool:
+        return bool(self.ex.get("varlen"))
+
+
+def build_case(name: str, rng: np.random.Generator, have_torch: bool) -> Case:
+    """Inputs and weights of one workload (PyTorch's initialisation when it is installed,
+    else rnnfast's own, seed 0)."""
+    kind, T, B, I, H, ex = WORKLOADS[name]
+    tmod, sd = None, None
+    if have_torch:
+        tmod = make_torch(kind, I, H, ex)
+        sd = {k: v.detach().numpy() for k, v in tmod.state_dict().items()}
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    lengths = np.full(B, T, np.int64)
+    if ex.get("varlen"):
+        lengths = rng.integers(T // 2, T + 1, B)
+        lengths[0] = T
+    steps = int(lengths.sum()) if ex.get("varlen") else None
+    return Case(name, kind, T, B, I, H, ex, x, lengths, sd, tmod, flops(kind, T, B, I, H, ex, steps))
+
+
+def make_rf_layer(case: Case):
+    """rnnfast's layer for a workload, carrying the case's weights (sets case.sd when
+    PyTorch did not provide them)."""
+    import rnnfast as rf
+    if case.kind == "mingru":
+        if not hasattr(rf, "MinGRU"):
+            raise NotImplementedError("rnnfast.MinGRU is not implemented yet")
+        lay = rf.MinGRU(case.I, case.H, seed=0)
+    else:
+        cls = {"lstm": rf.LSTM, "gru": rf.GRU, "rnn": rf.RNN}[case.kind]
+        lay = cls(case.I, case.H, num_layers=case.ex.get("num_layers", 1),
+                  bidirectional=case.ex.get("bidirectional", False), seed=0)
+    if case.sd is None:
+        case.sd = lay.state_dict()
+    else:
+        lay.load_state_dict(case.sd)
+    return lay
+
+
+def make_rf_fn(case: Case, backend_name: str) -> Callable:
+    """A call of rnnfast's layer on backend `backend_name` returning what is compared."""
+    import rnnfast as rf
+    lay = make_rf_layer(case)
+    x, T = case.x, case.T
+    ln = case.lengths if case.varlen else None
+    keys = sorted(case.sd)
+    is_ref = backend_name == "reference"
+
+    def scope():
+        if is_ref:
+            # The reference backend is NumPy only: give its BLAS the requested count
+            # (a fast backend's call may have left it at 1).
+            try:
+                from rnnfast import threads as _thr
+                _thr.set_blas_threads(rf.get_num_threads())
+            except Exception:  # noqa: BLE001 - older/newer layouts: leave BLAS alone
+                pass
+        return rf.backend(backend_name)
+
+    if case.stream:
+        def run():
+            with scope():
+                hx = None
+                for t in range(T):
+                    _, hx = lay(x[t:t + 1], hx)
+            return np.asarray(hx[0])[0]
+    elif case.train:
+        dy_box = []
+
+        def run():
+            with scope():
+                y, _ = lay.forward(x, train=True)
+                if not dy_box:
+                    dy_box.append(np.ones_like(y))
+                dx, _ = lay.backward(dy_box[0])
+            return [dx] + [lay.grads[k] for k in keys]
+    else:
+        def run():
+            with scope():
+                return lay(x, lengths=ln)[0]
+    return run
+
+
+def make_torch_fn(case: Case) -> Callable:
+    import torch
+    tmod, T, B, H = case.tmod, case.T, case.B, case.H
+    xt = torch.from_numpy(case.x)
+    if case.stream:   # T calls of one step each, state carried: LSTMCell
+        cell = torch.nn.LSTMCell(case.I, H)
+        cell.load_state_dict({k[:-3]: v for k, v in tmod.state_dict().items()})
+
+        def run():
+            h = (torch.zeros(B, H), torch.zeros(B, H))
+            with torch.no_grad():
+                for t in range(T):
+                    h = cell(xt[t], h)
+            return h[0].numpy()
+    elif case.varlen:
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+        lt = torch.from_numpy(case.lengths)
+
+        def run():
+            p = pack_padded_sequence(xt, lt, enforce_sorted=False)
+            with torch.no_grad():
+                y, _ = tmod(p)
+            return pad_packed_sequence(y, total_length=T)[0].numpy()
+    elif case.train:
+        keys = sorted(case.sd)
+
+        def run():
+            for p in tmod.parameters():
+                p.grad = None
+            xx = xt.clone().requires_grad_(True)
+            y, _ = tmod(xx)
+            y.backward(torch.ones_like(y))
+            return [xx.grad.numpy()] + [tmod.get_parameter(k).grad.numpy() for k in keys]
+    else:
+        def run():
+            with torch.no_grad():
+                return tmod(xt)[0].numpy()
+    return run
+
+
+def make_ort_fn(case: Case, threads: int) -> Callable:
+    sess = make_ort(case.kind, case.T, case.B, case.I, case.H, case.sd, threads, case.stream)
+    x, T, B, H = case.x, case.T, case.B, case.H
+    if case.stream:
+        def run():
+            h = c = np.zeros((1, B, H), np.float32)
+            for t in range(T):
+                h, c = sess.run(None, {"X": x[t:t + 1], "h0": h, "c0": c})
+            return h[0]
+        return run
+    seq = case.lengths.astype(np.int32)
+    return lambda: sess.run(None, {"X": x, "seq": seq})[0][:, 0]
+
+
+def ort_supports(case: Case) -> bool:
+    """ONNX Runtime's RNN ops cover one plain layer (the referee's ORT peers)."""
+    ex = case.ex
+    return not (case.train or case.kind == "mingru" or ex.get("num_layers", 1) > 1 or ex.get("bidirectional"))
+
+
+# ----------------------------------------------------------------------------- timing
+@dataclass
+class Entry:
+    """One library (or one rnnfast backend) on one workload."""
+
+    key: str            # "rnnfast:<backend>", "reference", "torch", "ort"
+    label: str
+    fn: Callable | None = None
+    status: str = "ok"  # ok | n/a | failed | WRONG | skipped | unavailable
+    reason: str = ""
+    err: float = float("nan")
+    policy: str = "rounds"      # rounds | once
+    first_call_s: float = float("nan")
+    times: list = field(default_factory=list)
+
+    @property
+    def timed(self) -> bool:
+        return self.status == "ok" and bool(self.times)
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.times)) if self.times else float("nan")
+
+
+def _burst(fn, n: int) -> float:
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def ratio(peer: Entry, mine: Entry) -> float:
+    """Median of per-round ratios peer/mine (> 1: `mine` is faster); an entry timed once
+    is compared with the other's median."""
+    if not (peer.timed and mine.timed):
+        return float("nan")
+    if len(peer.times) == len(mine.times):
+        return float(np.median(np.asarray(peer.times) / np.asarray(mine.times)))
+    return peer.median / mine.median
+
+
+@dataclass
+class Options:
+    names: list
+    rounds: int = 7
+    threads: int = 2
+    backends: list = field(default_factory=lambda: ["auto"])
+    reference: bool = True
+    burst: int = 3
+    warmup: int = 2
+    pause: float = 0.25
+    quick: bool = False
+
+
+def _peer_versions() -> dict:
+    from importlib import metadata
+    out = {}
+    for mod in ("torch", "onnxruntime", "onnx", "numpy", "scipy", "numba"):
+        try:
+            out[mod] = metadata.version(mod)
+        except Exception:  # noqa: BLE001
+            out[mod] = None
+    return out
+
+
+def _resolved(backend_name: str, case: Case) -> str:
+    """What "auto" dispatches to for this workload (for the label only)."""
+    if backend_name != "auto":
+        return backend_name
+    try:
+        import rnnfast as rf
+        from rnnfast import backends as _b
+        with rf.backend("auto"):
+            return _b.resolve(case.kind, case.B, case.H, np.dtype(np.float32), rf.get_num_threads())
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def run_workload(name: str, opt: Options, rng: np.random.Generator, have_torch: bool, have_ort: bool) -> dict:
+    """Check and time every library on one workload; returns the workload's record."""
+    import rnnfast as rf
+    case = build_case(name, rng, have_torch)
+    entries: dict[str, Entry] = {}
+    avail = rf.available_backends()
+    for b in opt.backends:
+        lab = b if b != "auto" else f"auto:{_resolved(b, case)}"
+        e = Entry(f"rnnfast:{b}", lab)
+        if b != "auto" and b not in avail:
+            e.status, e.reason = "n/a", f"backend {b!r} not available (available: {avail})"
+        else:
+            try:
+                e.fn = make_rf_fn(case, b)
+            except Exception as ex:  # noqa: BLE001
+                na = _na(ex)
+                e.status, e.reason = ("n/a", na) if na else ("failed", f"{type(ex).__name__}: {ex}")
+        entries[e.key] = e
+    # the reference backend (a peer, and the oracle when PyTorch is missing)
+    ref = Entry("reference", "reference")
+    try:
+        ref.fn = make_rf_fn(case, "reference")
+    except Exception as ex:  # noqa: BLE001
+        na = _na(ex)
+        ref.status, ref.reason = ("n/a", na) if na else ("failed", f"{type(ex).__name__}: {ex}")
+    entries["reference"] = ref
+    if have_torch:
+        t = Entry("torch", "torch")
+        try:
+            t.fn = make_torch_fn(case)
+        except Exception as ex:  # noqa: BLE001
+            t.status, t.reason = "failed", f"{type(ex).__name__}: {ex}"
+        entries["torch"] = t
+    if have_ort and ort_supports(case):
+        o = Entry("ort", "ort")
+        try:
+            if case.sd is None:
+                raise RuntimeError("no weights (rnnfast layer could not be built)")
+            o.fn = make_ort_fn(case, opt.threads)
+        except Exception as ex:  # noqa: BLE001
+            o.status, o.reason = "failed", f"{type(ex).__name__}: {ex}"
+        entries["ort"] = o
+
+    # oracle: PyTorch, else the reference backend
+    want, oracle = None, None
+    for k in ("torch", "reference"):
+        e = entries.get(k)
+        if e is None or e.status != "ok":
+            continue
+        try:
+            t0 = time.perf_counter()
+            want = e.fn()
+            e.first_call_s = time.perf_counter() - t0
+            oracle = k
+            break
+        except Exception as ex:  # noqa: BLE001
+            na = _na(ex) if k == "reference" else None
+            e.status, e.reason = ("n/a", na) if na else ("failed", f"{type(ex).__name__}: {ex}")
+    for k, e in entries.items():
+        if k == oracle or e.status != "ok":
+            continue
+        try:
+            t0 = time.perf_counter()
+            got = e.fn()
+            e.first_call_s = time.perf_counter() - t0
+        except Exception as ex:  # noqa: BLE001
+            na = _na(ex)
+            e.status, e.reason = ("n/a", na) if na else ("failed", f"{type(ex).__name__}: {ex}")
+            continue
+        if want is None:
+            e.reason = "unchecked (no oracle)"
+            continue
+        ok, err, msg = check_result(got, want)
+        e.err = err
+        if not ok:
+            e.status, e.reason = "WRONG", msg
+    if oracle is not None:
+        entries[oracle].err = 0.0
+
+    if not opt.reference and ref.status == "ok":
+        ref.status, ref.reason = "skipped", "--no-reference"
+    if ref.status == "ok":
+        est = ref.first_call_s
+        if opt.quick or not (est * opt.burst * opt.rounds <= REFERENCE_BUDGET_S):
+            ref.policy = "once"
+    live = [e for e in entries.values() if e.status == "ok"]
+    for e in live:                       # warm-up (JIT compiles, caches)
+        if e.key == "reference":
+            continue
+        for _ in range(opt.warmup):
+            e.fn()
+    for r in range(opt.rounds):
+        for e in live:
+            if e.policy == "once":
+                if r:
+                    continue
+                time.sleep(opt.pause)
+                e.times.append(_burst(e.fn, 1))
+                continue
+            time.sleep(opt.pause)
+            e.times.append(_burst(e.fn, opt.burst))
+
+    rec = {
+        "name": name, "kind": case.kind, "T": case.T, "B": case.B, "I": case.I, "H": case.H,
+        "extra": dict(case.ex), "flops": case.work, "oracle": oracle, "results": {},
+    }
+    peers = [entries[k] for k in PEERS if k in entries]
+    for e in entries.values():
+        r = {"label": e.label, "status": e.status, "reason": e.reason,
+             "max_err": None if math.isnan(e.err) else e.err,
+             "times_s": list(e.times), "median_ms": e.median * 1e3 if e.timed else None,
+             "gflops": case.work / e.median / 1e9 if e.timed else None,
+             "first_call_ms": None if math.isnan(e.first_call_s) else e.first_call_s * 1e3}
+        if e.key == "reference":
+            r["policy"] = e.policy
+        if e.key.startswith("rnnfast:"):
+            r["backend"] = e.key.split(":", 1)[1]
+            r["resolved"] = e.label.split(":", 1)[-1]
+            rat = {p.key: ratio(p, e) for p in peers}
+            r["ratios"] = {k: (None if math.isnan(v) else v) for k, v in rat.items()}
+        rec["results"][e.key] = r
+    return rec
+
+
+# ----------------------------------------------------------------------------- output
+def _fmt_ms(r: dict | None) -> str:
+    if r is None or r["median_ms"] is None:
+        return "-"
+    v = r["median_ms"]
+    return f"{v:.0f}" if v >= 1000 else f"{v:.2f}"
+
+
+def _fmt_x(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+HEADER = (f"{'workload':15s} {'backend':13s} {'rnnfast ms':>10s} {'ref ms':>8s} {'torch ms':>9s} {'ort ms':>8s} "
+          f"{'GF/s':>6s} {'x ref':>7s} {'x torch':>8s} {'x ort':>7s} {'max err':>8s}")
+
+
+def format_rows(rec: dict) -> list[str]:
+    """Table rows (and notes) of one workload record."""
+    res = rec["results"]
+    lines, notes = [], []
+    for k, r in res.items():
+        if not k.startswith("rnnfast:"):
+            continue
+        gf = "-" if r["gflops"] is None else f"{r['gflops']:.1f}"
+        err = "-" if r["max_err"] is None else f"{r['max_err']:.2g}"
+        ms = _fmt_ms(r) if r["status"] == "ok" else ("n/a" if r["status"] == "n/a" else r["status"])
+        rat = r["ratios"]
+        lines.append(f"{rec['name']:15s} {r['label']:13s} {ms:>10s} {_fmt_ms(res.get('reference')):>8s} "
+                     f"{_fmt_ms(res.get('torch')):>9s} {_fmt_ms(res.get('ort')):>8s} {gf:>6s} "
+                     f"{_fmt_x(rat.get('reference')):>7s} {_fmt_x(rat.get('torch')):>8s} "
+                     f"{_fmt_x(rat.get('ort')):>7s} {err:>8s}")
+    for k, r in res.items():
+        who = r["label"] if k.startswith("rnnfast:") else k
+        if r["status"] == "n/a":
+            notes.append(f"{who}: n/a ({_short(r['reason'])})")
+        elif r["status"] not in ("ok",):
+            notes.append(f"{who}: {r['status']} ({_short(r['reason'])})")
+        elif k == "reference" and r.get("policy") == "once" and r["median_ms"] is not None:
+            notes.append("reference: timed by one call (slow)")
+        elif r["reason"]:
+            notes.append(f"{who}: {r['reason']}")
+    if rec["oracle"] and rec["oracle"] != "torch":
+        notes.append(f"checked against {rec['oracle']}")
+    if notes:
+        lines.append(" " * 16 + "# " + "; ".join(notes))
+    return lines
+
+
+def plot_png(records: list[dict], path: str) -> str | None:
+    """Bar chart of rnnfast's speedups vs each peer per workload; returns an error
+    message instead of raising when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"--png needs matplotlib (pip install matplotlib): {e}"
+    series: dict[str, list] = {}
+    names = [r["name"] for r in records]
+    for i, rec in enumerate(records):
+        for k, r in rec["results"].items():
+            if not k.startswith("rnnfast:"):
+                continue
+            for peer, v in r["ratios"].items():
+                s = series.setdefault(f"{r['backend']} vs {PEER_TITLES.get(peer, peer)}", [float("nan")] * len(names))
+                s[i] = float("nan") if v is None else v
+    series = {k: v for k, v in series.items() if not all(math.isnan(x) for x in v)}
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(names) + 3), 5))
+    n = max(1, len(series))
+    width = 0.8 / n
+    xs = np.arange(len(names))
+    for j, (lab, vals) in enumerate(series.items()):
+        ax.bar(xs + (j - (n - 1) / 2) * width, [0 if math.isnan(v) else v for v in vals], width, label=lab)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, rotation=35, ha="right")
+    ax.set_ylabel("speedup of rnnfast (> 1: rnnfast faster)")
+    ax.set_title("rnnfast speedups (median of per-round ratios)")
+    if series:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# ----------------------------------------------------------------------------- entry
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--only", default="", help="comma-separated workload names (default: all)")
+    ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 7; 1 with --quick)")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every library (default 2)")
+    ap.add_argument("--backends", default="auto",
+                    help='comma-separated rnnfast backends timed side by side (default "auto")')
+    ap.add_argument("--no-reference", action="store_true", help="do not time the (slow) NumPy reference backend")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, bursts of 1, short pauses")
+    ap.add_argument("--json", metavar="PATH", help="write every figure to PATH (JSON)")
+    ap.add_argument("--png", metavar="PATH", help="bar chart of speedups per workload (needs matplotlib)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import rnnfast as rf
+    t_start = time.perf_counter()
+    names = list(WORKLOADS)
+    if args.only:
+        want = [n.strip() for n in args.only.split(",") if n.strip()]
+        bad = [n for n in want if n not in WORKLOADS]
+        if bad:
+            print(f"rnnfast bench: unknown workload(s) {bad}; known: {', '.join(WORKLOADS)}", file=sys.stderr)
+            return 2
+        names = [n for n in WORKLOADS if n in want]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] or ["auto"]
+    bad = [b for b in backends if b not in ("auto", "cython", "numba", "reference")]
+    if bad:
+        print(f"rnnfast bench: unknown backend(s) {bad}; expected auto, cython, numba, reference", file=sys.stderr)
+        return 2
+    if args.threads < 1:
+        print("rnnfast bench: --threads must be >= 1", file=sys.stderr)
+        return 2
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 7)
+    if rounds < 1:
+        print("rnnfast bench: --rounds must be >= 1", file=sys.stderr)
+        return 2
+    opt = Options(names=names, rounds=rounds, threads=args.threads, backends=backends,
+                  reference=not args.no_reference, quick=args.quick)
+    if args.quick:
+        opt.burst, opt.warmup, opt.pause = 1, 1, 0.05
+
+    rf.set_num_threads(opt.threads)
+    have_torch = have_ort = False
+    notes = []
+    try:
+        import torch
+        torch.set_num_threads(opt.threads)
+        have_torch = True
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"PyTorch not available ({type(e).__name__}: {e}); checked against the reference backend")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        have_ort = True
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"ONNX Runtime not available ({type(e).__name__}: {e})")
+    vers = _peer_versions()
+    meta = {
+        "rnnfast": rf.__version__, "threads": opt.threads, "rounds": opt.rounds, "burst": opt.burst,
+        "pause_s": opt.pause, "quick": opt.quick, "backends": backends, "reference": opt.reference,
+        "reference_budget_s": REFERENCE_BUDGET_S, "tolerance": TOLERANCE,
+        "available_backends": rf.available_backends(),
+        "torch": vers["torch"] if have_torch else None, "onnxruntime": vers["onnxruntime"] if have_ort else None,
+        "numpy": vers["numpy"], "scipy": vers["scipy"], "numba": vers["numba"],
+        "python": platform.python_version(), "platform": platform.platform(),
+        "cpu": _cpu_model(), "argv": sys.argv, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    print(f"# rnnfast {rf.__version__}  threads={opt.threads} rounds={opt.rounds} burst={opt.burst} "
+          f"backends={','.join(backends)}  torch={meta['torch'] or '-'} onnxruntime={meta['onnxruntime'] or '-'}"
+          f"  reference={'timed' if opt.reference else 'skipped'}")
+    print(f"# {meta['cpu']}; ratios > 1: rnnfast faster (median of per-round ratios); "
+          f"max err vs {'torch' if have_torch else 'reference'}")
+    for n in notes:
+        print(f"# {n}")
+    print(HEADER)
+    sys.stdout.flush()
+    rng = np.random.default_rng(0)
+    records, status = [], 0
+    out = {"meta": meta, "workloads": records}
+    for name in names:
+        try:
+            rec = run_workload(name, opt, rng, have_torch, have_ort)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - one workload must not end the run
+            rec = {"name": name, "kind": WORKLOADS[name][0], "error": f"{type(e).__name__}: {e}", "results": {}}
+            print(f"{name:15s} error: {_short(rec['error'])}")
+            status = 1
+        else:
+            for line in format_rows(rec):
+                print(line)
+            for k, r in rec["results"].items():
+                if k.startswith("rnnfast:") and r["status"] in ("WRONG", "failed"):
+                    status = 1
+        records.append(rec)
+        sys.stdout.flush()
+        if args.json:
+            out["meta"]["wall_s"] = time.perf_counter() - t_start
+            _write_json(args.json, out)
+    wall = time.perf_counter() - t_start
+    out["meta"]["wall_s"] = wall
+    if args.json:
+        _write_json(args.json, out)
+        print(f"# figures written to {args.json}")
+    if args.png:
+        msg = plot_png([r for r in records if "error" not in r], args.png)
+        if msg:
+            print(f"# {msg}", file=sys.stderr)
+            status = status or 1
+        else:
+            print(f"# chart written to {args.png}")
+    print(f"# wall time {wall:.1f} s")
+    return status
+
+
+def _write_json(path: str, obj: dict) -> None:
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.generic):
+            return clean(v.item())
+        return v
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(clean(obj), fh, indent=1)
+    os.replace(tmp, path)
+
+
+def _cpu_model() -> str:
+    try:
+        from .info import cpu_info
+        c = cpu_info()
+        return f"{c.get('model') or platform.processor() or platform.machine()}, {c.get('logical_cpus')} CPUs"
+    except Exception:  # noqa: BLE001
+        return platform.machine()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rnnfast bench", description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Layers (rnnfast.LSTM / GRU / RNN): every backend x cell x option against the float64
+reference oracle (conftest.ref_stack) and PyTorch; parameters, state_dict, load_state_dict."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import rnnfast
+
+from conftest import (ALL_BACKENDS, BACKENDS, F64_TORCH_TOL, VARIANT_IDS, VARIANTS, assert_result_close,
+                      flat_states, lengths_case, make_layer, random_hx, ref_stack, rng_for, torch_module,
+                      torch_run, torch_state_dict)
+
+T, B, I, H = 7, 4, 3, 6
+TORCH_VARIANTS = [v for v in VARIANTS if v[0] != "gru-nolbr"]
+TORCH_IDS = [v[0] for v in TORCH_VARIANTS]
+
+
+# ------------------------------------------------------------------ against the reference
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("be", BACKENDS)
+def test_layer_matches_reference(be, variant, num_layers, bidirectional, dtype):
+    """batch_first x lengths patterns (none, full, unsorted with length 1, length 0,
+    max < T) x initial states x bias."""
+    _, kind, opts = variant
+    cases = itertools.product([False, True], ["none", "full", "unsorted", "with-zero", "short"])
+    for i, (batch_first, lname) in enumerate(cases):
+        with_hx, bias = i % 2 == 0, i % 3 != 1
+        rng = rng_for("layer", be, kind, repr(opts), num_layers, bidirectional, np.dtype(dtype).name, i)
+        layer = make_layer(kind, opts, I, H, num_layers=num_layers, bidirectional=bidirectional,
+                           batch_first=batch_first, bias=bias, dtype=dtype, seed=i)
+        x = rng.standard_normal((B, T, I) if batch_first else (T, B, I)).astype(dtype)
+        hx = random_hx(layer, B, rng, dtype) if with_hx else None
+        ln = lengths_case(lname, T, B)
+        with rnnfast.backend(be):
+            got = layer(x, hx, ln)
+        want = ref_stack(layer, x, hx, ln)
+        assert_result_close(got, want, dtype)
+        D = 2 if bidirectional else 1
+        assert got[0].shape == ((B, T) if batch_first else (T, B)) + (D * layer.output_size,)
+        if ln is not None:
+            yt = got[0].transpose(1, 0, 2) if batch_first else got[0]
+            for b in range(B):
+                assert np.all(yt[ln[b]:, b] == 0), "outputs past a length must be exactly 0"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("be", BACKENDS)
+def test_layer_unbatched(be, variant, dtype):
+    """2-D input: y (T, D*H_out), states (L*D, H); lengths scalar or (1,); batch_first ignored."""
+    _, kind, opts = variant
+    for i, (bidir, batch_first, lengths, with_hx) in enumerate(itertools.product(
+            [False, True], [False, True], [None, 3, np.array([T]), [0]], [False, True])):
+        rng = rng_for("layer-unb", be, kind, repr(opts), i)
+        layer = make_layer(kind, opts, I, H, num_layers=2, bidirectional=bidir, batch_first=batch_first,
+                           dtype=dtype, seed=i)
+        x = rng.standard_normal((T, I)).astype(dtype)
+        hx = random_hx(layer, 1, rng, dtype, unbatched=True) if with_hx else None
+        with rnnfast.backend(be):
+            y, hn = layer(x, hx, lengths)
+        want = ref_stack(layer, x, hx, lengths)
+        assert_result_close((y, hn), want, dtype)
+        D = 2 if bidir else 1
+        assert y.shape == (T, D * layer.output_size)
+        states = flat_states(hn)
+        assert states[0].shape == (2 * D, layer.output_size)
+        if kind == "lstm":
+            assert states[1].shape == (2 * D, H)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("be", ALL_BACKENDS)
+def test_layer_dtype_rule(be, variant):
+    """The layer's dtype decides: x and hx of the other precision are cast; output dtype ==
+    layer dtype; lists and float16 inputs too."""
+    _, kind, opts = variant
+    rng = rng_for("layer-dtype", be, kind, repr(opts))
+    for dtype, other in [(np.float32, np.float64), (np.float64, np.float32)]:
+        layer = make_layer(kind, opts, I, H, num_layers=2, bidirectional=True, dtype=dtype, seed=1)
+        x = rng.standard_normal((T, B, I))
+        hx = random_hx(layer, B, rng, np.float64)
+        cast = lambda s, dt: tuple(a.astype(dt) for a in s) if isinstance(s, tuple) else s.astype(dt)
+        with rnnfast.backend(be):
+            y1, h1 = layer(x.astype(other), cast(hx, other))
+            y2, h2 = layer(x.astype(other).astype(dtype), cast(cast(hx, other), dtype))
+        assert y1.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(y1, y2)
+        for a, b in zip(flat_states(h1), flat_states(h2)):
+            assert a.dtype == np.dtype(dtype)
+            np.testing.assert_array_equal(a, b)
+        with rnnfast.backend(be):
+            y3, _ = layer(x.astype(np.float16))
+        assert y3.dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_layer_length_zero_keeps_initial_state(be):
+    rng = rng_for("layer-zero", be)
+    for kind, opts in [("lstm", {}), ("lstm", {"proj": True}), ("gru", {"linear_before_reset": False}),
+                       ("rnn", {"nonlinearity": "relu"})]:
+        layer = make_layer(kind, opts, I, H, num_layers=2, bidirectional=True, seed=2)
+        x = rng.standard_normal((T, B, I))
+        hx = random_hx(layer, B, rng)
+        for ln in [np.array([0, 5, 0, 1]), np.zeros(B, np.int64)]:
+            with rnnfast.backend(be):
+                y, hn = layer(x, hx, ln)
+            z = ln == 0
+            assert np.all(y[:, z] == 0)
+            for got, init in zip(flat_states(hn), flat_states(hx)):
+                np.testing.assert_array_equal(got[:, z], init[:, z])
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_layer_dropout_not_applied_in_inference(be):
+    rng = rng_for("dropout", be)
+    a = rnnfast.LSTM(I, H, num_layers=3, dropout=0.5, dtype=np.float64, seed=4)
+    b = rnnfast.LSTM(I, H, num_layers=3, dropout=0.0, dtype=np.float64, seed=4)
+    b.load_state_dict(a.state_dict())
+    x = rng.standard_normal((T, B, I))
+    with rnnfast.backend(be):
+        ya, _ = a(x)
+        yb, _ = b(x)
+        ya2, _ = a.forward(x)
+    np.testing.assert_array_equal(ya, yb)
+    np.testing.assert_array_equal(ya, ya2)
+
+
+# ------------------------------------------------------------------ against PyTorch
+def _torch_hx(module, B, rng):
+    D = 2 if module.bidirectional else 1
+    Hout = getattr(module, "proj_size", 0) or module.hidden_size
+    h = 0.5 * rng.standard_normal((module.num_layers * D, B, Hout))
+    if isinstance(module, __import__("torch").nn.LSTM):
+        return (h, 0.5 * rng.standard_normal((module.num_layers * D, B, module.hidden_size)))
+    return h
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("variant", TORCH_VARIANTS, ids=TORCH_IDS)
+@pytest.mark.parametrize("be", ALL_BACKENDS)
+def test_layer_matches_torch(be, variant, num_layers, bidirectional):
+    """torch.nn.LSTM/GRU/RNN (float64) via from_torch and via load_state_dict; full batches
+    and packed sequences (enforce_sorted=False, unsorted, length 1, max < T); with and
+    without initial states; batch_first; no bias."""
+    _, kind, opts = variant
+    for i, (batch_first, bias) in enumerate(itertools.product([False, True], [True, False])):
+        m = torch_module(kind, opts, I, H, num_layers=num_layers, bidirectional=bidirectional,
+                         batch_first=batch_first, bias=bias, seed=i)
+        rng = rng_for("layer-torch", be, kind, repr(opts), num_layers, bidirectional, i)
+        via_from = rnnfast.from_torch(m)
+        via_sd = make_layer(kind, opts, I, H, num_layers=num_layers, bidirectional=bidirectional,
+                            batch_first=batch_first, bias=bias, dtype=np.float64, seed=99)
+        via_sd.load_state_dict(m.state_dict())
+        assert via_from.dtype == np.float64
+        x = rng.standard_normal((B, T, I) if batch_first else (T, B, I))
+        for ln, with_hx in [(None, False), (None, True), (np.array([3, 7, 1, 5]), True),
+                            (np.array([2, 1, 5, 4]), False)]:
+            hx = _torch_hx(m, B, rng) if with_hx else None
+            ty, th = torch_run(m, x, hx, ln)
+            for layer in (via_from, via_sd):
+                with rnnfast.backend(be):
+                    y, hn = layer(x, hx, ln)
+                assert y.dtype == np.float64
+                np.testing.assert_allclose(y, ty, **F64_TORCH_TOL)
+                for a, e in zip(flat_states(hn), flat_states(th)):
+                    np.testing.assert_allclose(a, e, **F64_TORCH_TOL)
+
+
+@pytest.mark.parametrize("variant", TORCH_VARIANTS, ids=TORCH_IDS)
+@pytest.mark.parametrize("be", BACKENDS)
+def test_layer_matches_torch_unbatched_and_float32(be, variant):
+    torch = pytest.importorskip("torch")
+    _, kind, opts = variant
+    rng = rng_for("layer-torch-unb", be, kind, repr(opts))
+    m64 = torch_module(kind, opts, I, H, num_layers=2, bidirectional=True, seed=5)
+    x = rng.standard_normal((T, I))
+    layer = rnnfast.from_torch(m64)
+    with torch.no_grad():
+        ty, th = m64(torch.from_numpy(x))
+    with rnnfast.backend(be):
+        y, hn = layer(x)
+    np.testing.assert_allclose(y, ty.numpy(), **F64_TORCH_TOL)
+    for a, e in zip(flat_states(hn), flat_states(th)):
+        np.testing.assert_allclose(a, e.numpy(), **F64_TORCH_TOL)
+    # float32 torch module -> float32 layer; compared to torch's float32 result loosely and
+    # to the float64 reference with the float32 contract tolerance
+    m32 = torch_module(kind, opts, I, H, num_layers=2, bidirectional=True, dtype=np.float32, seed=5)
+    l32 = rnnfast.from_torch(m32)
+    assert l32.dtype == np.float32
+    x32 = rng.standard_normal((T, B, I)).astype(np.float32)
+    ln = np.array([7, 2, 1, 6])
+    with rnnfast.backend(be):
+        got = l32(x32, None, ln)
+    ty, th = torch_run(m32, x32, None, ln)
+    np.testing.assert_allclose(got[0], ty, rtol=1e-4, atol=1e-5)
+    assert_result_close(got, ref_stack(l32, x32, None, ln), np.float32)
+
+
+# ------------------------------------------------------------------ parameters
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_parameter_names_and_shapes_match_torch(variant):
+    torch = pytest.importorskip("torch")
+    _, kind, opts = variant
+    for L, bidir, bias in itertools.product([1, 3], [False, True], [True, False]):
+        layer = make_layer(kind, opts, I, H, num_layers=L, bidirectional=bidir, bias=bias, dtype=np.float32)
+        m = torch_module(kind, dict(opts, linear_before_reset=True), I, H, num_layers=L,
+                         bidirectional=bidir, bias=bias, dtype=np.float32)
+        want = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+        got = {k: v.shape for k, v in layer.state_dict().items()}
+        assert got == want
+        assert set(layer.parameters()) == set(want)
+        assert all(v.dtype == np.float32 for v in layer.parameters().values())
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_initialisation_range_and_seed(kind):
+    a = make_layer(kind, {}, I, 16, num_layers=2, bidirectional=True, dtype=np.float64, seed=123)
+    b = make_layer(kind, {}, I, 16, num_layers=2, bidirectional=True, dtype=np.float64, seed=123)
+    c = make_layer(kind, {}, I, 16, num_layers=2, bidirectional=True, dtype=np.float64, seed=124)
+    k = 1 / np.sqrt(16)
+    for name, v in a.state_dict().items():
+        assert np.all(np.abs(v) <= k), name
+        assert v.std() > k / 4, name           # spread over the interval, not constant
+        np.testing.assert_array_equal(v, b.state_dict()[name])
+    assert any(not np.array_equal(v, c.state_dict()[n]) for n, v in a.state_dict().items())
+    for dt in (np.float32, np.float64):
+        lay = make_layer(kind, {}, I, 16, dtype=dt, seed=None)
+        assert lay.dtype == np.dtype(dt)
+        assert all(v.dtype == np.dtype(dt) for v in lay.state_dict().values())
+
+
+def test_state_dict_returns_copies():
+    layer = rnnfast.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=2, dtype=np.float64, seed=0)
+    x = rng_for("sd-copy").standard_normal((T, B, I))
+    y0, _ = layer(x)
+    sd = layer.state_dict()
+    for v in sd.values():
+        v[...] = 7.0
+    sd2 = layer.state_dict()
+    assert all(not np.any(v == 7.0) for v in sd2.values())
+    for k in sd2:
+        assert not np.shares_memory(sd2[k], layer.parameters()[k])
+    y1, _ = layer(x)
+    np.testing.assert_array_equal(y0, y1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("be", ALL_BACKENDS)
+def test_parameters_are_live(be, variant):
+    """parameters() returns the live arrays; an in-place update changes the next result
+    (no stale packed copy of the weights), also after load_state_dict."""
+    _, kind, opts = variant
+    rng = rng_for("live", be, kind, repr(opts))
+    layer = make_layer(kind, opts, I, H, num_layers=2, bidirectional=True, dtype=np.float64, seed=3)
+    x = rng.standard_normal((T, B, I))
+    ln = np.array([7, 3, 1, 5])
+    with rnnfast.backend(be):
+        y0, _ = layer(x, None, ln)
+    params = layer.parameters()
+    assert set(params) == set(layer.state_dict())
+    for name in sorted(params):
+        p = params[name]
+        assert p is layer.parameters()[name]
+        old = p.copy()
+        p -= 0.05 * rng.standard_normal(p.shape)        # an optimiser step, in place
+        with rnnfast.backend(be):
+            y1, h1 = layer(x, None, ln)
+        assert not np.array_equal(y1, y0), name
+        assert_result_close((y1, h1), ref_stack(layer, x, None, ln), np.float64)
+        p[...] = old
+        with rnnfast.backend(be):
+            y2, _ = layer(x, None, ln)
+        np.testing.assert_array_equal(y2, y0)
+    # load_state_dict writes through: the arrays returned before see the new values
+    other = make_layer(kind, opts, I, H, num_layers=2, bidirectional=True, dtype=np.float64, seed=8)
+    layer.load_state_dict(other.state_dict())
+    for k, v in other.state_dict().items():
+        np.testing.assert_array_equal(params[k], v)
+    with rnnfast.backend(be):
+        np.testing.assert_array_equal(layer(x, None, ln)[0], other(x, None, ln)[0])
+
+
+def test_load_state_dict_accepts_array_likes_and_casts():
+    torch = pytest.importorskip("torch")
+    src = rnnfast.GRU(I, H, num_layers=2, bidirectional=True, dtype=np.float64, seed=1)
+    sd = src.state_dict()
+    for conv in [lambda v: v.tolist(), lambda v: torch.from_numpy(v.copy()).requires_grad_(True),
+                 lambda v: np.asfortranarray(v), lambda v: v.astype(np.float32),
+                 lambda v: np.repeat(v, 2, axis=0)[::2], lambda v: _readonly(v)]:
+        dst = rnnfast.GRU(I, H, num_layers=2, bidirectional=True, dtype=np.float64, seed=2)
+        dst.load_state_dict({k: conv(v) for k, v in sd.items()})
+        for k, v in dst.state_dict().items():
+            assert v.dtype == np.float64
+            np.testing.assert_allclose(v, sd[k], rtol=1e-7, atol=0)
+    f32 = rnnfast.GRU(I, H, num_layers=2, bidirectional=True, dtype=np.float32, seed=2)
+    f32.load_state_dict(sd)     # float64 values into a float32 layer: cast, dtype kept
+    assert all(v.dtype == np.float32 for v in f32.state_dict().values())
+
+
+def _readonly(v):
+    v = v.copy()
+    v.setflags(write=False)
+    return v
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_load_state_dict_strict(kind):
+    """Missing, unexpected and mis-shaped keys: one ValueError naming every offending key;
+    the layer is left untouched."""
+    layer = make_layer(kind, {}, I, H, num_layers=2, bidirectional=True, dtype=np.float64, seed=0)
+    before = layer.state_dict()
+    good = make_layer(kind, {}, I, H, num_layers=2, bidirectional=True, dtype=np.float64, seed=1).state_dict()
+    bad = dict(good)
+    del bad["weight_ih_l1"]
+    del bad["bias_hh_l0_reverse"]
+    bad["weight_xx_l0"] = np.zeros(3)
+    bad["bias_ih_l9"] = np.zeros(3)
+    bad["weight_hh_l0"] = np.zeros((2, 2))
+    bad["bias_ih_l1_reverse"] = np.zeros(good["bias_ih_l1_reverse"].shape[0] + 1)
+    with pytest.raises(ValueError) as ei:
+        layer.load_state_dict(bad)
+    msg = str(ei.value)
+    for key in ["weight_ih_l1", "bias_hh_l0_reverse", "weight_xx_l0", "bias_ih_l9", "weight_hh_l0",
+                "bias_ih_l1_reverse"]:
+        assert key in msg, (key, msg)
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    # each kind of fault alone raises too, and leaves the layer as it was
+    for mutate in [lambda d: d.pop("weight_hh_l1_reverse"),
+                   lambda d: d.__setitem__("extra", np.zeros(1)),
+                   lambda d: d.__setitem__("weight_ih_l0", np.zeros((1, I)))]:
+        d = dict(good)
+        mutate(d)
+        with pytest.raises(ValueError):
+            layer.load_state_dict(d)
+        for k, v in layer.state_dict().items():
+            np.testing.assert_array_equal(v, before[k])
+    # a bias-free layer has no bias keys: loading a state dict with biases is an error
+    nb = make_layer(kind, {}, I, H, bias=False, dtype=np.float64)
+    full = make_layer(kind, {}, I, H, bias=True, dtype=np.float64).state_dict()
+    with pytest.raises(ValueError, match="bias_ih_l0"):
+        nb.load_state_dict(full)
