@@ -23,6 +23,10 @@ cdef extern from "rf_fused.h" nogil:
     int rf_panel_units(int G, int is_double)
     void rf_pack_f(int G, int H, int K, int p0, int p1, const float *W, float *P)
     void rf_pack_d(int G, int H, int K, int p0, int p1, const double *W, double *P)
+    void rf_gemm_panels_f(int G, int H, int K, int n, int p0, int p1, const float *A, int lda, const float *P,
+                          float *C, int ldc)
+    void rf_gemm_panels_d(int G, int H, int K, int n, int p0, int p1, const double *A, int lda, const double *P,
+                          double *C, int ldc)
     void rf_fused_step_f(int code, int G, int H, int K, int n, int p0, int p1, const float *P,
                          const float *xg, int ldx, const float *bx, const float *bh, const float *hp, int ldp,
                          float *c, int ldc, float *h1, int ld1, float *h2, int ld2)
@@ -67,7 +71,6 @@ DEF RNN_RELU = 5
 DEF UNIT_BLOCK = 16     # hidden-unit slices are multiples of this (one AVX-512 vector)
 DEF MAX_DIRS = 2
 DEF FUSED_MIN_T = 4
-DEF FUSED_MAX_N = 32    # above this many live rows per step, BLAS per gate is faster
 
 
 def have_openmp() -> bool:
@@ -79,10 +82,10 @@ cdef inline int _gates(int code) noexcept nogil:
     return 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
 
 
-def packed_size(int code, int H, int K, bint is_double, int T) -> int:
-    """Elements of packed recurrent weights per direction for the fused step (0: not used).
+def packed_size(int code, int H, int Hout, int I, bint is_double, int T) -> int:
+    """Elements of packed weights (recurrent, then input) per direction (0: not used).
 
-    The fused micro-kernel path serves LSTM (with or without projection), GRU with
+    The packed micro-kernel path serves LSTM (with or without projection), GRU with
     linear_before_reset=True and RNN, when the sequence is long enough (T >= 4) for the
     packing to pay for itself; other calls use BLAS per gate.
     """
@@ -91,7 +94,7 @@ def packed_size(int code, int H, int K, bint is_double, int T) -> int:
     cdef int G = _gates(code)
     cdef int up = rf_panel_units(G, is_double)
     cdef int npan = (H + up - 1) // up
-    return npan * K * G * up
+    return npan * (Hout + I) * G * up
 
 
 cdef inline void _gemm_nt(int n, int m, int k, const floating *A, int lda, const floating *W, int ldw,
@@ -159,16 +162,23 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     while it < nitems:
         d = it // cpd; k = it % cpd
         if fused:
-            u0 = _imin(H, (npan * k // cpd) * UP); u1 = _imin(H, (npan * (k + 1) // cpd) * UP)
+            p0 = npan * k // cpd; p1 = npan * (k + 1) // cpd
+            wpd = wpk + <size_t>d * npk
             if floating is float:
-                rf_pack_f(G, H, Hout, npan * k // cpd, npan * (k + 1) // cpd, w_hh[d], wpk + <size_t>d * npk)
+                rf_pack_f(G, H, Hout, p0, p1, w_hh[d], wpd)
+                rf_pack_f(G, H, I, p0, p1, w_ih[d], wpd + <size_t>npan * Hout * G * UP)
+                rf_gemm_panels_f(G, H, I, N, p0, p1, x, I, wpd + <size_t>npan * Hout * G * UP,
+                                 xg + <size_t>d * N * GH, GH)
             else:
-                rf_pack_d(G, H, Hout, npan * k // cpd, npan * (k + 1) // cpd, w_hh[d], wpk + <size_t>d * npk)
+                rf_pack_d(G, H, Hout, p0, p1, w_hh[d], wpd)
+                rf_pack_d(G, H, I, p0, p1, w_ih[d], wpd + <size_t>npan * Hout * G * UP)
+                rf_gemm_panels_d(G, H, I, N, p0, p1, x, I, wpd + <size_t>npan * Hout * G * UP,
+                                 xg + <size_t>d * N * GH, GH)
         else:
             u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
-        for g in range(G):
-            _gemm_nt(N, u1 - u0, I, x, I, w_ih[d] + <size_t>(g * H + u0) * I, I,
-                     xg + <size_t>d * N * GH + g * H + u0, GH, zero)
+            for g in range(G):
+                _gemm_nt(N, u1 - u0, I, x, I, w_ih[d] + <size_t>(g * H + u0) * I, I,
+                         xg + <size_t>d * N * GH + g * H + u0, GH, zero)
         it = it + nthr
     for d in range(ndir):
         rev = rev0 if d == 0 else True
@@ -199,7 +209,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 yt = y + <size_t>off * ldy + d * Hout
                 s2d = s2 + <size_t>d * B * H
                 cd = cst + <size_t>d * B * H
-                if phase == 0 and fused and n <= FUSED_MAX_N:
+                if phase == 0 and fused:
                     wpd = wpk + <size_t>d * npk
                     if code == LSTM_PROJ:
                         if floating is float:

@@ -100,6 +100,27 @@ static inline void rf_mk_##SFX(int mr, int nv, int K, const T *A, int lda, const
     }                                                                                          \
 }                                                                                              \
                                                                                                \
+/* C[r, g*H + u] = A[r, :K] . W[g*H + u, :K] for rows [0, n) and the units of panels        \
+ * [p0, p1) (W packed by rf_pack_*): the input projection of many rows at once. */          \
+static inline void rf_gemm_panels_##SFX(int G, int H, int K, int n, int p0, int p1,           \
+        const T *A, int lda, const T *P, T *C, int ldc) {                                      \
+    const int UP = rf_panel_units(G, sizeof(T) == 8), PW = G * UP, NV = PW / VL;               \
+    const int TS = RF_MAXNV * VL;                                                              \
+    T tile[RF_MR * RF_MAXNV * VL] __attribute__((aligned(64)));                                \
+    for (int p = p0; p < p1; ++p) {                                                            \
+        const T *Pp = P + (size_t)p * K * PW;                                                  \
+        int ua = p * UP, nu = (ua + UP < H ? ua + UP : H) - ua;                                \
+        for (int r0 = 0; r0 < n; r0 += RF_MR) {                                                \
+            int mr = n - r0 < RF_MR ? n - r0 : RF_MR;                                          \
+            rf_mk_##SFX(mr, NV, K, A + (size_t)r0 * lda, lda, Pp, tile);                       \
+            for (int r = 0; r < mr; ++r)                                                       \
+                for (int g = 0; g < G; ++g)                                                    \
+                    memcpy(C + (size_t)(r0 + r) * ldc + g * H + ua, tile + r * TS + g * UP,    \
+                           sizeof(T) * (size_t)nu);                                            \
+        }                                                                                      \
+    }                                                                                          \
+}                                                                                              \
+                                                                                               \
 /* One step for panels [p0, p1) and rows [0, n): recurrent product + gates.                   \
  * code: 0/1 LSTM (h written to h1 (ld1) and h2 (ld2, may be NULL)), 2 GRU (lbr),            \
  * 4/5 RNN tanh/relu. xg: this step's input projections (row stride ldx = G*H);               \

@@ -9,12 +9,34 @@ padded work), and the result is scattered back to (T, B, F) once at the end. Wit
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import backends, reference, threads
 from .cells import CELLS, LSTM_PROJ, GRU_LBR, GRU_NOLBR, RNN_RELU
+
+
+_workspace = threading.local()
+
+
+def scratch(key: str, shape: tuple, dtype) -> np.ndarray:
+    """A per-thread scratch array, reused across calls (no fresh pages, no page faults).
+
+    Only for buffers that never leave the engine: each Python thread has its own, so
+    concurrent calls never share one. The largest buffer of each kind stays allocated.
+    """
+    cache = getattr(_workspace, "bufs", None)
+    if cache is None:
+        cache = _workspace.bufs = {}
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    buf = cache.get(key)
+    if buf is None or buf.nbytes < size:
+        buf = np.empty(max(size, 64), np.uint8)
+        cache[key] = buf
+    return buf[:size].view(dtype).reshape(shape)
 
 
 _USE_FUSED = True     # private switch for measurements: False = BLAS per gate in every step
@@ -54,8 +76,18 @@ def make_packing(T: int, B: int, lengths: np.ndarray | None) -> Packing:
     return Packing(perm, ls, bsz, ti, perm[ji])
 
 
-def _final_parity(pk: Packing, reverse: bool) -> np.ndarray:
-    return np.full(pk.lengths_sorted.shape, pk.bsz.shape[0] % 2) if reverse else pk.lengths_sorted % 2
+_ZEROS: dict = {}
+
+
+def _zeros(n: int, dtype) -> np.ndarray:
+    """A shared read-only zero vector (missing biases)."""
+    key = (n, np.dtype(dtype).char)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = np.zeros(n, dtype)
+        z.flags.writeable = False
+        _ZEROS[key] = z
+    return z
 
 
 def run_stack(kind: str, code: int, x: np.ndarray, weights: list[list[DirWeights]],
@@ -124,26 +156,32 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout)
         threads.set_blas_threads(1)
     else:
         threads.set_blas_threads(nthreads)
-    zeros_b = np.zeros(G * H, dtype)
-    dummy_hr = np.zeros((1, 1), dtype)
+    zeros_b = _zeros(G * H, dtype)
+    dummy_hr = _zeros(1, dtype).reshape(1, 1)
     hn_s = np.empty((L * D, B, Hout), dtype)
     cn_s = np.empty((L * D, B, H), dtype) if kind == "lstm" else None
-    xg = np.empty((D, N, G * H), dtype)          # one projection buffer per direction
-    hg = np.empty((D, B, G * H), dtype)
-    s2 = np.empty((D, B, H), dtype)
-    rows = np.arange(B)
+    xg = scratch("xg", (D, N, G * H), dtype)          # one projection buffer per direction
+    hg = scratch("hg", (D, B, G * H), dtype)
+    s2 = scratch("s2", (D, B, H), dtype)
     extra = {}
     if name == "cython" and _USE_FUSED:     # packed recurrent weights for the fused micro-kernel step
-        n_el = mod.packed_size(code, H, Hout, dtype == np.float64, int(pk.bsz.shape[0]))
+        n_el = max(mod.packed_size(code, H, Hout, w.w_ih.shape[1], dtype == np.float64, int(pk.bsz.shape[0]))
+                   for w in (weights[0][0], weights[-1][0]))
         if n_el:
-            extra["wpk"] = np.empty(D * n_el, dtype)
+            extra["wpk"] = scratch("wpk", (D * n_el,), dtype)
     for layer, dirs in enumerate(weights):
         sl = slice(layer * D, (layer + 1) * D)
-        hbuf = np.empty((D, 2, B, Hout), dtype)
+        hbuf = scratch("hbuf", (D, 2, B, Hout), dtype)
         hbuf[:, 0] = h0s[sl]
         hbuf[:, 1] = h0s[sl]
-        cst = c0s[sl].copy() if kind == "lstm" else s2
-        y = np.empty((N, D * Hout), dtype)
+        if cn_s is not None:        # the kernel updates c in place: start from c0
+            cst = cn_s[sl]
+            cst[...] = c0s[sl]
+        else:
+            cst = s2
+        last = layer == L - 1
+        y = (np.empty((N, D * Hout), dtype) if last and pk.perm is None
+             else scratch(f"y{layer % 2}", (N, D * Hout), dtype))
         w = [dirs[0], dirs[-1]]
         args = []
         for wd in w:
@@ -153,10 +191,11 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout)
                      wd.w_hr if wd.w_hr is not None else dummy_hr]
         mod.run_layer(code, inp, pk.bsz, *args, D, bool(rev0), xg, hbuf, cst, y, hg, s2, nthreads, **extra)
         for d in range(D):
-            par = _final_parity(pk, rev0 if d == 0 else True)
-            hn_s[layer * D + d] = hbuf[d, par, rows]
-            if cn_s is not None:
-                cn_s[layer * D + d] = cst[d]
+            rev = rev0 if d == 0 else True
+            if pk.perm is None or rev:      # every row ends in the same half
+                hn_s[layer * D + d] = hbuf[d, pk.bsz.shape[0] % 2]
+            else:
+                hn_s[layer * D + d] = hbuf[d, pk.lengths_sorted % 2, np.arange(B)]
         inp = y
     if pk.perm is None:
         return inp.reshape(T, B, D * Hout), hn_s, cn_s
