@@ -41,8 +41,10 @@ def _weights(kind: str, x, w_ih, w_hh, b_ih, b_hh, w_hr):
 def _run(kind, code, x, dw, dtype, H, Hout, I, h0, c0, lengths, reverse, batch_first):
     xs, unbatched = check_input(x, "x", dtype, I, batch_first)
     T, B, _ = xs.shape
-    h = check_state(h0, "h0", dtype, (1, B, Hout), unbatched)
-    c = check_state(c0, "c0", dtype, (1, B, H), unbatched) if kind == "lstm" else None
+    h = check_state(h0, "h0", dtype, (B, Hout), unbatched)        # (B, H_out), or (H_out,) unbatched
+    c = check_state(c0, "c0", dtype, (B, H), unbatched) if kind == "lstm" else None
+    h = None if h is None else h[None]                               # one layer-direction: (1, B, .)
+    c = None if c is None else c[None]
     ln = check_lengths(lengths, T, B, unbatched)
     y, hn, cn = _engine.run_stack(kind, code, xs, [[dw]], h, c, ln, rev0=bool(reverse))
     hn, cn = hn[0], (None if cn is None else cn[0])

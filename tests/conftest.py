@@ -7,6 +7,7 @@ the equations of SPEC.md written out by hand.
 """
 from __future__ import annotations
 
+import os
 import zlib
 
 import numpy as np
@@ -14,8 +15,6 @@ import pytest
 
 import rnnfast
 from rnnfast import reference
-
-import os
 
 # Every available backend; RNNFAST_TEST_BACKENDS="cython,reference" restricts the run to some.
 BACKENDS = rnnfast.available_backends()
@@ -53,11 +52,6 @@ def _restore_backend_and_threads():
     yield
     rnnfast.set_backend(be)
     rnnfast.set_num_threads(nt)
-
-
-@pytest.fixture(params=BACKENDS)
-def backend_name(request):
-    return request.param
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -185,6 +179,8 @@ def lengths_case(name: str, T: int, B: int) -> np.ndarray | None:
     if name == "short":             # max length < T
         base = [T - 2, 1, T - 3, 2, T - 2]
         return np.array([max(1, min(T - 2, v)) for v in base[:B]], np.int64)
+    if name == "equal":             # every sequence the same length, < T
+        return np.full(B, max(1, T - 3), np.int64)
     if name == "all-zero":
         return np.zeros(B, np.int64)
     raise KeyError(name)

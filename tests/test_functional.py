@@ -69,7 +69,7 @@ def check(got, want, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("lengths_name", ["none", "full", "unsorted", "with-zero", "short"])
+@pytest.mark.parametrize("lengths_name", ["none", "full", "unsorted", "with-zero", "short", "equal"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("be", BACKENDS)
 def test_functional_matches_reference(be, variant, lengths_name, dtype):
@@ -229,3 +229,42 @@ def test_functional_lengths_dtypes(be):
             got = rnnfast.gru(x, **w, lengths=lv)
             np.testing.assert_array_equal(got[0], want[0])
             np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_functional_lstm_h0_only_or_c0_only(be):
+    """A missing h0 or c0 is zero, independently of the other."""
+    rng = rng_for("h0c0", be)
+    for proj in (False, True):
+        w, Hout = make_weights("lstm", {"proj": proj}, rng, np.float64)
+        x = rng.standard_normal((T, B, I))
+        h0, c0 = rng.standard_normal((B, Hout)), rng.standard_normal((B, H))
+        for kw, (eh, ec) in [({"h0": h0}, (h0, None)), ({"c0": c0}, (None, c0))]:
+            with rnnfast.backend(be):
+                y, s = call("lstm", {}, x, w, lengths=[7, 1, 0, 4], **kw)
+            wy, ws = oracle("lstm", {}, x, w, eh, ec, np.array([7, 1, 0, 4]))
+            check((y, s), (wy, ws), np.float64)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_functional_state_shapes_are_per_spec(be):
+    """SPEC: functional h0, h_n, c0, c_n are (B, H) (P wide for h with w_hr); unbatched
+    input gives states (H,). Regression: h0 of shape (B, H) must be accepted."""
+    rng = rng_for("state-shapes", be)
+    x = rng.standard_normal((T, B, I))
+    with rnnfast.backend(be):
+        for kind, G in [("lstm", 4), ("gru", 3), ("rnn", 1)]:
+            w_ih, w_hh = 0.3 * rng.standard_normal((G * H, I)), 0.3 * rng.standard_normal((G * H, H))
+            fn = getattr(rnnfast, kind)
+            kw = {"c0": np.zeros((B, H))} if kind == "lstm" else {}
+            y, s = fn(x, w_ih, w_hh, h0=np.zeros((B, H)), **kw)
+            h = s[0] if kind == "lstm" else s
+            assert y.shape == (T, B, H) and h.shape == (B, H)
+            kw = {"c0": np.zeros(H)} if kind == "lstm" else {}
+            y, s = fn(x[:, 0], w_ih, w_hh, h0=np.zeros(H), **kw)
+            h = s[0] if kind == "lstm" else s
+            assert y.shape == (T, H) and h.shape == (H,)
+        w_hh_p = 0.3 * rng.standard_normal((4 * H, P))
+        y, (h, c) = rnnfast.lstm(x, 0.3 * rng.standard_normal((4 * H, I)), w_hh_p, h0=np.zeros((B, P)),
+                                 c0=np.zeros((B, H)), w_hr=0.3 * rng.standard_normal((P, H)))
+        assert y.shape == (T, B, P) and h.shape == (B, P) and c.shape == (B, H)

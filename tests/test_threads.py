@@ -1,0 +1,153 @@
+"""Thread count (rnnfast.threads) and calls from several Python threads at once."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import rnnfast
+
+from conftest import (BACKENDS, VARIANT_IDS, VARIANTS, flat_states, make_layer, random_hx, rng_for,
+                      tol_for)
+
+
+def test_thread_count_set_get():
+    n0 = rnnfast.get_num_threads()
+    assert isinstance(n0, int) and n0 >= 1
+    for n in (1, 2, 3, 7):
+        rnnfast.set_num_threads(n)
+        assert rnnfast.get_num_threads() == n
+    rnnfast.set_num_threads(np.int64(2))             # any integer type
+    assert rnnfast.get_num_threads() == 2
+    with pytest.raises(ValueError):
+        rnnfast.set_num_threads(0)
+    assert rnnfast.get_num_threads() == 2
+
+
+def test_thread_count_is_process_wide():
+    rnnfast.set_num_threads(3)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(rnnfast.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [3]
+    t = threading.Thread(target=lambda: rnnfast.set_num_threads(1))
+    t.start()
+    t.join()
+    assert rnnfast.get_num_threads() == 1
+
+
+def _result(layer, x, hx=None, ln=None):
+    y, h = layer(x, hx, ln)
+    return [y, *flat_states(h)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("be", BACKENDS)
+def test_results_independent_of_thread_count(be, variant, dtype):
+    """1, 2 and 3 threads give the same results within float tolerance (hidden sizes that
+    split over several unit blocks, both directions, variable lengths)."""
+    _, kind, opts = variant
+    rng = rng_for("nthreads", be, kind, repr(opts), np.dtype(dtype).name)
+    for H, bidir in [(40, True), (33, False)]:
+        layer = make_layer(kind, opts, 6, H, num_layers=2, bidirectional=bidir, dtype=dtype, seed=H)
+        x = rng.standard_normal((7, 3, 6)).astype(dtype)
+        hx = random_hx(layer, 3, rng, dtype)
+        ln = np.array([7, 2, 5])
+        res = {}
+        with rnnfast.backend(be):
+            for n in (1, 2, 3):
+                rnnfast.set_num_threads(n)
+                res[n] = _result(layer, x, hx, ln)
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else tol_for(dtype)
+        for n in (2, 3):
+            for a, b in zip(res[n], res[1]):
+                np.testing.assert_allclose(a, b, err_msg=f"{n} threads vs 1", **tol)
+
+
+def _jobs(rng, layer, n, B=3, T=6, lengths=True):
+    jobs = []
+    for i in range(n):
+        x = rng.standard_normal((T, B, layer.input_size)).astype(layer.dtype)
+        hx = random_hx(layer, B, rng, layer.dtype) if i % 2 else None
+        ln = rng.integers(0, T + 1, B) if lengths and i % 3 == 0 else None
+        jobs.append((x, hx, ln))
+    return jobs
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_concurrent_calls_on_one_layer(be):
+    """8 Python threads calling one layer at once: each result identical to the serial one."""
+    rng = rng_for("conc-one", be)
+    for kind, opts in [("lstm", {"proj": True}), ("gru", {"linear_before_reset": False}), ("rnn", {})]:
+        layer = make_layer(kind, opts, 5, 20, num_layers=2, bidirectional=True, dtype=np.float32, seed=1)
+        jobs = _jobs(rng, layer, 16)
+        with rnnfast.backend(be):
+            serial = [_result(layer, *j) for j in jobs]
+
+        def work(j):
+            with rnnfast.backend(be):
+                return _result(layer, *j)
+
+        with ThreadPoolExecutor(max_workers=8) as ex:
+            conc = list(ex.map(work, jobs))
+        for i, (a, b) in enumerate(zip(conc, serial)):
+            for u, v in zip(a, b):
+                np.testing.assert_array_equal(u, v, err_msg=f"{kind} job {i}")
+
+
+def test_concurrent_calls_on_different_layers_and_backends():
+    """8 threads mixing layers, backends (each thread its own scope) and the functional API."""
+    rng = rng_for("conc-many")
+    layers = [make_layer("lstm", {}, 4, 18, num_layers=2, bidirectional=True, dtype=np.float64, seed=2),
+              make_layer("gru", {}, 4, 20, num_layers=1, bidirectional=True, dtype=np.float32, seed=3),
+              make_layer("rnn", {"nonlinearity": "relu"}, 4, 9, num_layers=3, dtype=np.float64, seed=4),
+              make_layer("lstm", {"proj": True}, 4, 12, dtype=np.float32, seed=5)]
+    tasks = []
+    for i in range(32):
+        layer = layers[i % len(layers)]
+        be = BACKENDS[i % len(BACKENDS)]
+        x, hx, ln = _jobs(rng, layer, 1, lengths=i % 2 == 0)[0]
+        tasks.append((layer, be, x, hx, ln))
+    w_ih, w_hh = rng.standard_normal((12, 4)) * 0.3, rng.standard_normal((12, 4)) * 0.3
+
+    def run(task):
+        layer, be, x, hx, ln = task
+        with rnnfast.backend(be):
+            out = _result(layer, x, hx, ln)
+            out.append(rnnfast.gru(x.astype(np.float64), w_ih, w_hh, lengths=ln)[0])
+            assert rnnfast.get_backend() == be
+        return out
+
+    serial = [run(t) for t in tasks]
+    with ThreadPoolExecutor(max_workers=8) as ex:
+        conc = list(ex.map(run, tasks))
+    for i, (a, b) in enumerate(zip(conc, serial)):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v, err_msg=f"task {i} ({tasks[i][1]})")
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_thread_count_applies_to_calls_from_other_threads(be):
+    """The count set in the main thread is what worker threads use: results from a worker
+    equal the main thread's at the same count."""
+    rng = rng_for("conc-count", be)
+    layer = make_layer("lstm", {}, 5, 40, bidirectional=True, dtype=np.float32, seed=9)
+    x = rng.standard_normal((6, 2, 5)).astype(np.float32)
+    for n in (1, 2):
+        rnnfast.set_num_threads(n)
+        with rnnfast.backend(be):
+            main = _result(layer, x)
+
+        def work():
+            with rnnfast.backend(be):
+                assert rnnfast.get_num_threads() == n
+                return _result(layer, x)
+
+        with ThreadPoolExecutor(max_workers=2) as ex:
+            other = ex.submit(work).result()
+        for u, v in zip(other, main):
+            np.testing.assert_array_equal(u, v)
