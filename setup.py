@@ -40,6 +40,11 @@ link_args: list[str] = []
 march = os.environ.get("RNNFAST_MARCH", "native")
 if march and _compiler_accepts([f"-march={march}"]):
     compile_args.append(f"-march={march}")
+    # 512-bit vectors where the CPU has them (GCC's tuning for recent Xeons prefers 256):
+    # the gate math then calls libmvec's 16-wide exp/tanh (measured 207 -> 122 us per
+    # LSTM step at B=64, H=512).
+    if _compiler_accepts([f"-march={march}", "-mprefer-vector-width=512"]):
+        compile_args.append("-mprefer-vector-width=512")
 if sys.platform != "win32" and _compiler_accepts(["-fopenmp"]):
     compile_args.append("-fopenmp")
     link_args.append("-fopenmp")

@@ -69,7 +69,7 @@ static inline __attribute__((always_inline)) void rf_mk_body_##SFX(const int MR_
         VT w[RF_MAXNV];                                                                        \
         for (int v = 0; v < NV_; ++v) memcpy(&w[v], P + (size_t)k * NV_ * VL + v * VL, sizeof(VT)); \
         for (int r = 0; r < MR_; ++r) {                                                        \
-            VT a = (VT){0} + A[(size_t)r * lda + k];                                           \
+            VT a = A[(size_t)r * lda + k] - (VT){0};  /* splat (x - 0 == x exactly) */                                           \
             for (int v = 0; v < NV_; ++v) acc[r][v] += a * w[v];                               \
         }                                                                                      \
     }                                                                                          \
