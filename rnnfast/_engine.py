@@ -9,6 +9,7 @@ padded work), and the result is scattered back to (T, B, F) once at the end. Wit
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -30,13 +31,12 @@ def scratch(key: str, shape: tuple, dtype) -> np.ndarray:
     cache = getattr(_workspace, "bufs", None)
     if cache is None:
         cache = _workspace.bufs = {}
-    dtype = np.dtype(dtype)
-    size = int(np.prod(shape)) * dtype.itemsize
-    buf = cache.get(key)
-    if buf is None or buf.nbytes < size:
-        buf = np.empty(max(size, 64), np.uint8)
-        cache[key] = buf
-    return buf[:size].view(dtype).reshape(shape)
+    n = math.prod(shape)
+    buf = cache.get((key, dtype))
+    if buf is None or buf.shape[0] < n:
+        buf = np.empty(max(n, 16), dtype)
+        cache[(key, dtype)] = buf
+    return buf[:n].reshape(shape)
 
 
 _USE_FUSED = True     # private switch for measurements: False = BLAS per gate in every step
@@ -64,9 +64,25 @@ class Packing:
     rows_b: np.ndarray | None     # (N,) batch index of each packed row
 
 
+_FULL: dict = {}
+
+
+def _full_packing(T: int, B: int) -> Packing:
+    """Packing of a batch without padding (cached: its arrays are read-only)."""
+    pk = _FULL.get((T, B))
+    if pk is None:
+        ls, bsz = np.full(B, T, np.int64), np.full(T, B, np.int64)
+        ls.flags.writeable = bsz.flags.writeable = False
+        pk = Packing(None, ls, bsz, None, None)
+        if len(_FULL) > 256:
+            _FULL.clear()
+        _FULL[(T, B)] = pk
+    return pk
+
+
 def make_packing(T: int, B: int, lengths: np.ndarray | None) -> Packing:
-    if lengths is None or bool(np.all(lengths == T)):
-        return Packing(None, np.full(B, T, np.int64), np.full(T, B, np.int64), None, None)
+    if lengths is None or bool((lengths == T).all()):
+        return _full_packing(T, B)
     perm = np.argsort(-lengths, kind="stable")
     ls = lengths[perm]
     tmax = int(ls[0]) if B else 0
