@@ -9,9 +9,11 @@ from .backends import available_backends, backend, get_backend, set_backend
 from .functional import gru, lstm, rnn
 from .interop import from_torch
 from .layers import GRU, LSTM, RNN
+from .minrnn import MinGRU, MinLSTM
+from .scan import linear_scan, mingru, minlstm
 from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
 
-__all__ = ["lstm", "gru", "rnn", "LSTM", "GRU", "RNN", "from_torch", "available_backends", "set_backend", "get_backend", "backend",
+__all__ = ["lstm", "gru", "rnn", "LSTM", "GRU", "RNN", "from_torch", "linear_scan", "mingru", "minlstm", "MinGRU", "MinLSTM", "available_backends", "set_backend", "get_backend", "backend",
            "set_num_threads", "get_num_threads", "__version__"]
