@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -23,12 +24,14 @@ def main(argv=None) -> int:
                         description=info.__doc__.split("\n\n")[0])
     info.add_arguments(pi)
     args = ap.parse_args(argv)
-    if args.command == "bench":
-        return bench.run(args)
-    if args.command == "info":
-        return info.run(args)
-    ap.print_help()
-    return 2
+    if args.command is None:
+        ap.print_help()
+        return 2
+    try:
+        return bench.run(args) if args.command == "bench" else info.run(args)
+    except BrokenPipeError:          # output piped into e.g. `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def available_backends() -> list[str]:
         names = []
         if importlib.util.find_spec("rnnfast.kernels.cy_rnn") is not None:
             names.append("cython")
-        if importlib.util.find_spec("numba") is not None:
+        if (importlib.util.find_spec("numba") is not None
+                and importlib.util.find_spec("rnnfast.kernels.numba_rnn") is not None):
             names.append("numba")
         names.append("reference")
         _available = names

@@ -14,9 +14,13 @@ workload table this module repeats (same names, shapes and FLOP counts):
   library's idle threads stop spinning. Figures are medians over rounds; a ratio is
   the median of the per-round ratios (> 1: rnnfast is faster). GF/s counts useful work
   only (no padded steps).
+* To keep a default run within about 10 minutes on 2 cores, a workload whose rounds
+  would take longer than :data:`ROUND_CAP_S` (estimated from the warm-up calls) gets
+  fewer rounds, :data:`MIN_ROUNDS` at least; an explicit ``--rounds`` is obeyed exactly.
 * The reference backend is slow on the large workloads: when ``rounds x burst`` of its
   calls would take longer than :data:`REFERENCE_BUDGET_S` it is timed by one call only
-  (ratio = that time over rnnfast's median), and ``--no-reference`` leaves it out.
+  (ratio = that time over rnnfast's median; a call of over :data:`REUSE_CHECK_CALL_S` is
+  the one already made for the correctness check), and ``--no-reference`` leaves it out.
 * Features that rnnfast does not have yet (training, minGRU, a backend whose kernels
   are missing) are reported as ``n/a (reason)``; the run goes on.
 
@@ -60,6 +64,9 @@ G = {"lstm": 4, "gru": 3, "rnn": 1, "mingru": 2}
 
 TOLERANCE = 1e-3            # max error (see max_err) accepted before timing
 REFERENCE_BUDGET_S = 3.0    # reference timed every round only if that costs less than this
+REUSE_CHECK_CALL_S = 1.0    # a reference timed once reuses its checked call when that took longer
+ROUND_CAP_S = 20.0          # default rounds are cut (to MIN_ROUNDS at least) past this per workload
+MIN_ROUNDS = 3
 PEERS = ("reference", "torch", "ort")
 PEER_TITLES = {"reference": "ref", "torch": "torch", "ort": "ort"}
 
@@ -192,7 +199,7 @@ def check_result(got, want, tol: float = TOLERANCE) -> tuple[bool, float, str]:
 
 
 # ----------------------------------------------------------------------------- building
-def _na(exc: BaseException) -> str | None:
+def na_reason(exc: BaseException) -> str | None:
     """The "n/a" reason when `exc` means a feature rnnfast does not have yet, else None."""
     msg = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (NotImplementedError, ImportError)):
@@ -235,10 +242,10 @@ class Case:
         return bool(self.ex.get("varlen"))
 
 
-def build_case(name: str, rng: np.random.Generator, have_torch: bool) -> Case:
+def build_case(name: str, rng: np.random.Generator, have_torch: bool, spec: tuple | None = None) -> Case:
     """Inputs and weights of one workload (PyTorch's initialisation when it is installed,
-    else rnnfast's own, seed 0)."""
-    kind, T, B, I, H, ex = WORKLOADS[name]
+    else rnnfast's own, seed 0); `spec` replaces the workload's (kind, T, B, I, H, extra)."""
+    kind, T, B, I, H, ex = spec if spec is not None else WORKLOADS[name]
     tmod, sd = None, None
     if have_torch:
         tmod = make_torch(kind, I, H, ex)
@@ -429,6 +436,7 @@ class Options:
     warmup: int = 2
     pause: float = 0.25
     quick: bool = False
+    round_cap_s: float | None = ROUND_CAP_S   # None: exactly `rounds` rounds
 
 
 def _peer_versions() -> dict:
@@ -470,7 +478,7 @@ def run_workload(name: str, opt: Options, rng: np.random.Generator, have_torch: 
             try:
                 e.fn = make_rf_fn(case, b)
             except Exception as ex:  # noqa: BLE001
-                na = _na(ex)
+                na = na_reason(ex)
                 e.status, e.reason = ("n/a", na) if na else ("failed", f"{type(ex).__name__}: {ex}")
         entries[e.key] = e
     # the reference backend (a peer, and the oracle when PyTorch is missing)
@@ -478,7 +486,7 @@ def run_workload(name: str, opt: Options, rng: np.random.Generator, have_torch: 
     try:
         ref.fn = make_rf_fn(case, "reference")
     except Exception as ex:  # noqa: BLE001
-        na = _na(ex)
+        na = na_reason(ex)
         ref.status, ref.reason = ("n/a", na) if na else ("failed", f"{type(ex).__name__}: {ex}")
     entries["reference"] = ref
     if have_torch:
@@ -511,7 +519,7 @@ def run_workload(name: str, opt: Options, rng: np.random.Generator, have_torch: 
             oracle = k
             break
         except Exception as ex:  # noqa: BLE001
-            na = _na(ex) if k == "reference" else None
+            na = na_reason(ex) if k == "reference" else None
             e.status, e.reason = ("n/a", na) if na else ("failed", f"{type(ex).__name__}: {ex}")
     for k, e in entries.items():
         if k == oracle or e.status != "ok":
@@ -521,7 +529,7 @@ def run_workload(name: str, opt: Options, rng: np.random.Generator, have_torch: 
             got = e.fn()
             e.first_call_s = time.perf_counter() - t0
         except Exception as ex:  # noqa: BLE001
-            na = _na(ex)
+            na = na_reason(ex)
             e.status, e.reason = ("n/a", na) if na else ("failed", f"{type(ex).__name__}: {ex}")
             continue
         if want is None:
@@ -541,15 +549,28 @@ def run_workload(name: str, opt: Options, rng: np.random.Generator, have_torch: 
         if opt.quick or not (est * opt.burst * opt.rounds <= REFERENCE_BUDGET_S):
             ref.policy = "once"
     live = [e for e in entries.values() if e.status == "ok"]
+    per_round = 0.0                      # estimated cost of one round, from the last warm-up calls
     for e in live:                       # warm-up (JIT compiles, caches)
         if e.key == "reference":
+            if e.policy == "rounds":
+                per_round += opt.pause + e.first_call_s * opt.burst
             continue
+        last = e.first_call_s
         for _ in range(opt.warmup):
+            t0 = time.perf_counter()
             e.fn()
-    for r in range(opt.rounds):
+            last = time.perf_counter() - t0
+        per_round += opt.pause + last * opt.burst
+    rounds = opt.rounds
+    if opt.round_cap_s is not None and per_round * rounds > opt.round_cap_s:
+        rounds = max(min(rounds, MIN_ROUNDS), int(opt.round_cap_s // per_round))
+    for r in range(rounds):
         for e in live:
             if e.policy == "once":
                 if r:
+                    continue
+                if e.first_call_s >= REUSE_CHECK_CALL_S:   # its checked call: a second is a waste
+                    e.times.append(e.first_call_s)
                     continue
                 time.sleep(opt.pause)
                 e.times.append(_burst(e.fn, 1))
@@ -559,7 +580,8 @@ def run_workload(name: str, opt: Options, rng: np.random.Generator, have_torch: 
 
     rec = {
         "name": name, "kind": case.kind, "T": case.T, "B": case.B, "I": case.I, "H": case.H,
-        "extra": dict(case.ex), "flops": case.work, "oracle": oracle, "results": {},
+        "extra": dict(case.ex), "flops": case.work, "oracle": oracle, "rounds": rounds,
+        "rounds_requested": opt.rounds, "results": {},
     }
     peers = [entries[k] for k in PEERS if k in entries]
     for e in entries.values():
@@ -610,16 +632,21 @@ def format_rows(rec: dict) -> list[str]:
                      f"{_fmt_ms(res.get('torch')):>9s} {_fmt_ms(res.get('ort')):>8s} {gf:>6s} "
                      f"{_fmt_x(rat.get('reference')):>7s} {_fmt_x(rat.get('torch')):>8s} "
                      f"{_fmt_x(rat.get('ort')):>7s} {err:>8s}")
+    grouped: dict[str, list] = {}          # one note per distinct reason
     for k, r in res.items():
         who = r["label"] if k.startswith("rnnfast:") else k
-        if r["status"] == "n/a":
-            notes.append(f"{who}: n/a ({_short(r['reason'])})")
-        elif r["status"] not in ("ok",):
-            notes.append(f"{who}: {r['status']} ({_short(r['reason'])})")
+        if r["status"] == "skipped":        # --no-reference: said once in the header
+            continue
+        if r["status"] != "ok":
+            why = "n/a" if r["status"] == "n/a" else r["status"]
+            grouped.setdefault(f"{why} ({_short(r['reason'])})", []).append(who)
         elif k == "reference" and r.get("policy") == "once" and r["median_ms"] is not None:
-            notes.append("reference: timed by one call (slow)")
+            notes.append("ref ms from one call (slow)")
         elif r["reason"]:
-            notes.append(f"{who}: {r['reason']}")
+            grouped.setdefault(r["reason"], []).append(who)
+    notes = [f"{', '.join(w)}: {why}" for why, w in grouped.items()] + notes
+    if rec.get("rounds", 0) < rec.get("rounds_requested", 0):
+        notes.append(f"{rec['rounds']} rounds (time cap)")
     if rec["oracle"] and rec["oracle"] != "torch":
         notes.append(f"checked against {rec['oracle']}")
     if notes:
@@ -669,7 +696,9 @@ def plot_png(records: list[dict], path: str) -> str | None:
 # ----------------------------------------------------------------------------- entry
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--only", default="", help="comma-separated workload names (default: all)")
-    ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 7; 1 with --quick)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help=f"timing rounds (default 7, fewer (>= {MIN_ROUNDS}) for a workload whose rounds would take "
+                         f"over {ROUND_CAP_S:.0f} s; 1 with --quick); given explicitly, exactly that many")
     ap.add_argument("--threads", type=int, default=2, help="threads for every library (default 2)")
     ap.add_argument("--backends", default="auto",
                     help='comma-separated rnnfast backends timed side by side (default "auto")')
@@ -706,6 +735,8 @@ def run(args: argparse.Namespace) -> int:
                   reference=not args.no_reference, quick=args.quick)
     if args.quick:
         opt.burst, opt.warmup, opt.pause = 1, 1, 0.05
+    if args.rounds is not None or args.quick:
+        opt.round_cap_s = None
 
     rf.set_num_threads(opt.threads)
     have_torch = have_ort = False

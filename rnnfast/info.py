@@ -7,7 +7,6 @@ and the versions of the libraries rnnfast depends on. Nothing here needs PyTorch
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -205,7 +204,8 @@ def format_info(info: dict) -> str:
             lines.append(f"blas: {lib['error']}")
             continue
         lines.append(f"blas: {lib.get('internal_api')} {lib.get('version')} arch {lib.get('architecture')} "
-                     f"threading {lib.get('threading_layer')} threads {lib.get('num_threads')}  ({lib.get('filepath')})")
+                     f"threading {lib.get('threading_layer')} threads {lib.get('num_threads')}  "
+                     f"({lib.get('filepath')})")
     cpu = info["cpu"]
     usable = f", {cpu['usable_cpus']} usable" if "usable_cpus" in cpu else ""
     lines.append(f"cpu: {cpu['model'] or '?'} ({cpu['machine']}, {cpu['logical_cpus']} logical{usable})")

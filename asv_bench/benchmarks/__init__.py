@@ -1,0 +1,1 @@
+"""asv benchmarks of rnnfast (see ../asv.conf.json). Shared helpers live in common.py."""

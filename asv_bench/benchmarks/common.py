@@ -1,0 +1,81 @@
+"""Helpers shared by the asv benchmarks.
+
+The workloads are those of ``python -m rnnfast bench`` (``rnnfast.bench.WORKLOADS``, the
+standard workloads of BENCHMARKS.md), built the same way (``rnnfast.bench.build_case``
+and ``make_rf_fn``), so asv and the command line time the same calls.
+
+``RNNFAST_ASV_SMALL=1`` in the environment shrinks every workload (T / 10, B / 4, at
+least 1) for fast smoke runs; without it the standard shapes are used.
+"""
+from __future__ import annotations
+
+import os
+import tracemalloc
+
+import numpy as np
+
+import rnnfast
+from rnnfast.bench import WORKLOADS, build_case, make_rf_fn, na_reason
+
+BACKENDS = ["auto", "cython", "numba", "reference"]
+FAST_BACKENDS = ["cython", "numba"]
+PRODUCT_BACKENDS = ["auto", "cython", "numba"]     # the reference is the oracle: timed, not profiled
+INFERENCE = [n for n, w in WORKLOADS.items() if not w[5].get("train")]
+TRAINING = [n for n, w in WORKLOADS.items() if w[5].get("train")]
+THREADS = 2          # the project's standard thread count
+SMALL = os.environ.get("RNNFAST_ASV_SMALL", "") not in ("", "0")
+
+
+def spec(name: str) -> tuple:
+    """(kind, T, B, I, H, extra) of a workload, shrunk when RNNFAST_ASV_SMALL is set."""
+    kind, T, B, I, H, ex = WORKLOADS[name]
+    if SMALL:
+        T, B = max(2, T // 10), max(1, B // 4)
+    return kind, T, B, I, H, ex
+
+
+def skip(msg: str):
+    """asv reports a benchmark whose setup raises NotImplementedError as skipped."""
+    raise NotImplementedError(msg)
+
+
+def check_backend(backend: str) -> None:
+    if backend != "auto" and backend not in rnnfast.available_backends():
+        skip(f"backend {backend!r} not available here")
+
+
+_warmed: set = set()
+
+
+def make_call(name: str, backend: str, threads: int = THREADS):
+    """A zero-argument call of rnnfast's layer for workload `name` on `backend`, warmed up
+    (kernels loaded, JIT compiled) by one call, once per process: this asv re-runs
+    ``setup`` before every sample. The reference backend (NumPy, nothing to compile)
+    is not warmed up. Features rnnfast does not have yet are skipped."""
+    check_backend(backend)
+    rnnfast.set_num_threads(threads)
+    case = build_case(name, np.random.default_rng(0), have_torch=False, spec=spec(name))
+    try:
+        fn = make_rf_fn(case, backend)
+        key = (name, backend, threads)
+        if backend != "reference" and key not in _warmed:
+            fn()
+            _warmed.add(key)
+    except Exception as e:  # noqa: BLE001
+        why = na_reason(e)
+        if why is None:
+            raise
+        skip(f"{name} on {backend}: {why}")
+    return fn
+
+
+def numpy_alloc_peak_mb(fn) -> float:
+    """Peak of NumPy-allocated memory during one call of `fn`, in MB (outputs plus
+    working buffers, the projection buffer above all; NumPy reports its allocations to
+    tracemalloc). Memory malloc'ed inside compiled kernels is not seen."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()

@@ -1,0 +1,191 @@
+"""Command line: ``python -m rnnfast info`` and ``python -m rnnfast bench`` (smoke runs in
+subprocesses, no timing assertions) and the bench's correctness check."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rnnfast import bench
+
+
+def _run(*args, timeout=600):
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return subprocess.run([sys.executable, "-m", "rnnfast", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_info_runs():
+    p = _run("info")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    import rnnfast
+    assert f"rnnfast {rnnfast.__version__}" in out
+    for word in ("backends:", "auto dispatch", "threads:", "cython kernels:", "numba", "blas", "cpu:", "simd:",
+                 "versions:"):
+        assert word in out, f"{word!r} missing from:\n{out}"
+
+
+def test_info_json():
+    p = _run("info", "--json", "--no-numba-trigger")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert "reference" in info["backends"]["available"]
+    assert info["threads"]["rnnfast"] >= 1
+    assert isinstance(info["cpu"]["simd"], list)
+    assert isinstance(info["blas"], list)
+
+
+def test_no_command_prints_help():
+    p = _run()
+    assert p.returncode == 2
+    assert "bench" in p.stdout and "info" in p.stdout
+
+
+def test_bench_quick_json(tmp_path):
+    path = tmp_path / "bench.json"
+    png = tmp_path / "bench.png"
+    p = _run("bench", "--quick", "--only", "lstm-b1", "--json", str(path), "--png", str(png))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "lstm-b1" in p.stdout
+    assert "wall time" in p.stdout
+    data = json.loads(path.read_text())
+    meta = data["meta"]
+    assert meta["rounds"] == 1 and meta["quick"] is True
+    assert meta["backends"] == ["auto"]
+    assert meta["wall_s"] > 0
+    (rec,) = data["workloads"]
+    assert rec["name"] == "lstm-b1"
+    assert (rec["kind"], rec["T"], rec["B"], rec["I"], rec["H"]) == ("lstm", 100, 1, 256, 256)
+    assert rec["flops"] == bench.flops("lstm", 100, 1, 256, 256, {})
+    res = rec["results"]
+    mine = res["rnnfast:auto"]
+    assert mine["status"] == "ok", mine
+    assert mine["resolved"] in ("cython", "numba", "reference")
+    assert mine["median_ms"] > 0 and mine["gflops"] > 0
+    assert len(mine["times_s"]) == 1
+    assert mine["max_err"] is not None and mine["max_err"] <= bench.TOLERANCE
+    assert set(mine["ratios"]) <= {"reference", "torch", "ort"}
+    assert res["reference"]["status"] == "ok"
+    assert mine["ratios"]["reference"] > 0
+    for peer in ("torch", "ort"):
+        if peer in res:               # present when installed
+            assert res[peer]["status"] == "ok", res[peer]
+            assert res[peer]["median_ms"] > 0
+            assert mine["ratios"][peer] > 0
+    pytest.importorskip("matplotlib")
+    assert png.stat().st_size > 0
+
+
+def test_bench_no_reference_and_backends(tmp_path):
+    """--no-reference skips the reference peer; --backends names rnnfast's backends."""
+    path = tmp_path / "b.json"
+    p = _run("bench", "--quick", "--only", "lstm-b1", "--no-reference", "--backends", "reference",
+             "--json", str(path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    rec = json.loads(path.read_text())["workloads"][0]
+    assert rec["results"]["reference"]["status"] == "skipped"
+    assert rec["results"]["rnnfast:reference"]["status"] == "ok"
+
+
+def test_bench_rejects_unknown_workload():
+    p = _run("bench", "--quick", "--only", "no-such-workload")
+    assert p.returncode == 2
+    assert "unknown workload" in p.stderr
+
+
+# ----------------------------------------------------------------------------- correctness check
+def test_check_result_accepts_close():
+    want = np.linspace(-1, 1, 60, dtype=np.float32).reshape(3, 4, 5)
+    ok, err, msg = bench.check_result(want + 1e-6, want)
+    assert ok and err < 1e-5 and msg == ""
+
+
+def test_check_result_catches_wrong_value():
+    want = np.zeros((3, 4, 5), np.float32)
+    got = want.copy()
+    got[1, 2, 3] = 0.01
+    ok, err, msg = bench.check_result(got, want)
+    assert not ok
+    assert err == pytest.approx(0.01, rel=1e-5)
+    assert msg.startswith("WRONG")
+
+
+def test_check_result_catches_nan_and_shape():
+    want = np.ones((2, 3))
+    got = want.copy()
+    got[0, 0] = np.nan
+    ok, err, _ = bench.check_result(got, want)
+    assert not ok and math.isnan(err)
+    ok, _, msg = bench.check_result(np.ones((3, 2)), want)
+    assert not ok and "shape" in msg
+
+
+def test_check_result_lists_and_scale():
+    """Training results are lists (dx, then gradients); errors are relative to the
+    oracle's scale when it exceeds 1."""
+    want = [np.ones(4), np.full(4, 500.0)]
+    ok, err, _ = bench.check_result([np.ones(4), np.full(4, 500.1)], want)
+    assert ok and err == pytest.approx(0.1 / 500.0, rel=1e-3)
+    ok, _, _ = bench.check_result([np.ones(4), np.full(4, 501.0)], want)
+    assert not ok
+    ok, _, msg = bench.check_result([np.ones(4)], want)
+    assert not ok and "expected 2 arrays" in msg
+
+
+def test_na_reason_classifies():
+    assert bench.na_reason(NotImplementedError("no training")) is not None
+    assert bench.na_reason(ImportError("no module")) is not None
+    assert bench.na_reason(AttributeError("module 'rnnfast' has no attribute 'MinGRU'")) is not None
+    assert bench.na_reason(ValueError("bad")) is None
+
+
+def test_ratio_median_of_per_round_ratios():
+    mine = bench.Entry("rnnfast:auto", "auto", times=[1.0, 2.0, 1.0])
+    peer = bench.Entry("torch", "torch", times=[2.0, 2.0, 3.0])
+    assert bench.ratio(peer, mine) == pytest.approx(2.0)       # median of 2, 1, 3
+    once = bench.Entry("reference", "reference", times=[10.0], policy="once")
+    assert bench.ratio(once, mine) == pytest.approx(10.0)      # against mine's median (1.0)
+    assert math.isnan(bench.ratio(bench.Entry("ort", "ort"), mine))
+
+
+def _quick_options():
+    return bench.Options(names=["lstm-b1"], rounds=1, burst=1, warmup=1, pause=0.0, quick=True)
+
+
+def test_run_workload_flags_wrong_result(monkeypatch):
+    """A rnnfast result off the oracle is reported WRONG and not timed."""
+    orig = bench.make_rf_fn
+
+    def skewed(case, backend_name):
+        fn = orig(case, backend_name)
+        if backend_name == "reference":
+            return fn
+        return lambda: fn() + 0.01
+    monkeypatch.setattr(bench, "make_rf_fn", skewed)
+    rec = bench.run_workload("lstm-b1", _quick_options(), np.random.default_rng(0), have_torch=False, have_ort=False)
+    assert rec["oracle"] == "reference"
+    mine = rec["results"]["rnnfast:auto"]
+    assert mine["status"] == "WRONG"
+    assert mine["max_err"] == pytest.approx(0.01, rel=1e-3)
+    assert mine["times_s"] == [] and mine["median_ms"] is None
+    assert any("WRONG" in line for line in bench.format_rows(rec))
+
+
+def test_run_workload_not_implemented_is_na(monkeypatch):
+    """A feature rnnfast lacks is reported n/a (with the reason) and nothing crashes."""
+    def missing(case):
+        raise NotImplementedError("not written yet")
+    monkeypatch.setattr(bench, "make_rf_layer", missing)
+    rec = bench.run_workload("lstm-b1", _quick_options(), np.random.default_rng(0), have_torch=False, have_ort=False)
+    for key in ("rnnfast:auto", "reference"):
+        r = rec["results"][key]
+        assert r["status"] == "n/a" and "not written yet" in r["reason"]
+    rows = bench.format_rows(rec)
+    assert any("n/a (NotImplementedError: not written yet)" in line for line in rows)
