@@ -5,6 +5,14 @@ Kernels (the Cython extension and the Numba module) load lazily, on first use, s
 """
 from __future__ import annotations
 
+import pkgutil as _pkgutil
+
+# The compiled kernels are installed as rnnfast.kernels (from kernels/ in the source
+# tree). When Python imports rnnfast from a source checkout (``python -m rnnfast`` in
+# the repository root after ``pip install .``), let submodules missing here, i.e. the
+# kernels, resolve in the installed copy as well.
+__path__ = _pkgutil.extend_path(__path__, __name__)
+
 from .backends import available_backends, backend, get_backend, set_backend
 from .functional import gru, lstm, rnn
 from .interop import from_torch

@@ -23,15 +23,21 @@ _available: list[str] | None = None
 _KERNEL_MODULE = {"cython": "rnnfast.kernels.cy_rnn", "numba": "rnnfast.kernels.numba_rnn"}
 
 
+def _found(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:        # a parent package is missing (e.g. kernels not built)
+        return False
+
+
 def available_backends() -> list[str]:
     """Names of the backends usable in this installation (always includes "reference")."""
     global _available
     if _available is None:
         names = []
-        if importlib.util.find_spec("rnnfast.kernels.cy_rnn") is not None:
+        if _found("rnnfast.kernels.cy_rnn"):
             names.append("cython")
-        if (importlib.util.find_spec("numba") is not None
-                and importlib.util.find_spec("rnnfast.kernels.numba_rnn") is not None):
+        if _found("numba") and _found("rnnfast.kernels.numba_rnn"):
             names.append("numba")
         names.append("reference")
         _available = names
