@@ -1,17 +1,26 @@
 """Numba kernels for one layer of LSTM / GRU / RNN, both directions at once.
 
-Same contract as ``rnnfast.kernels.cy_rnn.run_layer`` (see its docstring): packed
+Same contract as ``rnnfast.kernels.cy_rnn.run_layer`` (see ``run_layer`` below): packed
 rows, step-major; ``rnnfast._engine._run_packed`` validates and allocates everything.
+The equations are those of ``rnnfast/cells.py``.
 
-Structure of one call (all inside one jitted function, no Python per step):
+Work is cut into *items*: (direction d, slice k of the hidden units, in whole 16-unit
+blocks), one item per thread: with 2 threads one direction is split in two halves of
+its units (each with all its gates), two directions get one thread each. An item's
+weight rows are the same at every step, so they stay in that core's cache. One call:
 
-1. input projection of every step, one BLAS GEMM per direction into ``xg[d]``;
-2. for each step s: the recurrent GEMM of each direction (BLAS, into ``hg``), then ONE
-   fused gate kernel over (direction, row, slice of hidden units), a ``prange`` when
-   there is enough work, a plain loop otherwise (a parallel launch costs a few
-   microseconds, more than the gate math of a batch-1 step). GRU with
-   ``linear_before_reset=False`` needs two GEMMs and two gate passes per step, LSTM with
-   projection an extra GEMM with ``w_hr``.
+1. input projections of every step: each item multiplies its gate rows of ``w_ih``
+   with all N packed rows (``xg``);
+2. every step s, all inside one jitted function (no Python per step): one ``prange``
+   over the items, each doing the recurrent GEMM of its units (all gates, all live
+   rows) and then the fused gate math of those units, which writes the new state and
+   the output row. LSTM with projection and GRU with ``linear_before_reset=False``
+   need a second pass per step (the projection ``w_hr``; ``(r*h) W_hn^T``), because
+   it reads the whole result of the first.
+
+Passes with too little work for a parallel launch (2-3 us) run on the calling thread.
+BLAS is called single-threaded on each item's slice through Numba's own BLAS helpers
+with explicit leading dimensions (``np.dot`` only writes whole contiguous arrays).
 
 The previous state is read from half ``s % 2`` of the ping-pong buffer ``hbuf`` and the
 new one written to half ``(s + 1) % 2`` (rows [0, n) only), the convention the engine
@@ -19,13 +28,14 @@ relies on to read the final states.
 
 Transcendentals: this Numba has no SVML, so ``math.exp`` in a loop is a scalar libm
 call that LLVM cannot vectorise. float32 uses the Cephes single-precision ``expf`` /
-``tanhf`` polynomials written out here (about 1-2 ulp, vectorised by LLVM); float64
-uses ``math.exp`` / ``math.tanh``. The equations are those of ``rnnfast/cells.py``.
+``tanhf`` polynomials written out here (max error measured 1-2.5 ulp), which LLVM
+vectorises (about 6x faster than libm for the LSTM gates); float64 uses ``math.exp``
+/ ``math.tanh``.
 
 Threading: the module selects Numba's thread-safe threading layer at import (OpenMP or
 TBB; the default workqueue layer is not safe for calls from several Python threads)
 unless ``NUMBA_THREADING_LAYER`` is set, and ``run_layer`` applies the thread count at
-every entry (Numba's count is per calling thread).
+every entry (Numba's count is per calling thread). The kernels release the GIL.
 """
 from __future__ import annotations
 
@@ -36,7 +46,12 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
+from numba.np.linalg import ensure_blas
+
+from .. import threads
+from ..cells import GRU_LBR, GRU_NOLBR, LSTM, LSTM_PROJ, RNN_TANH
 
 if not os.environ.get("NUMBA_THREADING_LAYER"):
     numba.config.THREADING_LAYER = "threadsafe"
@@ -48,11 +63,17 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # (Cody-Waite range reduction): only contraction into FMAs is allowed there.
 _STRICT = {"contract"}
 
-# Cell codes: keep in step with rnnfast/cells.py.
-LSTM, LSTM_PROJ, GRU_LBR, GRU_NOLBR, RNN_TANH, RNN_RELU = range(6)
+
+_JIT = dict(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True)
 
 _UNIT_BLOCK = 16        # hidden-unit slices are multiples of this (one AVX-512 vector)
-_SERIAL_WORK = 4096     # below this many gate elements per step the gate pass runs serially
+_SMALL_ROWS = 32        # GEMMs of at most this many rows are cut into column blocks ...
+_SMALL_MN = 1024        # ... of at most this many outputs (see _gemm_nt)
+# A pass (the input projections, or one step) of fewer multiply-adds than this runs on
+# the calling thread: a parallel launch costs 2-3 us. Measured break-even at 2 threads:
+# 65k MACs per step (LSTM H=128, batch 1) still faster serially, 131k-147k faster in
+# parallel. Read at every call (tests set it to 0 to exercise the parallel path).
+_SERIAL_WORK = 98304
 
 
 # --------------------------------------------------------------------------------------
@@ -73,7 +94,7 @@ def _bits_as_f32(typingctx, v):
     return types.float32(v), codegen
 
 
-@njit(fastmath=_STRICT, error_model="numpy", cache=True)
+@njit(fastmath=_STRICT, error_model="numpy", nogil=True, cache=True)
 def _expf(x):
     """exp of a float32, Cephes expf: |rel err| ~ 1 ulp; clamps to the normal range."""
     x = min(max(x, np.float32(-87.3)), np.float32(88.3))
@@ -91,12 +112,12 @@ def _expf(x):
     return p * _bits_as_f32((np.int64(fx) + 127) << 23)
 
 
-@njit(fastmath=_STRICT, error_model="numpy", cache=True)
+@njit(fastmath=_STRICT, error_model="numpy", nogil=True, cache=True)
 def _sigmoid_f32(x):
     return np.float32(1.0) / (np.float32(1.0) + _expf(-x))
 
 
-@njit(fastmath=_STRICT, error_model="numpy", cache=True)
+@njit(fastmath=_STRICT, error_model="numpy", nogil=True, cache=True)
 def _tanh_f32(x):
     """Cephes tanhf: odd polynomial below 0.625, 1 - 2/(exp(2|x|)+1) above."""
     a = min(abs(x), np.float32(9.0))
@@ -109,7 +130,7 @@ def _tanh_f32(x):
     return small if a < np.float32(0.625) else big
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(**_JIT)
 def _sigmoid_f64(x):
     return 1.0 / (1.0 + math.exp(-x))
 
@@ -137,17 +158,139 @@ def _ol_tanh(x):
 
 
 # --------------------------------------------------------------------------------------
-# fused gate math of one (direction, row, unit slice) chunk
+# BLAS with leading dimensions (np.dot only writes whole contiguous arrays)
+# --------------------------------------------------------------------------------------
+# Numba's own BLAS helpers (numba_xxgemm / numba_xxgemv, which call SciPy's cython_blas)
+# are called directly: they are resolved by symbol name, so the kernels stay cacheable,
+# and they may be called without the GIL.
+
+def _blas_kind(dtype):
+    if dtype == types.float32:
+        return ord("s")
+    if dtype == types.float64:
+        return ord("d")
+    return None
+
+
+def _elem_ptr(context, builder, aryty, ary, off):
+    arr = context.make_array(aryty)(context, builder, ary)
+    return builder.bitcast(builder.gep(arr.data, [off]), ir.IntType(8).as_pointer())
+
+
+def _slot(builder, context, dtype, value):
+    ptr = cgutils.alloca_once(builder, context.get_value_type(dtype))
+    builder.store(value, ptr)
+    return builder.bitcast(ptr, ir.IntType(8).as_pointer())
+
+
+@intrinsic
+def _xgemm(typingctx, transa, transb, m, n, k, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc):
+    """Fortran-order GEMM: c = op(a) op(b) + beta*c on element offsets of the arrays."""
+    if not all(isinstance(t, types.Array) for t in (a, b, c)):
+        return None
+    kind = _blas_kind(c.dtype)
+    if kind is None or a.dtype != c.dtype or b.dtype != c.dtype:
+        return None
+    ensure_blas()
+    sig = types.int32(transa, transb, m, n, k, a, a_off, lda, b, b_off, ldb, beta, c, c_off, ldc)
+
+    def codegen(context, builder, sig, args):
+        (ta, tb, m_, n_, k_, a_, ao, lda_, b_, bo, ldb_, beta_, c_, co, ldc_) = args
+        i8, i64 = ir.IntType(8), ir.IntType(64)
+        p8 = i8.as_pointer()
+        fnty = ir.FunctionType(ir.IntType(32), [i8, i8, i8, i64, i64, i64, p8, p8, i64,
+                                                p8, i64, p8, p8, i64])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
+        dt = sig.args[12].dtype
+        one = context.get_constant(dt, 1.0)
+        betav = context.cast(builder, beta_, sig.args[11], dt)
+        ext = lambda v, t: context.cast(builder, v, t, types.int64)
+        return builder.call(fn, [
+            ir.Constant(i8, kind), builder.trunc(ta, i8), builder.trunc(tb, i8),
+            ext(m_, sig.args[2]), ext(n_, sig.args[3]), ext(k_, sig.args[4]),
+            _slot(builder, context, dt, one),
+            _elem_ptr(context, builder, sig.args[5], a_, ext(ao, sig.args[6])), ext(lda_, sig.args[7]),
+            _elem_ptr(context, builder, sig.args[8], b_, ext(bo, sig.args[9])), ext(ldb_, sig.args[10]),
+            _slot(builder, context, dt, betav),
+            _elem_ptr(context, builder, sig.args[12], c_, ext(co, sig.args[13])), ext(ldc_, sig.args[14])])
+    return sig, codegen
+
+
+@intrinsic
+def _xgemv(typingctx, trans, m, n, a, a_off, lda, x, x_off, beta, y, y_off):
+    """Fortran-order GEMV with unit strides: y = op(a) x + beta*y on element offsets."""
+    if not all(isinstance(t, types.Array) for t in (a, x, y)):
+        return None
+    kind = _blas_kind(y.dtype)
+    if kind is None or a.dtype != y.dtype or x.dtype != y.dtype:
+        return None
+    ensure_blas()
+    sig = types.int32(trans, m, n, a, a_off, lda, x, x_off, beta, y, y_off)
+
+    def codegen(context, builder, sig, args):
+        (tr, m_, n_, a_, ao, lda_, x_, xo, beta_, y_, yo) = args
+        i8, i64 = ir.IntType(8), ir.IntType(64)
+        p8 = i8.as_pointer()
+        fnty = ir.FunctionType(ir.IntType(32), [i8, i8, i64, i64, p8, p8, i64, p8, p8, p8])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemv")
+        dt = sig.args[9].dtype
+        one = context.get_constant(dt, 1.0)
+        betav = context.cast(builder, beta_, sig.args[8], dt)
+        ext = lambda v, t: context.cast(builder, v, t, types.int64)
+        return builder.call(fn, [
+            ir.Constant(i8, kind), builder.trunc(tr, i8), ext(m_, sig.args[1]), ext(n_, sig.args[2]),
+            _slot(builder, context, dt, one),
+            _elem_ptr(context, builder, sig.args[3], a_, ext(ao, sig.args[4])), ext(lda_, sig.args[5]),
+            _elem_ptr(context, builder, sig.args[6], x_, ext(xo, sig.args[7])),
+            _slot(builder, context, dt, betav),
+            _elem_ptr(context, builder, sig.args[9], y_, ext(yo, sig.args[10]))])
+    return sig, codegen
+
+
+_T = ord("t")
+_N = ord("n")
+
+
+@njit(**_JIT)
+def _gemm_nt(n, m, k, a, a_off, lda, w, w_off, ldw, c, c_off, ldc):
+    """Row-major C[n, m] (leading dimension ldc) = A[n, k] @ W[m, k]^T, single-threaded
+    BLAS (the caller keeps BLAS at one thread; rnnfast's threads split the units).
+
+    A few rows (2..32) go in column blocks of at most 1024 // n outputs: OpenBLAS then
+    takes its small-matrix kernel, which skips packing the weights (measured 3-4x faster
+    for 8 rows, H = 256; no difference from 48 rows up, where one call is kept).
+    """
+    if n <= 0 or m <= 0:
+        return
+    zero = c.dtype.type(0.0)
+    if k <= 0:          # empty product (BLAS rejects a zero leading dimension)
+        for j in range(n):
+            for u in range(m):
+                c.reshape(c.size)[c_off + j * ldc + u] = zero
+        return
+    if n == 1:
+        _xgemv(_T, k, m, w, w_off, ldw, a, a_off, zero, c, c_off)
+    elif n > _SMALL_ROWS:
+        _xgemm(_T, _N, m, n, k, w, w_off, ldw, a, a_off, lda, zero, c, c_off, ldc)
+    else:
+        ub = max(_UNIT_BLOCK, (_SMALL_MN // n) // _UNIT_BLOCK * _UNIT_BLOCK)
+        for u in range(0, m, ub):
+            mb = min(ub, m - u)
+            _xgemm(_T, _N, mb, n, k, w, w_off + u * ldw, ldw, a, a_off, lda, zero, c, c_off + u, ldc)
+
+
+# --------------------------------------------------------------------------------------
+# fused gate math of one row and a slice of hidden units
 # --------------------------------------------------------------------------------------
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(**_JIT)
 def _gates_chunk(code, phase, H, u0, u1, xr, gr, bx, bh, hp, hw, yr, cr, sr):
     """Gate math of one row, hidden units [u0, u1).
 
-    Row views: xr input projections (G*H), gr recurrent projections (G*H; for GRU_NOLBR
-    phase 0 the r,z part (2H), phase 1 the n part (H)), bx / bh biases (G*H), hp the
-    previous h, hw / yr where the new h goes (state buffer, output row), cr the cell
-    state (LSTM), sr a scratch row (LSTM_PROJ: o*tanh(c); GRU_NOLBR: r*h).
+    Row views: xr input projections (G*H), gr recurrent projections (G*H; GRU_NOLBR
+    phase 0 writes z over r, phase 1 finds (r*h) W_hn^T in the n slot), bx / bh biases
+    (G*H), hp the previous h, hw / yr where the new h goes (state buffer, output row),
+    cr the cell state (LSTM), sr a scratch row (LSTM_PROJ: o*tanh(c); GRU_NOLBR: r*h).
     All indices are unsigned so that Numba emits no negative-index wraparound, which
     would keep LLVM from vectorising the loops.
     """
@@ -181,24 +324,25 @@ def _gates_chunk(code, phase, H, u0, u1, xr, gr, bx, bh, hp, hw, yr, cr, sr):
                 sr[u] = r * hp[u]
                 gr[u] = z
         else:
-            # gr: the z row (z in the r slot); sr: the (r*h) W_hn^T row
+            # gr: z in the r slot, (r*h) W_hn^T in the n slot
             for u in range(a, b):
                 z = gr[u]
-                n = _tanh(xr[H2 + u] + bx[H2 + u] + sr[u] + bh[H2 + u])
+                n = _tanh(xr[H2 + u] + bx[H2 + u] + gr[H2 + u] + bh[H2 + u])
                 hw[u] = n + z * (hp[u] - n)
     elif code == RNN_TANH:
         for u in range(a, b):
             hw[u] = _tanh(xr[u] + gr[u] + bx[u] + bh[u])
     else:   # RNN_RELU
+        zero = hw.dtype.type(0.0)
         for u in range(a, b):
             v = xr[u] + gr[u] + bx[u] + bh[u]
-            hw[u] = max(v, v - v)
+            hw[u] = v if v > zero else zero
     if code != LSTM_PROJ and (code != GRU_NOLBR or phase == 1):
         for u in range(a, b):
             yr[u] = hw[u]
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(**_JIT)
 def _split(total, k, parts):
     """Start of part k when [0, total) is cut into `parts` slices of whole unit blocks."""
     nb = (total + _UNIT_BLOCK - 1) // _UNIT_BLOCK
@@ -206,121 +350,119 @@ def _split(total, k, parts):
     return s if s < total else total
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def _chunk(c, code, phase, H, Hout, cpr, nc0, off0, off1, rd, wr,
-           xg, rec0, rec1, aux0, aux1, bx0, bh0, bx1, bh1, hbuf, cst, y):
-    """Chunk c of one step's gate pass: (direction, row j, slice k of the hidden units)."""
-    c = np.int64(c)     # a prange index is unsigned
-    if c < nc0:
-        d = 0
-        cc = c
-        off = off0
-        rec = rec0
-        aux = aux0
-        bx = bx0
-        bh = bh0
-    else:
-        d = 1
-        cc = c - nc0
-        off = off1
-        rec = rec1
-        aux = aux1
-        bx = bx1
-        bh = bh1
-    j = cc // cpr
-    k = cc - j * cpr
-    u0 = _split(H, k, cpr)
-    u1 = _split(H, k + 1, cpr)
-    _gates_chunk(code, phase, H, u0, u1, xg[d, off + j], rec[j], bx, bh, hbuf[d, rd, j],
-                 hbuf[d, wr, j], y[off + j, d * Hout:(d + 1) * Hout], cst[d, j], aux[j])
+# --------------------------------------------------------------------------------------
+# work items: (direction d, slice k of the hidden units), cpd slices per direction
+# --------------------------------------------------------------------------------------
+
+@njit(**_JIT)
+def _proj_item(it, cpd, H, x, w_ih0, w_ih1, xg):
+    """Input projections of every packed row for one item's units, all gates."""
+    d = it // cpd
+    k = it - d * cpd
+    u0 = _split(H, k, cpd)
+    u1 = _split(H, k + 1, cpd)
+    N, I = x.shape
+    GH = xg.shape[2]
+    w = w_ih0 if d == 0 else w_ih1
+    for g in range(GH // H):
+        _gemm_nt(N, u1 - u0, I, x, 0, I, w, (g * H + u0) * I, I, xg[d], g * H + u0, GH)
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", parallel=True, cache=True)
-def _gate_pass_par(nchunks, code, phase, H, Hout, cpr, nc0, off0, off1, rd, wr,
-                   xg, rec0, rec1, aux0, aux1, bx0, bh0, bx1, bh1, hbuf, cst, y):
-    for c in prange(nchunks):
-        _chunk(c, code, phase, H, Hout, cpr, nc0, off0, off1, rd, wr,
-               xg, rec0, rec1, aux0, aux1, bx0, bh0, bx1, bh1, hbuf, cst, y)
+@njit(**_JIT)
+def _step_item(it, cpd, code, phase, H, n0, n1, off0, off1, rd, wr, w_hh0, bx0, bh0, w_hr0,
+               w_hh1, bx1, bh1, w_hr1, xg, hbuf, cst, y, hg, s2):
+    """One item of one step: recurrent GEMM of its units (all live rows), then their gates.
+
+    phase 1 exists for LSTM_PROJ (projection GEMM, the item's slice of the P outputs)
+    and GRU_NOLBR ((r*h) W_hn^T of its units, then the n gate): both need the whole
+    phase-0 result of every item, hence a separate (parallel) pass.
+    """
+    d = it // cpd
+    k = it - d * cpd
+    n = n0 if d == 0 else n1
+    off = off0 if d == 0 else off1
+    Hout = hbuf.shape[3]
+    GH = hg.shape[2]
+    w_hh = w_hh0 if d == 0 else w_hh1
+    hgd = hg[d]
+    hr = hbuf[d, rd]
+    hw = hbuf[d, wr]
+    s2d = s2[d]
+    if code == LSTM_PROJ and phase == 1:
+        p0 = _split(Hout, k, cpd)
+        p1 = _split(Hout, k + 1, cpd)
+        _gemm_nt(n, p1 - p0, H, s2d, 0, H, w_hr0 if d == 0 else w_hr1, p0 * H, H, hw, p0, Hout)
+        for j in range(n):
+            for u in range(p0, p1):
+                y[off + j, d * Hout + u] = hw[j, u]
+        return
+    u0 = _split(H, k, cpd)
+    u1 = _split(H, k + 1, cpd)
+    if u0 >= u1:
+        return
+    if phase == 0:
+        for g in range(2 if code == GRU_NOLBR else GH // H):
+            _gemm_nt(n, u1 - u0, Hout, hr, 0, Hout, w_hh, (g * H + u0) * Hout, Hout,
+                     hgd, g * H + u0, GH)
+    else:   # GRU_NOLBR: (r*h) W_hn^T into the n slot
+        _gemm_nt(n, u1 - u0, H, s2d, 0, H, w_hh, (2 * H + u0) * Hout, Hout, hgd, 2 * H + u0, GH)
+    bx = bx0 if d == 0 else bx1
+    bh = bh0 if d == 0 else bh1
+    cd = cst[d]
+    xgd = xg[d]
+    for j in range(n):
+        _gates_chunk(code, phase, H, u0, u1, xgd[off + j], hgd[j], bx, bh, hr[j], hw[j],
+                     y[off + j, d * Hout:(d + 1) * Hout], cd[j], s2d[j])
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def _gate_pass(nthr, n0, n1, code, phase, H, Hout, off0, off1, rd, wr,
-               xg, rec0, rec1, aux0, aux1, bx0, bh0, bx1, bh1, hbuf, cst, y):
-    """One gate pass of one step over both directions (n0, n1 live rows)."""
-    G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
-    rows = n0 + n1
-    if nthr > 1 and rows * H * G >= _SERIAL_WORK:
-        nb = (H + _UNIT_BLOCK - 1) // _UNIT_BLOCK
-        cpr = min(nb, max(1, (4 * nthr + rows - 1) // rows))
-        _gate_pass_par((n0 + n1) * cpr, code, phase, H, Hout, cpr, n0 * cpr, off0, off1, rd, wr,
-                       xg, rec0, rec1, aux0, aux1, bx0, bh0, bx1, bh1, hbuf, cst, y)
-    else:
-        for c in range(n0 + n1):
-            _chunk(c, code, phase, H, Hout, 1, n0, off0, off1, rd, wr,
-                   xg, rec0, rec1, aux0, aux1, bx0, bh0, bx1, bh1, hbuf, cst, y)
-
-
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def _rec_views(code, hg, s2, d, n, H):
-    """Contiguous (n, .) views for the recurrent projections (rec, rec2) and scratch (aux)."""
-    if code == GRU_NOLBR:
-        flat = hg[d].reshape(hg.shape[1] * hg.shape[2])
-        rec = flat[:n * 2 * H].reshape((n, 2 * H))           # r, z projections
-        rec2 = flat[n * 2 * H:n * 3 * H].reshape((n, H))      # (r*h) W_hn^T
-    else:
-        rec = hg[d, :n]
-        rec2 = rec
-    return rec, rec2, s2[d, :n]
-
-
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH, error_model="numpy", nogil=True, parallel=True, cache=True)
 def _layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, w_hr1,
-           ndir, rev0, xg, hbuf, cst, y, hg, s2):
+           ndir, rev0, xg, hbuf, cst, y, hg, s2, nthr, serial_work):
+    """The whole layer: input projections, then every step (no Python in between).
+
+    Parallel passes are ``prange`` loops over the items, one item per thread.
+    """
     T = bsz.shape[0]
     N = x.shape[0]
     Hout = hbuf.shape[3]
     H = s2.shape[2]
-    nthr = numba.get_num_threads()
+    GH = hg.shape[2]
+    # items per direction: the threads split the hidden units (whole 16-unit blocks)
+    cpd = min(max(1, nthr // ndir), (H + _UNIT_BLOCK - 1) // _UNIT_BLOCK)
+    nitems = ndir * cpd
+    par = nthr > 1 and nitems > 1
+    one = np.int64(1)
+    zero = np.int64(0)
+    nphase = 2 if code == LSTM_PROJ or code == GRU_NOLBR else 1
 
-    # 1. input projections of every step, one GEMM per direction
-    np.dot(x, w_ih0.T, xg[0])
-    if ndir == 2:
-        np.dot(x, w_ih1.T, xg[1])
+    # 1. input projections of every step
+    if par and N * GH * x.shape[1] >= serial_work:
+        for it in prange(nitems):
+            _proj_item(np.int64(it), cpd, H, x, w_ih0, w_ih1, xg)
+    else:
+        for it in range(ndir):
+            _proj_item(it, one, H, x, w_ih0, w_ih1, xg)
 
-    # 2. the recurrence
-    off0 = N - bsz[T - 1] if rev0 else 0
+    # 2. the recurrence: step s reads half s % 2 of hbuf, writes half (s + 1) % 2
+    off0 = N - bsz[T - 1] if rev0 else zero
     off1 = N - bsz[T - 1]
     for s in range(T):
         rd = s % 2
         wr = 1 - rd
         n0 = bsz[T - 1 - s] if rev0 else bsz[s]
-        n1 = bsz[T - 1 - s] if ndir == 2 else 0
-        rec0, recb0, aux0 = _rec_views(code, hg, s2, 0, n0, H)
-        rec1, recb1, aux1 = _rec_views(code, hg, s2, ndir - 1, n1, H)
-        if code == GRU_NOLBR:
-            np.dot(hbuf[0, rd, :n0], w_hh0[:2 * H].T, rec0)
-            if ndir == 2:
-                np.dot(hbuf[1, rd, :n1], w_hh1[:2 * H].T, rec1)
-            _gate_pass(nthr, n0, n1, code, 0, H, Hout, off0, off1, rd, wr,
-                       xg, rec0, rec1, aux0, aux1, bx0, bh0, bx1, bh1, hbuf, cst, y)
-            np.dot(aux0, w_hh0[2 * H:].T, recb0)
-            if ndir == 2:
-                np.dot(aux1, w_hh1[2 * H:].T, recb1)
-            _gate_pass(nthr, n0, n1, code, 1, H, Hout, off0, off1, rd, wr,
-                       xg, rec0, rec1, recb0, recb1, bx0, bh0, bx1, bh1, hbuf, cst, y)
-        else:
-            np.dot(hbuf[0, rd, :n0], w_hh0.T, rec0)
-            if ndir == 2:
-                np.dot(hbuf[1, rd, :n1], w_hh1.T, rec1)
-            _gate_pass(nthr, n0, n1, code, 0, H, Hout, off0, off1, rd, wr,
-                       xg, rec0, rec1, aux0, aux1, bx0, bh0, bx1, bh1, hbuf, cst, y)
-            if code == LSTM_PROJ:
-                np.dot(aux0, w_hr0.T, hbuf[0, wr, :n0])
-                y[off0:off0 + n0, 0:Hout] = hbuf[0, wr, :n0]
-                if ndir == 2:
-                    np.dot(aux1, w_hr1.T, hbuf[1, wr, :n1])
-                    y[off1:off1 + n1, Hout:2 * Hout] = hbuf[1, wr, :n1]
-        # advance the row offsets
+        n1 = bsz[T - 1 - s] if ndir == 2 else zero
+        step_par = par and (n0 + n1) * GH * Hout >= serial_work
+        for phase in range(nphase):
+            if step_par:
+                for it in prange(nitems):
+                    _step_item(np.int64(it), cpd, code, phase, H, n0, n1, off0, off1, rd, wr,
+                               w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh1, w_hr1,
+                               xg, hbuf, cst, y, hg, s2)
+            else:
+                for it in range(ndir):
+                    _step_item(it, one, code, phase, H, n0, n1, off0, off1, rd, wr,
+                               w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh1, w_hr1,
+                               xg, hbuf, cst, y, hg, s2)
         if s + 1 < T:
             if rev0:
                 off0 -= bsz[T - 2 - s]
@@ -331,7 +473,7 @@ def _layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, 
 
 def _readonly(a):
     v = a.view()
-    v.flags.writeable = False
+    v.setflags(write=False)
     return v
 
 
@@ -354,15 +496,22 @@ def run_layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh
     wpk : accepted for signature parity with the Cython kernel (its packed-weight
         scratch) and ignored here.
 
-    All float arrays share one dtype (float32 or float64) and are C-contiguous. The
-    read-only inputs are passed on as read-only views, so that writable and read-only
-    callers share one compiled specialisation per dtype.
+    All float arrays share one dtype (float32 or float64) and are C-contiguous. When any
+    input is read-only, all inputs are passed as read-only views (one more compiled
+    specialisation per dtype, made on first use and cached on disk; the common
+    all-writable call pays nothing for it). BLAS is set to one thread: the kernel's
+    own threads each call it on their slice of the hidden units, as the Cython kernel
+    does.
     """
     T = bsz.shape[0]
     if T == 0 or x.shape[0] == 0:
         return
-    numba.set_num_threads(max(1, min(int(nthreads), numba.config.NUMBA_NUM_THREADS)))
-    _layer(int(code), _readonly(x), _readonly(bsz),
-           _readonly(w_ih0), _readonly(w_hh0), _readonly(bx0), _readonly(bh0), _readonly(w_hr0),
-           _readonly(w_ih1), _readonly(w_hh1), _readonly(bx1), _readonly(bh1), _readonly(w_hr1),
-           int(ndir), bool(rev0), xg, hbuf, cst, y, hg, s2)
+    nthr = max(1, min(int(nthreads), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(nthr)
+    threads.set_blas_threads(1)
+    ins = (x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, w_hr1)
+    for a in ins:
+        if not a.flags.writeable:
+            ins = tuple(_readonly(a) for a in ins)
+            break
+    _layer(int(code), *ins, int(ndir), bool(rev0), xg, hbuf, cst, y, hg, s2, nthr, int(_SERIAL_WORK))

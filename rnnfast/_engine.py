@@ -168,10 +168,7 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout)
         c0s = None if c0 is None else c0[:, pk.perm]
     mod = backends.kernel_module(name)
     nthreads = threads.get_num_threads()
-    if name == "cython":
-        threads.set_blas_threads(1)
-    else:
-        threads.set_blas_threads(nthreads)
+    threads.set_blas_threads(1)     # both backends call BLAS from inside their own parallel regions
     zeros_b = _zeros(G * H, dtype)
     dummy_hr = _zeros(1, dtype).reshape(1, 1)
     hn_s = np.empty((L * D, B, Hout), dtype)
