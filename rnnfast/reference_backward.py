@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cells import CELLS, GRU_NOLBR, LSTM, LSTM_PROJ, RNN_RELU, RNN_TANH
+from .cells import CELLS, GRU_NOLBR, LSTM_PROJ, RNN_TANH
 from .reference import sigmoid
 
 
@@ -184,4 +184,4 @@ def backward_direction(saved: dict, dy: np.ndarray, dh_n=None, dc_n=None, weight
     return dx, dh, dc, grads
 
 
-__all__ = ["forward_direction", "backward_direction", "LSTM", "RNN_RELU"]
+__all__ = ["forward_direction", "backward_direction"]

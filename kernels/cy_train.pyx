@@ -1,0 +1,802 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Cython/OpenMP training kernels: the recurrences of the forward pass that keeps its
+activations and of backpropagation through time, for one layer (one or two directions).
+
+Layout (prepared, validated and allocated by rnnfast.training): packed rows, step-major;
+step t holds rows [offs[t], offs[t] + bsz[t]) of every (N, ...) buffer, the sequences
+sorted by length (longest first), so the live rows of a step are a prefix of the batch.
+The previous state of row j at step t is the saved output of the step before (forward
+direction: step t-1; reverse: step t+1, for the rows still live there) or else the
+initial state: no state is ever copied.
+
+One persistent OpenMP parallel region per call, as in cy_rnn: work items are (direction,
+slice of hidden units); each step is a recurrent GEMM of the item's slice with
+single-threaded BLAS plus fused gate math (kernels/rf_train.h), then a barrier.
+Backward per step: fused gate gradients for the item's units, a barrier, then
+dh_prev[:, slice] = dG_t @ W_hh[:, slice] (and the dy of the next step added). The
+weight gradients are not computed here: rnnfast.training does them afterwards as one
+large GEMM over all rows (see :func:`gemm`).
+"""
+from cython cimport floating
+from cython.parallel cimport parallel, threadid
+from libc.stdint cimport int64_t
+from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
+
+cdef extern from "rf_train.h" nogil:
+    void rf_barrier()
+    int rf_have_openmp()
+    void rft_lstm_fwd_f(int j0, int j1, int H, int u0, int u1, float *xg, int ldx, const float *hg, int ldg,
+                        const float *bx, const float *bh, const float *cp, int ldcp, float *c, int ldc,
+                        float *h, int ldh)
+    void rft_lstm_fwd_d(int j0, int j1, int H, int u0, int u1, double *xg, int ldx, const double *hg, int ldg,
+                        const double *bx, const double *bh, const double *cp, int ldcp, double *c, int ldc,
+                        double *h, int ldh)
+    void rft_gru_fwd_f(int j0, int j1, int H, int u0, int u1, float *xg, int ldx, const float *hg, int ldg,
+                       const float *bx, const float *bh, const float *hp, int ldp, float *h, int ldh)
+    void rft_gru_fwd_d(int j0, int j1, int H, int u0, int u1, double *xg, int ldx, const double *hg, int ldg,
+                       const double *bx, const double *bh, const double *hp, int ldp, double *h, int ldh)
+    void rft_gru_rz_fwd_f(int j0, int j1, int H, int u0, int u1, float *xg, int ldx, const float *hg, int ldg,
+                          const float *bx, const float *bh, const float *hp, int ldp, float *rh, int ldr)
+    void rft_gru_rz_fwd_d(int j0, int j1, int H, int u0, int u1, double *xg, int ldx, const double *hg, int ldg,
+                          const double *bx, const double *bh, const double *hp, int ldp, double *rh, int ldr)
+    void rft_gru_n_fwd_f(int j0, int j1, int H, int u0, int u1, float *xg, int ldx, const float *hg, int ldg,
+                         const float *bx, const float *bh, const float *hp, int ldp, float *h, int ldh)
+    void rft_gru_n_fwd_d(int j0, int j1, int H, int u0, int u1, double *xg, int ldx, const double *hg, int ldg,
+                         const double *bx, const double *bh, const double *hp, int ldp, double *h, int ldh)
+    void rft_rnn_fwd_f(int j0, int j1, int relu, int u0, int u1, const float *xg, int ldx, const float *hg,
+                       int ldg, const float *bx, const float *bh, float *h, int ldh)
+    void rft_rnn_fwd_d(int j0, int j1, int relu, int u0, int u1, const double *xg, int ldx, const double *hg,
+                       int ldg, const double *bx, const double *bh, double *h, int ldh)
+    void rft_lstm_bwd_f(int j0, int j1, int H, int u0, int u1, const float *gt, int ldx, const float *c, int ldc,
+                        const float *cp, int ldcp, const float *dh, int lddh, float *dc, int lddc,
+                        float *dg, int ldg, float *m, int ldm, double *db)
+    void rft_lstm_bwd_d(int j0, int j1, int H, int u0, int u1, const double *gt, int ldx, const double *c,
+                        int ldc, const double *cp, int ldcp, const double *dh, int lddh, double *dc, int lddc,
+                        double *dg, int ldg, double *m, int ldm, double *db)
+    void rft_gru_bwd_f(int j0, int j1, int H, int u0, int u1, const float *gt, int ldx, const float *hp, int ldp,
+                       float *dh, int lddh, float *dg, int ldg, double *db)
+    void rft_gru_bwd_d(int j0, int j1, int H, int u0, int u1, const double *gt, int ldx, const double *hp,
+                       int ldp, double *dh, int lddh, double *dg, int ldg, double *db)
+    void rft_gru_nolbr_bwd1_f(int j0, int j1, int H, int u0, int u1, const float *gt, int ldx, const float *hp,
+                              int ldp, float *dh, int lddh, float *dg, int ldg, float *rh, int ldr,
+                              double *db)
+    void rft_gru_nolbr_bwd1_d(int j0, int j1, int H, int u0, int u1, const double *gt, int ldx,
+                              const double *hp, int ldp, double *dh, int lddh, double *dg, int ldg,
+                              double *rh, int ldr, double *db)
+    void rft_gru_nolbr_bwd2_f(int j0, int j1, int u0, int u1, const float *gt, int ldx, const float *hp, int ldp,
+                              const float *q, int ldq, float *dh, int lddh, float *dg, int ldg, double *db)
+    void rft_gru_nolbr_bwd2_d(int j0, int j1, int u0, int u1, const double *gt, int ldx, const double *hp,
+                              int ldp, const double *q, int ldq, double *dh, int lddh, double *dg, int ldg,
+                              double *db)
+    void rft_rnn_bwd_f(int j0, int j1, int relu, int u0, int u1, const float *h, int ldh, const float *dh,
+                       int lddh, float *dg, int ldg, double *db)
+    void rft_rnn_bwd_d(int j0, int j1, int relu, int u0, int u1, const double *h, int ldh, const double *dh,
+                       int lddh, double *dg, int ldg, double *db)
+    void rft_add_dy_f(int n, int p0, int p1, float *dh, int lddh, const float *dy, int lddy, float *dhs, int lds)
+    void rft_add_dy_d(int n, int p0, int p1, double *dh, int lddh, const double *dy, int lddy,
+                      double *dhs, int lds)
+    int RFT_VLF, RFT_VLD
+    void rft_pack_f(int K, int M, int b0, int b1, const float *src, size_t sm, size_t sk, float *P)
+    void rft_pack_d(int K, int M, int b0, int b1, const double *src, size_t sm, size_t sk, double *P)
+    void rft_mm_f(int n, int K, const float *A, int lda, const float *P, size_t bs, int ncols, float *C,
+                  int ldc, int beta)
+    void rft_mm_d(int n, int K, const double *A, int lda, const double *P, size_t bs, int ncols, double *C,
+                  int ldc, int beta)
+
+# backward_layer returns the bias gradients in `db` (rnnfast.training checks this flag)
+FUSED_BIAS_GRADS = True
+
+# Cell codes: keep in step with rnnfast/cells.py.
+DEF LSTM = 0
+DEF LSTM_PROJ = 1
+DEF GRU_LBR = 2
+DEF GRU_NOLBR = 3
+DEF RNN_TANH = 4
+DEF RNN_RELU = 5
+
+DEF UNIT_BLOCK = 16
+DEF MAX_DIRS = 2
+
+
+def have_openmp() -> bool:
+    """Whether these kernels were compiled with OpenMP."""
+    return bool(rf_have_openmp())
+
+
+# ----------------------------------------------------------------------------- BLAS helpers
+cdef inline void _gemm_nt(int n, int m, int k, const floating *A, int lda, const floating *W, int ldw,
+                          floating *C, int ldc, floating beta) noexcept nogil:
+    """C[n, m] = A[n, k] @ W[m, k]^T + beta*C (row-major), single-threaded BLAS."""
+    cdef char tr = b'T'
+    cdef char nt = b'N'
+    cdef floating one = 1
+    cdef int inc = 1
+    if n <= 0 or m <= 0:
+        return
+    if n == 1:
+        if floating is float:
+            sgemv(&tr, &k, &m, &one, <float*>W, &ldw, <float*>A, &inc, &beta, C, &inc)
+        else:
+            dgemv(&tr, &k, &m, &one, <double*>W, &ldw, <double*>A, &inc, &beta, C, &inc)
+    elif floating is float:
+        sgemm(&tr, &nt, &m, &n, &k, &one, <float*>W, &ldw, <float*>A, &lda, &beta, C, &ldc)
+    else:
+        dgemm(&tr, &nt, &m, &n, &k, &one, <double*>W, &ldw, <double*>A, &lda, &beta, C, &ldc)
+
+
+cdef inline void _gemm_nn(int n, int m, int k, const floating *A, int lda, const floating *Bm, int ldb,
+                          floating *C, int ldc, floating beta) noexcept nogil:
+    """C[n, m] = A[n, k] @ B[k, m] + beta*C (row-major), single-threaded BLAS."""
+    cdef char nt = b'N'
+    cdef floating one = 1
+    cdef int inc = 1
+    if n <= 0 or m <= 0:
+        return
+    if n == 1:
+        if floating is float:
+            sgemv(&nt, &m, &k, &one, <float*>Bm, &ldb, <float*>A, &inc, &beta, C, &inc)
+        else:
+            dgemv(&nt, &m, &k, &one, <double*>Bm, &ldb, <double*>A, &inc, &beta, C, &inc)
+    elif floating is float:
+        sgemm(&nt, &nt, &m, &n, &k, &one, <float*>Bm, &ldb, <float*>A, &lda, &beta, C, &ldc)
+    else:
+        dgemm(&nt, &nt, &m, &n, &k, &one, <double*>Bm, &ldb, <double*>A, &lda, &beta, C, &ldc)
+
+
+cdef inline int _vl(floating dummy) noexcept nogil:
+    if floating is float:
+        return RFT_VLF
+    else:
+        return RFT_VLD
+
+
+cdef inline void _pack(int K, int M, int m0, int m1, const floating *src, size_t sm, size_t sk,
+                       floating *P) noexcept nogil:
+    """Pack the blocks covering columns [m0, m1) (see rf_train.h)."""
+    cdef int vl = _vl(<floating>0)
+    if m1 <= m0:
+        return
+    if floating is float:
+        rft_pack_f(K, M, m0 // vl, (m1 + vl - 1) // vl, src, sm, sk, P)
+    else:
+        rft_pack_d(K, M, m0 // vl, (m1 + vl - 1) // vl, src, sm, sk, P)
+
+
+cdef inline void _mm(int n, int K, const floating *A, int lda, const floating *P, size_t bs, int ncols,
+                     floating *C, int ldc, int beta) noexcept nogil:
+    if floating is float:
+        rft_mm_f(n, K, A, lda, P, bs, ncols, C, ldc, beta)
+    else:
+        rft_mm_d(n, K, A, lda, P, bs, ncols, C, ldc, beta)
+
+
+def packed_size(int code, int H, int Hout, bint is_double, bint backward) -> int:
+    """Elements per direction of the packed recurrent weights (the ``wpk`` argument)."""
+    cdef int vl = RFT_VLD if is_double else RFT_VLF
+    cdef int G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
+    cdef int nbH = (H + vl - 1) // vl, nbO = (Hout + vl - 1) // vl
+    cdef size_t n
+    if backward:
+        n = <size_t>nbO * G * H * vl
+        if code == LSTM_PROJ:
+            n += <size_t>nbH * Hout * vl
+    else:
+        n = <size_t>G * nbH * Hout * vl
+        if code == LSTM_PROJ:
+            n += <size_t>nbO * H * vl
+    return n
+
+
+cdef inline int _split(int total, int k, int parts) noexcept nogil:
+    """Start of part k when [0, total) is cut into `parts` slices of whole blocks."""
+    cdef int nb = (total + UNIT_BLOCK - 1) // UNIT_BLOCK
+    cdef int s = UNIT_BLOCK * ((nb * k) // parts)
+    return s if s < total else total
+
+
+cdef int _layout(object a, int itemsize, int *trans, int *ld, int *rows, int *cols) except -1:
+    """Describe a 2-D array as a (possibly transposed) row-major BLAS operand; -2 if it is not one."""
+    cdef Py_ssize_t s0 = a.strides[0], s1 = a.strides[1]
+    cdef Py_ssize_t n0 = a.shape[0], n1 = a.shape[1]
+    rows[0] = <int>n0
+    cols[0] = <int>n1
+    if (n1 <= 1 or s1 == itemsize) and (n0 <= 1 or (s0 % itemsize == 0 and s0 >= (n1 if n1 > 1 else 1) * itemsize)):
+        trans[0] = 0
+        ld[0] = <int>(s0 // itemsize) if n0 > 1 else <int>(n1 if n1 > 1 else 1)
+        return 0
+    if (n0 <= 1 or s0 == itemsize) and (n1 <= 1 or (s1 % itemsize == 0 and s1 >= (n0 if n0 > 1 else 1) * itemsize)):
+        trans[0] = 1
+        ld[0] = <int>(s1 // itemsize) if n1 > 1 else <int>(n0 if n0 > 1 else 1)
+        return 0
+    return -2
+
+
+def gemm(A, B, C, double beta=0.0):
+    """``C = A @ B + beta * C`` with the BLAS that scipy links (threads: the BLAS setting).
+
+    A and B are 2-D float arrays or views with one unit stride (transposed views are
+    fine, they become BLAS transposes); C is written in place and needs unit column
+    stride. All three share one dtype (float32 or float64).
+    """
+    import numpy as np
+    cdef int ta, tb, tc, lda, ldb, ldc, m, k, k2, n, cm, cn
+    cdef char ca, cb
+    cdef float fb = <float>beta, fone = 1
+    cdef double done = 1
+    cdef size_t pa, pb, pc
+    if A.dtype != C.dtype or B.dtype != C.dtype or C.dtype not in (np.float32, np.float64):
+        raise TypeError(f"gemm: dtypes {A.dtype}, {B.dtype}, {C.dtype}")
+    isz = C.dtype.itemsize
+    if _layout(A, isz, &ta, &lda, &m, &k) != 0:
+        A = np.ascontiguousarray(A)
+        _layout(A, isz, &ta, &lda, &m, &k)
+    if _layout(B, isz, &tb, &ldb, &k2, &n) != 0:
+        B = np.ascontiguousarray(B)
+        _layout(B, isz, &tb, &ldb, &k2, &n)
+    if _layout(C, isz, &tc, &ldc, &cm, &cn) != 0 or tc:
+        raise ValueError("gemm: C needs a unit column stride")
+    if k != k2 or cm != m or cn != n:
+        raise ValueError(f"gemm: shapes {A.shape} @ {B.shape} -> {C.shape}")
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        if beta == 0.0:
+            C[...] = 0
+        else:
+            C *= beta
+        return
+    pa = A.__array_interface__["data"][0]
+    pb = B.__array_interface__["data"][0]
+    pc = C.__array_interface__["data"][0]
+    ca = b'T' if ta else b'N'
+    cb = b'T' if tb else b'N'
+    # row-major C = A @ B  <=>  column-major C^T = B^T A^T
+    with nogil:
+        if isz == 4:
+            sgemm(&cb, &ca, &n, &m, &k, &fone, <float*>pb, &ldb, <float*>pa, &lda, &fb, <float*>pc, &ldc)
+        else:
+            dgemm(&cb, &ca, &n, &m, &k, &done, <double*>pb, &ldb, <double*>pa, &lda, &beta,
+                  <double*>pc, &ldc)
+
+
+def pgemm(A, B, C, double beta=0.0, int nthreads=1):
+    """:func:`gemm` split over ``nthreads`` OpenMP threads, each calling single-threaded BLAS
+    on its block of C (rows, or columns when C is wider than tall).
+
+    All the training GEMMs of the Cython backend go through here, so that one thread
+    pool (OpenMP's) runs everything and BLAS's own threads never compete with it.
+    """
+    import numpy as np
+    cdef int ta, tb, tc, lda, ldb, ldc, m, k, k2, n, cm, cn, nthr, tid, part, s0, s1, bm, bn
+    cdef char ca, cb
+    cdef float fb = <float>beta, fone = 1
+    cdef double done = 1
+    cdef size_t pa, pb, pc, oa, ob, oc
+    cdef bint by_rows
+    if A.dtype != C.dtype or B.dtype != C.dtype or C.dtype not in (np.float32, np.float64):
+        raise TypeError(f"pgemm: dtypes {A.dtype}, {B.dtype}, {C.dtype}")
+    isz = C.dtype.itemsize
+    if _layout(A, isz, &ta, &lda, &m, &k) != 0:
+        A = np.ascontiguousarray(A)
+        _layout(A, isz, &ta, &lda, &m, &k)
+    if _layout(B, isz, &tb, &ldb, &k2, &n) != 0:
+        B = np.ascontiguousarray(B)
+        _layout(B, isz, &tb, &ldb, &k2, &n)
+    if _layout(C, isz, &tc, &ldc, &cm, &cn) != 0 or tc:
+        raise ValueError("pgemm: C needs a unit column stride")
+    if k != k2 or cm != m or cn != n:
+        raise ValueError(f"pgemm: shapes {A.shape} @ {B.shape} -> {C.shape}")
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        if beta == 0.0:
+            C[...] = 0
+        else:
+            C *= beta
+        return
+    pa = A.__array_interface__["data"][0]
+    pb = B.__array_interface__["data"][0]
+    pc = C.__array_interface__["data"][0]
+    ca = b'T' if ta else b'N'
+    cb = b'T' if tb else b'N'
+    by_rows = m >= n
+    nthr = nthreads if nthreads > 1 and rf_have_openmp() else 1
+    # at least 64 rows / columns per part
+    if by_rows:
+        if nthr > (m + 63) // 64:
+            nthr = (m + 63) // 64
+    elif nthr > (n + 63) // 64:
+        nthr = (n + 63) // 64
+    if nthr < 1:
+        nthr = 1
+    with nogil, parallel(num_threads=nthr):
+        tid = threadid()
+        part = nthr
+        if by_rows:
+            s0 = 16 * ((((m + 15) // 16) * tid) // part)
+            s1 = 16 * ((((m + 15) // 16) * (tid + 1)) // part)
+            if s1 > m:
+                s1 = m
+            if s0 > m:
+                s0 = m
+            bm = s1 - s0
+            bn = n
+            oa = <size_t>s0 if ta else <size_t>s0 * lda
+            ob = 0
+            oc = <size_t>s0 * ldc
+        else:
+            s0 = 16 * ((((n + 15) // 16) * tid) // part)
+            s1 = 16 * ((((n + 15) // 16) * (tid + 1)) // part)
+            if s1 > n:
+                s1 = n
+            if s0 > n:
+                s0 = n
+            bm = m
+            bn = s1 - s0
+            oa = 0
+            ob = <size_t>s0 * ldb if tb else <size_t>s0
+            oc = <size_t>s0
+        if bm > 0 and bn > 0:
+            if isz == 4:
+                sgemm(&cb, &ca, &bn, &bm, &k, &fone, <float*>pb + ob, &ldb, <float*>pa + oa, &lda, &fb,
+                      <float*>pc + oc, &ldc)
+            else:
+                dgemm(&cb, &ca, &bn, &bm, &k, &done, <double*>pb + ob, &ldb, <double*>pa + oa, &lda, &beta,
+                      <double*>pc + oc, &ldc)
+
+
+# ----------------------------------------------------------------------------- forward
+cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
+                      int T, int N, int B, int H, int Hout, int GS,
+                      const int64_t *bsz, const int64_t *offs, floating *xg,
+                      const floating **w_hh, const floating **bx, const floating **bh,
+                      const floating **w_hr, const floating *h0, const floating *c0,
+                      floating *y, floating *cb, floating *hg, floating *s2,
+                      floating *wpk, size_t wsz) noexcept nogil:
+    cdef int G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
+    cdef int GH = G * H
+    cdef int ldy = ndir * Hout
+    cdef int nitems = ndir * cpd
+    cdef int it, d, k, g, ng, u0, u1, p0, p1, s, t, tp, n, nc, phase
+    cdef int vl = _vl(<floating>0)
+    cdef int nbH = (H + vl - 1) // vl
+    cdef size_t bs = <size_t>Hout * vl, bsr = <size_t>H * vl
+    cdef floating *WT = NULL
+    cdef floating *WrT = NULL
+    cdef bint rev
+    cdef floating *xgt
+    cdef floating *hgd
+    cdef floating *yt
+    cdef const floating *yp
+    cdef const floating *h0d
+    cdef const floating *c0d
+    cdef floating *ct
+    cdef const floating *cpv
+    cdef floating *s2d
+    cdef const floating *W
+    cdef floating zero = 0
+    if wpk != NULL:     # pack this item's weight columns once for every step
+        it = tid
+        while it < nitems:
+            d = it // cpd; k = it % cpd
+            u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+            WT = wpk + <size_t>d * wsz
+            for g in range(G):
+                _pack(Hout, H, u0, u1, w_hh[d] + <size_t>g * H * Hout, Hout, 1, WT + <size_t>g * nbH * bs)
+            if code == LSTM_PROJ:
+                p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
+                _pack(H, Hout, p0, p1, w_hr[d], H, 1, WT + <size_t>G * nbH * bs)
+            it = it + nthr
+        rf_barrier()
+    for s in range(T):
+        for phase in range(2):
+            if phase == 1 and code != LSTM_PROJ and code != GRU_NOLBR:
+                break
+            it = tid
+            while it < nitems:
+                d = it // cpd; k = it % cpd
+                rev = rev0 if d == 0 else True
+                t = T - 1 - s if rev else s
+                n = <int>bsz[t]
+                if rev:
+                    tp = t + 1
+                    nc = <int>bsz[tp] if tp < T else 0
+                else:
+                    tp = t - 1
+                    nc = n if t > 0 else 0
+                u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+                xgt = xg + (<size_t>d * N + <size_t>offs[t]) * GS
+                hgd = hg + <size_t>d * B * GH
+                yt = y + <size_t>offs[t] * ldy + d * Hout
+                yp = y + <size_t>offs[tp] * ldy + d * Hout if nc > 0 else y
+                h0d = h0 + <size_t>d * B * Hout
+                c0d = c0 + <size_t>d * B * H
+                ct = cb + (<size_t>d * N + <size_t>offs[t]) * H
+                cpv = cb + (<size_t>d * N + <size_t>offs[tp]) * H if nc > 0 else cb
+                s2d = s2 + <size_t>d * B * H
+                if wpk != NULL:
+                    WT = wpk + <size_t>d * wsz
+                    WrT = WT + <size_t>G * nbH * bs
+                if phase == 0:
+                    ng = 2 if code == GRU_NOLBR else G
+                    for g in range(ng):
+                        if wpk != NULL:
+                            _mm(nc, Hout, yp, ldy, WT + (<size_t>g * nbH + u0 // vl) * bs, bs, u1 - u0,
+                                hgd + g * H + u0, GH, 0)
+                            _mm(n - nc, Hout, h0d + <size_t>nc * Hout, Hout, WT + (<size_t>g * nbH + u0 // vl) * bs,
+                                bs, u1 - u0, hgd + <size_t>nc * GH + g * H + u0, GH, 0)
+                        else:
+                            W = w_hh[d] + <size_t>(g * H + u0) * Hout
+                            _gemm_nt(nc, u1 - u0, Hout, yp, ldy, W, Hout, hgd + g * H + u0, GH, zero)
+                            _gemm_nt(n - nc, u1 - u0, Hout, h0d + <size_t>nc * Hout, Hout, W, Hout,
+                                     hgd + <size_t>nc * GH + g * H + u0, GH, zero)
+                    if code == LSTM or code == LSTM_PROJ:
+                        if floating is float:
+                            if code == LSTM:
+                                rft_lstm_fwd_f(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], cpv, H, ct, H, yt, ldy)
+                                rft_lstm_fwd_f(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], c0d, H, ct, H, yt, ldy)
+                            else:
+                                rft_lstm_fwd_f(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], cpv, H, ct, H, s2d, H)
+                                rft_lstm_fwd_f(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], c0d, H, ct, H, s2d, H)
+                        else:
+                            if code == LSTM:
+                                rft_lstm_fwd_d(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], cpv, H, ct, H, yt, ldy)
+                                rft_lstm_fwd_d(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], c0d, H, ct, H, yt, ldy)
+                            else:
+                                rft_lstm_fwd_d(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], cpv, H, ct, H, s2d, H)
+                                rft_lstm_fwd_d(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], c0d, H, ct, H, s2d, H)
+                    elif code == GRU_LBR:
+                        if floating is float:
+                            rft_gru_fwd_f(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, yt, ldy)
+                            rft_gru_fwd_f(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, yt, ldy)
+                        else:
+                            rft_gru_fwd_d(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, yt, ldy)
+                            rft_gru_fwd_d(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, yt, ldy)
+                    elif code == GRU_NOLBR:
+                        if floating is float:
+                            rft_gru_rz_fwd_f(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, s2d, H)
+                            rft_gru_rz_fwd_f(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, s2d, H)
+                        else:
+                            rft_gru_rz_fwd_d(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, s2d, H)
+                            rft_gru_rz_fwd_d(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, s2d, H)
+                    else:
+                        if floating is float:
+                            rft_rnn_fwd_f(0, n, code == RNN_RELU, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yt, ldy)
+                        else:
+                            rft_rnn_fwd_d(0, n, code == RNN_RELU, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yt, ldy)
+                elif code == LSTM_PROJ:
+                    p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
+                    if wpk != NULL:
+                        _mm(n, H, s2d, H, WrT + <size_t>(p0 // vl) * bsr, bsr, p1 - p0, yt + p0, ldy, 0)
+                    else:
+                        _gemm_nt(n, p1 - p0, H, s2d, H, w_hr[d] + <size_t>p0 * H, H, yt + p0, ldy, zero)
+                else:   # GRU_NOLBR, phase 2
+                    if wpk != NULL:
+                        _mm(n, H, s2d, H, WT + (<size_t>2 * nbH + u0 // vl) * bs, bs, u1 - u0, hgd + 2 * H + u0, GH, 0)
+                    else:
+                        _gemm_nt(n, u1 - u0, H, s2d, H, w_hh[d] + <size_t>(2 * H + u0) * Hout, Hout,
+                                 hgd + 2 * H + u0, GH, zero)
+                    if floating is float:
+                        rft_gru_n_fwd_f(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, yt, ldy)
+                        rft_gru_n_fwd_f(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, yt, ldy)
+                    else:
+                        rft_gru_n_fwd_d(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, yt, ldy)
+                        rft_gru_n_fwd_d(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, yt, ldy)
+                it = it + nthr
+            rf_barrier()
+
+
+cdef int _items(int nthreads, int ndir, int H, int *cpd) noexcept nogil:
+    """Work split: `cpd` unit slices per direction; returns the thread count to use."""
+    cdef int c, nitems, nthr
+    if nthreads < 1:
+        nthreads = 1
+    c = nthreads // ndir
+    if c < 1:
+        c = 1
+    if c > (H + UNIT_BLOCK - 1) // UNIT_BLOCK:
+        c = (H + UNIT_BLOCK - 1) // UNIT_BLOCK
+    cpd[0] = c
+    nitems = ndir * c
+    nthr = nthreads if nthreads < nitems else nitems
+    if not rf_have_openmp():
+        nthr = 1
+    return nthr
+
+
+def forward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int ndir, bint rev0,
+                  floating[:, :, ::1] xg,
+                  const floating[:, ::1] w_hh0, const floating[::1] bx0, const floating[::1] bh0,
+                  const floating[:, ::1] w_hr0,
+                  const floating[:, ::1] w_hh1, const floating[::1] bx1, const floating[::1] bh1,
+                  const floating[:, ::1] w_hr1,
+                  const floating[:, :, ::1] h0, const floating[:, :, ::1] c0,
+                  floating[:, ::1] y, floating[:, :, ::1] cb,
+                  floating[:, :, ::1] hg, floating[:, :, ::1] s2, floating[::1] wpk, int nthreads):
+    """Recurrence of a training forward for one layer (one or two directions).
+
+    Parameters
+    ----------
+    code : cell code.  bsz : (T,) live rows per step (non-increasing, >= 1).
+    offs : (T+1,) first packed row of each step.  ndir : 1 or 2.  rev0 : direction 0 reversed.
+    xg : (ndir, N, GS) input projections x W_ih^T (no bias) in columns [0, G*H); overwritten
+        with the saved activations (see rf_train.h).
+    w_hh*, bx*, bh*, w_hr* : the directions' recurrent weights and biases (zeros when the
+        layer has none; w_hr only read for LSTM with projection).
+    h0 : (ndir, B, Hout), c0 : (ndir, B, H) initial states (sorted rows).
+    y : (N, ndir*Hout) outputs.  cb : (ndir, N, H) cell states (LSTM).
+    hg : (ndir, B, G*H) and s2 : (ndir, B, H) scratch.
+    wpk : scratch of ndir * packed_size(..., backward=False) elements: the recurrent products
+        then run on weights packed once per call (small batches), or size 0: BLAS per step.
+    nthreads : threads to use.
+    """
+    cdef int T = bsz.shape[0]
+    cdef int N = xg.shape[1]
+    cdef size_t wsz = packed_size(code, s2.shape[2], h0.shape[2], floating is double, False)
+    cdef floating *wp = &wpk[0] if wpk.shape[0] > 0 and <size_t>wpk.shape[0] >= ndir * wsz else NULL
+    cdef int GS = xg.shape[2]
+    cdef int B = h0.shape[1]
+    cdef int Hout = h0.shape[2]
+    cdef int H = s2.shape[2]
+    cdef int cpd = 1, nthr, tid
+    cdef const floating *w_hh[MAX_DIRS]
+    cdef const floating *bx[MAX_DIRS]
+    cdef const floating *bh[MAX_DIRS]
+    cdef const floating *w_hr[MAX_DIRS]
+    if T == 0 or N == 0:
+        return
+    w_hh[0] = &w_hh0[0, 0]; bx[0] = &bx0[0]; bh[0] = &bh0[0]; w_hr[0] = &w_hr0[0, 0]
+    w_hh[1] = &w_hh1[0, 0]; bx[1] = &bx1[0]; bh[1] = &bh1[0]; w_hr[1] = &w_hr1[0, 0]
+    nthr = _items(nthreads, ndir, H, &cpd)
+    if nthr == 1:
+        with nogil:
+            _fwd_worker(0, 1, code, ndir, cpd, rev0, T, N, B, H, Hout, GS, &bsz[0], &offs[0], &xg[0, 0, 0],
+                        w_hh, bx, bh, w_hr, &h0[0, 0, 0], &c0[0, 0, 0], &y[0, 0], &cb[0, 0, 0],
+                        &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz)
+    else:
+        with nogil, parallel(num_threads=nthr):
+            tid = threadid()
+            _fwd_worker(tid, nthr, code, ndir, cpd, rev0, T, N, B, H, Hout, GS, &bsz[0], &offs[0],
+                        &xg[0, 0, 0], w_hh, bx, bh, w_hr, &h0[0, 0, 0], &c0[0, 0, 0], &y[0, 0],
+                        &cb[0, 0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz)
+
+
+# ----------------------------------------------------------------------------- backward
+cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
+                      int T, int N, int B, int H, int Hout, int GS, int GSb,
+                      const int64_t *bsz, const int64_t *offs, const floating *xg,
+                      const floating *cb, const floating *y, const floating *h0, const floating *c0,
+                      const floating **w_hh, const floating **w_hr, const floating *dy,
+                      floating *dh, floating *dc, floating *dg, floating *aux, floating *dhs,
+                      floating *scr, floating *wpk, size_t wsz, double *db) noexcept nogil:
+    cdef int G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
+    cdef int GH = G * H
+    cdef int ldy = ndir * Hout
+    cdef int nitems = ndir * cpd
+    cdef int it, d, k, u0, u1, p0, p1, s, t, tp, tn, n, nc, phase, nphase
+    cdef bint rev, relu = code == RNN_RELU
+    cdef const floating *gt
+    cdef const floating *ct
+    cdef const floating *cpv
+    cdef const floating *yt
+    cdef const floating *yp
+    cdef const floating *h0d
+    cdef const floating *c0d
+    cdef floating *dhd
+    cdef floating *dcd
+    cdef floating *dgt
+    cdef floating *auxt
+    cdef floating *scrd
+    cdef floating *dhsn
+    cdef floating zero = 0, one = 1
+    cdef int vl = _vl(<floating>0)
+    cdef int nbO = (Hout + vl - 1) // vl
+    cdef size_t bs = <size_t>GH * vl, bsr = <size_t>Hout * vl
+    cdef floating *Wb = NULL
+    cdef floating *Wrb = NULL
+    cdef double *dbd
+    if wpk != NULL:     # pack this item's weight columns once for every step
+        it = tid
+        while it < nitems:
+            d = it // cpd; k = it % cpd
+            u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+            p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
+            Wb = wpk + <size_t>d * wsz
+            _pack(GH, Hout, p0, p1, w_hh[d], 1, Hout, Wb)
+            if code == LSTM_PROJ:
+                _pack(Hout, H, u0, u1, w_hr[d], 1, H, Wb + <size_t>nbO * bs)
+            it = it + nthr
+        rf_barrier()
+    # the dy of the first step each direction processes
+    it = tid
+    while it < nitems:
+        d = it // cpd; k = it % cpd
+        rev = rev0 if d == 0 else True
+        t = 0 if rev else T - 1
+        p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
+        dhsn = dhs + (<size_t>d * N + <size_t>offs[t]) * Hout if code == LSTM_PROJ else NULL
+        if floating is float:
+            rft_add_dy_f(<int>bsz[t], p0, p1, dh + <size_t>d * B * Hout, Hout,
+                         dy + <size_t>offs[t] * ldy + d * Hout, ldy, dhsn, Hout)
+        else:
+            rft_add_dy_d(<int>bsz[t], p0, p1, dh + <size_t>d * B * Hout, Hout,
+                         dy + <size_t>offs[t] * ldy + d * Hout, ldy, dhsn, Hout)
+        it = it + nthr
+    rf_barrier()
+    nphase = 3 if code == GRU_NOLBR else 2
+    for s in range(T):
+        for phase in range(nphase):
+            it = tid
+            while it < nitems:
+                d = it // cpd; k = it % cpd
+                rev = rev0 if d == 0 else True
+                t = s if rev else T - 1 - s
+                n = <int>bsz[t]
+                if rev:
+                    tp = t + 1
+                    nc = <int>bsz[tp] if tp < T else 0
+                    tn = tp
+                else:
+                    tp = t - 1
+                    nc = n if t > 0 else 0
+                    tn = tp
+                u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+                gt = xg + (<size_t>d * N + <size_t>offs[t]) * GS
+                dgt = dg + (<size_t>d * N + <size_t>offs[t]) * GSb
+                yt = y + <size_t>offs[t] * ldy + d * Hout
+                yp = y + <size_t>offs[tp] * ldy + d * Hout if nc > 0 else y
+                h0d = h0 + <size_t>d * B * Hout
+                c0d = c0 + <size_t>d * B * H
+                ct = cb + (<size_t>d * N + <size_t>offs[t]) * H
+                cpv = cb + (<size_t>d * N + <size_t>offs[tp]) * H if nc > 0 else cb
+                dhd = dh + <size_t>d * B * Hout
+                dcd = dc + <size_t>d * B * H
+                scrd = scr + <size_t>d * B * H
+                auxt = aux + (<size_t>d * N + <size_t>offs[t]) * H
+                dbd = db + <size_t>d * GSb
+                if wpk != NULL:
+                    Wb = wpk + <size_t>d * wsz
+                    Wrb = Wb + <size_t>nbO * bs
+                if phase == 0:
+                    if code == LSTM:
+                        if floating is float:
+                            rft_lstm_bwd_f(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0, dbd)
+                            rft_lstm_bwd_f(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0, dbd)
+                        else:
+                            rft_lstm_bwd_d(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0, dbd)
+                            rft_lstm_bwd_d(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0, dbd)
+                    elif code == LSTM_PROJ:
+                        # dm = dh @ W_hr (the gradient of o*tanh(c))
+                        if wpk != NULL:
+                            _mm(n, Hout, dhd, Hout, Wrb + <size_t>(u0 // vl) * bsr, bsr, u1 - u0, scrd + u0, H, 0)
+                        else:
+                            _gemm_nn(n, u1 - u0, Hout, dhd, Hout, w_hr[d] + u0, H, scrd + u0, H, zero)
+                        if floating is float:
+                            rft_lstm_bwd_f(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, scrd, H, dcd, H, dgt, GSb, auxt, H, dbd)
+                            rft_lstm_bwd_f(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, scrd, H, dcd, H, dgt, GSb, auxt, H, dbd)
+                        else:
+                            rft_lstm_bwd_d(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, scrd, H, dcd, H, dgt, GSb, auxt, H, dbd)
+                            rft_lstm_bwd_d(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, scrd, H, dcd, H, dgt, GSb, auxt, H, dbd)
+                    elif code == GRU_LBR:
+                        if floating is float:
+                            rft_gru_bwd_f(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb, dbd)
+                            rft_gru_bwd_f(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb, dbd)
+                        else:
+                            rft_gru_bwd_d(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb, dbd)
+                            rft_gru_bwd_d(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb, dbd)
+                    elif code == GRU_NOLBR:
+                        if floating is float:
+                            rft_gru_nolbr_bwd1_f(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb, auxt, H, dbd)
+                            rft_gru_nolbr_bwd1_f(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb, auxt, H, dbd)
+                        else:
+                            rft_gru_nolbr_bwd1_d(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb, auxt, H, dbd)
+                            rft_gru_nolbr_bwd1_d(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb, auxt, H, dbd)
+                    else:
+                        if floating is float:
+                            rft_rnn_bwd_f(0, n, relu, u0, u1, yt, ldy, dhd, Hout, dgt, GSb, dbd)
+                        else:
+                            rft_rnn_bwd_d(0, n, relu, u0, u1, yt, ldy, dhd, Hout, dgt, GSb, dbd)
+                elif phase == 1 and code == GRU_NOLBR:
+                    # q = d(r*h) = dn @ W_hn, then dr and the q*r part of dh_prev
+                    if wpk != NULL:
+                        _mm(n, H, dgt + 2 * H, GSb, Wb + <size_t>(u0 // vl) * bs + <size_t>2 * H * vl, bs, u1 - u0,
+                            scrd + u0, H, 0)
+                    else:
+                        _gemm_nn(n, u1 - u0, H, dgt + 2 * H, GSb, w_hh[d] + <size_t>(2 * H) * Hout + u0, Hout,
+                                 scrd + u0, H, zero)
+                    if floating is float:
+                        rft_gru_nolbr_bwd2_f(0, nc, u0, u1, gt, GS, yp, ldy, scrd, H, dhd, Hout, dgt, GSb, dbd)
+                        rft_gru_nolbr_bwd2_f(nc, n, u0, u1, gt, GS, h0d, Hout, scrd, H, dhd, Hout, dgt, GSb, dbd)
+                    else:
+                        rft_gru_nolbr_bwd2_d(0, nc, u0, u1, gt, GS, yp, ldy, scrd, H, dhd, Hout, dgt, GSb, dbd)
+                        rft_gru_nolbr_bwd2_d(nc, n, u0, u1, gt, GS, h0d, Hout, scrd, H, dhd, Hout, dgt, GSb, dbd)
+                else:
+                    # dh_prev[:, p] (=|+=) dG_t @ W_hh[:, p]; then the dy of the next step
+                    p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
+                    if wpk != NULL:
+                        if code == GRU_LBR:
+                            _mm(n, 2 * H, dgt, GSb, Wb + <size_t>(p0 // vl) * bs, bs, p1 - p0, dhd + p0, Hout, 1)
+                            _mm(n, H, dgt + 3 * H, GSb, Wb + <size_t>(p0 // vl) * bs + <size_t>2 * H * vl, bs, p1 - p0,
+                                dhd + p0, Hout, 1)
+                        elif code == GRU_NOLBR:
+                            _mm(n, 2 * H, dgt, GSb, Wb + <size_t>(p0 // vl) * bs, bs, p1 - p0, dhd + p0, Hout, 1)
+                        else:
+                            _mm(n, GH, dgt, GSb, Wb + <size_t>(p0 // vl) * bs, bs, p1 - p0, dhd + p0, Hout, 0)
+                    elif code == GRU_LBR:
+                        _gemm_nn(n, p1 - p0, 2 * H, dgt, GSb, w_hh[d] + p0, Hout, dhd + p0, Hout, one)
+                        _gemm_nn(n, p1 - p0, H, dgt + 3 * H, GSb, w_hh[d] + <size_t>(2 * H) * Hout + p0, Hout,
+                                 dhd + p0, Hout, one)
+                    elif code == GRU_NOLBR:
+                        _gemm_nn(n, p1 - p0, 2 * H, dgt, GSb, w_hh[d] + p0, Hout, dhd + p0, Hout, one)
+                    else:
+                        _gemm_nn(n, p1 - p0, GH, dgt, GSb, w_hh[d] + p0, Hout, dhd + p0, Hout, zero)
+                    if 0 <= tn < T:
+                        dhsn = dhs + (<size_t>d * N + <size_t>offs[tn]) * Hout if code == LSTM_PROJ else NULL
+                        if floating is float:
+                            rft_add_dy_f(<int>bsz[tn], p0, p1, dhd, Hout, dy + <size_t>offs[tn] * ldy + d * Hout,
+                                         ldy, dhsn, Hout)
+                        else:
+                            rft_add_dy_d(<int>bsz[tn], p0, p1, dhd, Hout, dy + <size_t>offs[tn] * ldy + d * Hout,
+                                         ldy, dhsn, Hout)
+                it = it + nthr
+            # barriers: after the gate phases always (the GEMMs read every unit of dG);
+            # after the dh phase only with projection (its next GEMM reads every column of dh)
+            if phase < nphase - 1 or code == LSTM_PROJ:
+                rf_barrier()
+
+
+def backward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int ndir, bint rev0,
+                   const floating[:, :, ::1] xg, const floating[:, :, ::1] cb, const floating[:, ::1] y,
+                   const floating[:, :, ::1] h0, const floating[:, :, ::1] c0,
+                   const floating[:, ::1] w_hh0, const floating[:, ::1] w_hr0,
+                   const floating[:, ::1] w_hh1, const floating[:, ::1] w_hr1,
+                   const floating[:, ::1] dy, floating[:, :, ::1] dh, floating[:, :, ::1] dc,
+                   floating[:, :, ::1] dg, floating[:, :, ::1] aux, floating[:, :, ::1] dhs,
+                   floating[:, :, ::1] scr, floating[::1] wpk, double[:, ::1] db, int nthreads):
+    """Recurrence of backpropagation through time for one layer (one or two directions).
+
+    Parameters
+    ----------
+    code, bsz, offs, ndir, rev0 : as :func:`forward_layer`.
+    xg, cb, y, h0, c0 : what :func:`forward_layer` saved and its initial states.
+    w_hh*, w_hr* : recurrent weights now (w_hr only read with projection).
+    dy : (N, ndir*Hout) gradient of the outputs.
+    dh : (ndir, B, Hout) in: gradient of h_n; out: of h0.  dc : (ndir, B, H) the same for c.
+    dg : (ndir, N, GSb) out: pre-activation gate gradients (layout in rf_train.h).
+    aux : (ndir, N, H) out: o*tanh(c) (projection) or r*h_prev (GRU no-lbr).
+    dhs : (ndir, N, Hout) out: total gradient of each h (projection only).
+    scr : (ndir, B, H) scratch.
+    wpk : ndir * packed_size(..., backward=True) elements (packed weights), or size 0 (BLAS).
+    db : (ndir, GSb) float64, zeros in; out: the column sums of dg (the bias gradients).
+    nthreads : threads to use.
+    """
+    cdef int T = bsz.shape[0]
+    cdef int N = dg.shape[1]
+    cdef size_t wsz = packed_size(code, scr.shape[2], h0.shape[2], floating is double, True)
+    cdef floating *wp = &wpk[0] if wpk.shape[0] > 0 and <size_t>wpk.shape[0] >= ndir * wsz else NULL
+    cdef int GS = xg.shape[2]
+    cdef int GSb = dg.shape[2]
+    cdef int B = h0.shape[1]
+    cdef int Hout = h0.shape[2]
+    cdef int H = scr.shape[2]
+    cdef int cpd = 1, nthr, tid
+    cdef const floating *w_hh[MAX_DIRS]
+    cdef const floating *w_hr[MAX_DIRS]
+    if T == 0 or N == 0:
+        return
+    w_hh[0] = &w_hh0[0, 0]; w_hr[0] = &w_hr0[0, 0]
+    w_hh[1] = &w_hh1[0, 0]; w_hr[1] = &w_hr1[0, 0]
+    nthr = _items(nthreads, ndir, H, &cpd)
+    if nthr == 1:
+        with nogil:
+            _bwd_worker(0, 1, code, ndir, cpd, rev0, T, N, B, H, Hout, GS, GSb, &bsz[0], &offs[0],
+                        &xg[0, 0, 0], &cb[0, 0, 0], &y[0, 0], &h0[0, 0, 0], &c0[0, 0, 0], w_hh, w_hr,
+                        &dy[0, 0], &dh[0, 0, 0], &dc[0, 0, 0], &dg[0, 0, 0], &aux[0, 0, 0],
+                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0])
+    else:
+        with nogil, parallel(num_threads=nthr):
+            tid = threadid()
+            _bwd_worker(tid, nthr, code, ndir, cpd, rev0, T, N, B, H, Hout, GS, GSb, &bsz[0], &offs[0],
+                        &xg[0, 0, 0], &cb[0, 0, 0], &y[0, 0], &h0[0, 0, 0], &c0[0, 0, 0], w_hh, w_hr,
+                        &dy[0, 0], &dh[0, 0, 0], &dc[0, 0, 0], &dg[0, 0, 0], &aux[0, 0, 0],
+                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0])

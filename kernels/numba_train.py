@@ -1,0 +1,481 @@
+"""Numba training kernels: the recurrences of the forward pass that keeps its activations
+and of backpropagation through time, for one layer (one or two directions).
+
+Same contract as ``rnnfast.kernels.cy_train`` (``forward_layer`` / ``backward_layer``;
+see their docstrings there): packed rows, step-major, prepared and allocated by
+``rnnfast.training``; the weight gradients are large GEMMs done there afterwards.
+
+One jitted function per call; each step is
+
+1. the recurrent GEMM of each direction (``np.dot``, BLAS with the rnnfast thread count;
+   the previous states are first gathered into a contiguous (n, H_out) block, a copy
+   of B*H_out values, from the saved outputs or the initial state);
+2. one fused pass of gate math (forward) or gate gradients (backward) over
+   (direction, row, slice of hidden units): a ``prange`` when there is enough work, a
+   plain loop otherwise (a parallel launch costs a few microseconds);
+3. backward only: dh_prev = dG_t W_hh (``np.dot``), and the dy of the next step added.
+
+Transcendentals are ``math.exp`` / ``math.tanh`` in the data's precision (this Numba
+has no SVML, so they are scalar libm calls). Threading: Numba's thread-safe layer is
+selected at import unless ``NUMBA_THREADING_LAYER`` is set, and every entry applies the
+thread count (Numba's is per calling thread).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    numba.config.THREADING_LAYER = "threadsafe"
+
+# The one set of fast-math flags of every kernel: never "nnan"/"ninf" (padded or
+# saturated values must stay IEEE: exp overflowing to inf gives sigmoid 0).
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+# Cell codes: keep in step with rnnfast/cells.py.
+LSTM, LSTM_PROJ, GRU_LBR, GRU_NOLBR, RNN_TANH, RNN_RELU = range(6)
+
+_UNIT_BLOCK = 16
+FUSED_BIAS_GRADS = False
+# Below this many gate values per step (rows * G * H) a pass runs on the calling thread.
+# Read at every call (tests set it to 0 to exercise the parallel pass on small shapes).
+_SERIAL_WORK = 8192
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _split(total, k, parts):
+    nb = (total + _UNIT_BLOCK - 1) // _UNIT_BLOCK
+    s = _UNIT_BLOCK * ((nb * k) // parts)
+    return s if s < total else total
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _step_info(s, T, d, rev0, bsz, offs, info):
+    """info[d] = (t, off, n, nc, off_prev, t_next) of step s of direction d."""
+    rev = rev0 if d == 0 else True
+    t = T - 1 - s if rev else s
+    n = bsz[t]
+    if rev:
+        tp = t + 1
+        nc = bsz[tp] if tp < T else 0
+    else:
+        tp = t - 1
+        nc = n if t > 0 else 0
+    info[d, 0] = t
+    info[d, 1] = offs[t]
+    info[d, 2] = n
+    info[d, 3] = nc
+    info[d, 4] = offs[tp] if nc > 0 else 0
+    info[d, 5] = tp
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _gather_prev(d, n, nc, offp, Hout, y, h0, hp):
+    """hp[d, :n] = previous states: saved outputs for rows < nc, initial state after."""
+    c0 = d * Hout
+    for j in range(n):
+        if j < nc:
+            for u in range(Hout):
+                hp[d, j, u] = y[offp + j, c0 + u]
+        else:
+            for u in range(Hout):
+                hp[d, j, u] = h0[d, j, u]
+
+
+# ------------------------------------------------------------------------------ forward
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _fwd_chunk(code, phase, H, Hout, d, j, u0, u1, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
+               hp, y, cb, c0, s2, one):
+    off = info[d, 1]
+    nc = info[d, 3]
+    offp = info[d, 4]
+    bx = bx0 if d == 0 else bx1
+    bh = bh0 if d == 0 else bh1
+    xr = xg[d, off + j]
+    gr = hg[d, j]
+    H1 = np.uint64(H)
+    H2 = H1 + H1
+    H3 = H2 + H1
+    a = np.uint64(u0)
+    b = np.uint64(u1)
+    yo = np.uint64(d * Hout)
+    yr = y[off + j]
+    pr = hp[d, j]
+    if code == LSTM or code == LSTM_PROJ:
+        cp = cb[d, offp + j] if j < nc else c0[d, j]
+        cr = cb[d, off + j]
+        sr = s2[d, j]
+        for u in range(a, b):
+            i = one / (one + math.exp(-(xr[u] + gr[u] + bx[u] + bh[u])))
+            f = one / (one + math.exp(-(xr[H1 + u] + gr[H1 + u] + bx[H1 + u] + bh[H1 + u])))
+            g = math.tanh(xr[H2 + u] + gr[H2 + u] + bx[H2 + u] + bh[H2 + u])
+            o = one / (one + math.exp(-(xr[H3 + u] + gr[H3 + u] + bx[H3 + u] + bh[H3 + u])))
+            c = f * cp[u] + i * g
+            xr[u] = i
+            xr[H1 + u] = f
+            xr[H2 + u] = g
+            xr[H3 + u] = o
+            cr[u] = c
+            h = o * math.tanh(c)
+            if code == LSTM:
+                yr[yo + u] = h
+            else:
+                sr[u] = h
+    elif code == GRU_LBR:
+        for u in range(a, b):
+            r = one / (one + math.exp(-(xr[u] + gr[u] + bx[u] + bh[u])))
+            z = one / (one + math.exp(-(xr[H1 + u] + gr[H1 + u] + bx[H1 + u] + bh[H1 + u])))
+            hn = gr[H2 + u] + bh[H2 + u]
+            n = math.tanh(xr[H2 + u] + bx[H2 + u] + r * hn)
+            xr[u] = r
+            xr[H1 + u] = z
+            xr[H2 + u] = n
+            xr[H3 + u] = hn
+            yr[yo + u] = n + z * (pr[u] - n)
+    elif code == GRU_NOLBR:
+        sr = s2[d, j]
+        if phase == 0:
+            for u in range(a, b):
+                r = one / (one + math.exp(-(xr[u] + gr[u] + bx[u] + bh[u])))
+                z = one / (one + math.exp(-(xr[H1 + u] + gr[H1 + u] + bx[H1 + u] + bh[H1 + u])))
+                xr[u] = r
+                xr[H1 + u] = z
+                sr[u] = r * pr[u]
+        else:
+            nr = hn2[d, j]
+            for u in range(a, b):
+                z = xr[H1 + u]
+                n = math.tanh(xr[H2 + u] + bx[H2 + u] + nr[u] + bh[H2 + u])
+                xr[H2 + u] = n
+                yr[yo + u] = n + z * (pr[u] - n)
+    elif code == RNN_TANH:
+        for u in range(a, b):
+            yr[yo + u] = math.tanh(xr[u] + gr[u] + bx[u] + bh[u])
+    else:
+        for u in range(a, b):
+            v = xr[u] + gr[u] + bx[u] + bh[u]
+            yr[yo + u] = max(v, v - v)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", parallel=True, cache=True)
+def _fwd_pass_par(nchunks, n0, cpr, code, phase, H, Hout, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
+                  hp, y, cb, c0, s2, one):
+    for c in prange(nchunks):
+        d = 0 if c < n0 * cpr else 1
+        cc = c - d * n0 * cpr
+        j = cc // cpr
+        k = cc - j * cpr
+        _fwd_chunk(code, phase, H, Hout, d, j, _split(H, k, cpr), _split(H, k + 1, cpr), info, xg, hg, hn2,
+                   bx0, bh0, bx1, bh1, hp, y, cb, c0, s2, one)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _fwd_pass(nthr, serial_work, ndir, G, code, phase, H, Hout, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
+              hp, y, cb, c0, s2, one):
+    n0 = info[0, 2]
+    rows = n0 + (info[1, 2] if ndir == 2 else 0)
+    if nthr > 1 and rows * G * H >= serial_work:
+        nb = (H + _UNIT_BLOCK - 1) // _UNIT_BLOCK
+        cpr = min(nb, max(1, (4 * nthr + rows - 1) // rows))
+        _fwd_pass_par(rows * cpr, n0, cpr, code, phase, H, Hout, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
+                      hp, y, cb, c0, s2, one)
+    else:
+        for c in range(rows):
+            d = 0 if c < n0 else 1
+            _fwd_chunk(code, phase, H, Hout, d, c - d * n0, 0, H, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
+                       hp, y, cb, c0, s2, one)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _fwd(code, bsz, offs, ndir, rev0, xg, w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh1, w_hr1,
+         h0, c0, y, cb, hg, hn2, s2, hp, pt, nthr, serial_work, one):
+    T = bsz.shape[0]
+    Hout = h0.shape[2]
+    H = s2.shape[2]
+    G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
+    info = np.zeros((2, 6), np.int64)
+    for s in range(T):
+        for d in range(ndir):
+            _step_info(s, T, d, rev0, bsz, offs, info)
+            n = info[d, 2]
+            _gather_prev(d, n, info[d, 3], info[d, 4], Hout, y, h0, hp)
+            w_hh = w_hh0 if d == 0 else w_hh1
+            if code == GRU_NOLBR:
+                np.dot(hp[d, :n], w_hh[:2 * H].T, hg[d, :n])
+            else:
+                np.dot(hp[d, :n], w_hh.T, hg[d, :n])
+        _fwd_pass(nthr, serial_work, ndir, G, code, 0, H, Hout, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
+                  hp, y, cb, c0, s2, one)
+        if code == LSTM_PROJ:
+            for d in range(ndir):
+                n = info[d, 2]
+                off = info[d, 1]
+                np.dot(s2[d, :n], (w_hr0 if d == 0 else w_hr1).T, pt[d, :n])
+                for j in range(n):
+                    for p in range(Hout):
+                        y[off + j, d * Hout + p] = pt[d, j, p]
+        elif code == GRU_NOLBR:
+            for d in range(ndir):
+                n = info[d, 2]
+                np.dot(s2[d, :n], (w_hh0 if d == 0 else w_hh1)[2 * H:].T, hn2[d, :n])
+            _fwd_pass(nthr, serial_work, ndir, G, code, 1, H, Hout, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
+                      hp, y, cb, c0, s2, one)
+
+
+def _readonly(a):
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def _threads(nthreads: int) -> int:
+    nthr = max(1, min(int(nthreads), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(nthr)
+    return nthr
+
+
+def forward_layer(code, bsz, offs, ndir, rev0, xg, w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh1, w_hr1,
+                  h0, c0, y, cb, hg, s2, wpk, nthreads):
+    """Same contract as ``rnnfast.kernels.cy_train.forward_layer`` (``wpk`` is ignored)."""
+    T = bsz.shape[0]
+    if T == 0 or xg.shape[1] == 0:
+        return
+    dt = xg.dtype
+    B, Hout = h0.shape[1], h0.shape[2]
+    H = s2.shape[2]
+    code = int(code)
+    hg_w = 2 * H if code == GRU_NOLBR else hg.shape[2]
+    hgc = np.empty((ndir, B, hg_w), dt)
+    hn2 = np.empty((ndir, B, H), dt) if code == GRU_NOLBR else np.empty((ndir, 1, 1), dt)
+    hp = np.empty((ndir, B, Hout), dt)
+    pt = np.empty((ndir, B, Hout), dt) if code == LSTM_PROJ else np.empty((ndir, 1, 1), dt)
+    nthr = _threads(nthreads)
+    _fwd(code, _readonly(bsz), _readonly(offs), int(ndir), bool(rev0), xg,
+         _readonly(w_hh0), _readonly(bx0), _readonly(bh0), _readonly(w_hr0),
+         _readonly(w_hh1), _readonly(bx1), _readonly(bh1), _readonly(w_hr1),
+         _readonly(h0), _readonly(c0), y, cb, hgc, hn2, s2, hp, pt, nthr, int(_SERIAL_WORK), dt.type(1.0))
+
+
+# ------------------------------------------------------------------------------ backward
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _bwd_chunk(code, phase, H, Hout, d, j, u0, u1, info, xg, cb, y, c0, dh, dc, dg, aux, scr, hp,
+               gh, gn, one):
+    off = info[d, 1]
+    nc = info[d, 3]
+    offp = info[d, 4]
+    H1 = np.uint64(H)
+    H2 = H1 + H1
+    H3 = H2 + H1
+    a = np.uint64(u0)
+    b = np.uint64(u1)
+    dgr = dg[d, off + j]
+    dhr = dh[d, j]
+    if code == LSTM or code == LSTM_PROJ:
+        xr = xg[d, off + j]
+        cr = cb[d, off + j]
+        cp = cb[d, offp + j] if j < nc else c0[d, j]
+        dcr = dc[d, j]
+        dm = scr[d, j] if code == LSTM_PROJ else dhr
+        mr = aux[d, off + j]
+        for u in range(a, b):
+            i = xr[u]
+            f = xr[H1 + u]
+            g = xr[H2 + u]
+            o = xr[H3 + u]
+            tc = math.tanh(cr[u])
+            dv = dm[u]
+            dct = dcr[u] + dv * o * (one - tc * tc)
+            dgr[u] = dct * g * i * (one - i)
+            dgr[H1 + u] = dct * cp[u] * f * (one - f)
+            dgr[H2 + u] = dct * i * (one - g * g)
+            dgr[H3 + u] = dv * tc * o * (one - o)
+            dcr[u] = dct * f
+            if code == LSTM_PROJ:
+                mr[u] = o * tc
+    elif code == GRU_LBR:
+        xr = xg[d, off + j]
+        pr = hp[d, j]
+        ghr = gh[d, j]
+        for u in range(a, b):
+            r = xr[u]
+            z = xr[H1 + u]
+            n = xr[H2 + u]
+            hn = xr[H3 + u]
+            dv = dhr[u]
+            dn = dv * (one - z) * (one - n * n)
+            dr = dn * hn * r * (one - r)
+            dz = dv * (pr[u] - n) * z * (one - z)
+            dgr[u] = dr
+            dgr[H1 + u] = dz
+            dgr[H2 + u] = dn
+            dgr[H3 + u] = dn * r
+            ghr[u] = dr
+            ghr[H1 + u] = dz
+            ghr[H2 + u] = dn * r
+            dhr[u] = dv * z
+    elif code == GRU_NOLBR:
+        xr = xg[d, off + j]
+        pr = hp[d, j]
+        ghr = gh[d, j]
+        if phase == 0:
+            gnr = gn[d, j]
+            rr = aux[d, off + j]
+            for u in range(a, b):
+                r = xr[u]
+                z = xr[H1 + u]
+                n = xr[H2 + u]
+                dv = dhr[u]
+                dz = dv * (pr[u] - n) * z * (one - z)
+                dn = dv * (one - z) * (one - n * n)
+                dgr[H1 + u] = dz
+                dgr[H2 + u] = dn
+                ghr[H1 + u] = dz
+                gnr[u] = dn
+                rr[u] = r * pr[u]
+                dhr[u] = dv * z
+        else:
+            qr = scr[d, j]
+            for u in range(a, b):
+                r = xr[u]
+                dr = qr[u] * pr[u] * r * (one - r)
+                dgr[u] = dr
+                ghr[u] = dr
+                dhr[u] += qr[u] * r
+    else:
+        yr = y[off + j]
+        yo = np.uint64(d * Hout)
+        if code == RNN_TANH:
+            for u in range(a, b):
+                h = yr[yo + u]
+                dgr[u] = dhr[u] * (one - h * h)
+        else:
+            for u in range(a, b):
+                h = yr[yo + u]
+                dgr[u] = dhr[u] if h > one - one else one - one
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", parallel=True, cache=True)
+def _bwd_pass_par(nchunks, n0, cpr, code, phase, H, Hout, info, xg, cb, y, c0, dh, dc, dg, aux, scr, hp,
+                  gh, gn, one):
+    for c in prange(nchunks):
+        d = 0 if c < n0 * cpr else 1
+        cc = c - d * n0 * cpr
+        j = cc // cpr
+        k = cc - j * cpr
+        _bwd_chunk(code, phase, H, Hout, d, j, _split(H, k, cpr), _split(H, k + 1, cpr), info, xg, cb, y, c0,
+                   dh, dc, dg, aux, scr, hp, gh, gn, one)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _bwd_pass(nthr, serial_work, ndir, G, code, phase, H, Hout, info, xg, cb, y, c0, dh, dc, dg, aux, scr,
+              hp, gh, gn, one):
+    n0 = info[0, 2]
+    rows = n0 + (info[1, 2] if ndir == 2 else 0)
+    if nthr > 1 and rows * G * H >= serial_work:
+        nb = (H + _UNIT_BLOCK - 1) // _UNIT_BLOCK
+        cpr = min(nb, max(1, (4 * nthr + rows - 1) // rows))
+        _bwd_pass_par(rows * cpr, n0, cpr, code, phase, H, Hout, info, xg, cb, y, c0, dh, dc, dg, aux, scr,
+                      hp, gh, gn, one)
+    else:
+        for c in range(rows):
+            d = 0 if c < n0 else 1
+            _bwd_chunk(code, phase, H, Hout, d, c - d * n0, 0, H, info, xg, cb, y, c0, dh, dc, dg, aux, scr,
+                       hp, gh, gn, one)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _add_dy(d, t, Hout, ldy_off, bsz, offs, dy, dh, dhs, proj, add_from, tmp):
+    """dh[d, j] (+= tmp[d, j] for j < add_from) += dy of step t; projection: dhs = dh."""
+    n = bsz[t]
+    off = offs[t]
+    for j in range(max(n, add_from)):
+        dhr = dh[d, j]
+        if j < add_from:
+            tr = tmp[d, j]
+            for p in range(Hout):
+                dhr[p] += tr[p]
+        if j < n:
+            dyr = dy[off + j]
+            for p in range(Hout):
+                dhr[p] += dyr[ldy_off + p]
+            if proj:
+                hs = dhs[d, off + j]
+                for p in range(Hout):
+                    hs[p] = dhr[p]
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _bwd(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0, w_hh1, w_hr1, dy, dh, dc, dg, aux,
+         dhs, scr, hp, gh, gn, tmp, nthr, serial_work, one):
+    T = bsz.shape[0]
+    Hout = h0.shape[2]
+    H = scr.shape[2]
+    G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
+    GH = G * H
+    proj = code == LSTM_PROJ
+    gru = code == GRU_LBR or code == GRU_NOLBR
+    info = np.zeros((2, 6), np.int64)
+    for d in range(ndir):
+        rev = rev0 if d == 0 else True
+        _add_dy(d, 0 if rev else T - 1, Hout, d * Hout, bsz, offs, dy, dh, dhs, proj, 0, tmp)
+    for s in range(T):
+        for d in range(ndir):
+            # backward runs each direction against its forward order
+            _step_info(T - 1 - s, T, d, rev0, bsz, offs, info)
+            n = info[d, 2]
+            if gru:
+                _gather_prev(d, n, info[d, 3], info[d, 4], Hout, y, h0, hp)
+            if proj:
+                np.dot(dh[d, :n], w_hr0 if d == 0 else w_hr1, scr[d, :n])
+        _bwd_pass(nthr, serial_work, ndir, G, code, 0, H, Hout, info, xg, cb, y, c0, dh, dc, dg, aux, scr,
+                  hp, gh, gn, one)
+        if code == GRU_NOLBR:
+            for d in range(ndir):
+                n = info[d, 2]
+                np.dot(gn[d, :n], (w_hh0 if d == 0 else w_hh1)[2 * H:], scr[d, :n])
+            _bwd_pass(nthr, serial_work, ndir, G, code, 1, H, Hout, info, xg, cb, y, c0, dh, dc, dg, aux, scr,
+                      hp, gh, gn, one)
+        for d in range(ndir):
+            n = info[d, 2]
+            off = info[d, 1]
+            w_hh = w_hh0 if d == 0 else w_hh1
+            if code == GRU_LBR:
+                np.dot(gh[d, :n], w_hh, tmp[d, :n])
+            elif code == GRU_NOLBR:
+                np.dot(gh[d, :n], w_hh[:2 * H], tmp[d, :n])
+            else:
+                np.dot(dg[d, off:off + n], w_hh, dh[d, :n])
+            tn = info[d, 5]
+            if 0 <= tn < T:
+                _add_dy(d, tn, Hout, d * Hout, bsz, offs, dy, dh, dhs, proj, n if gru else 0, tmp)
+            elif gru:
+                for j in range(n):
+                    for p in range(Hout):
+                        dh[d, j, p] += tmp[d, j, p]
+
+
+def backward_layer(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0, w_hh1, w_hr1,
+                   dy, dh, dc, dg, aux, dhs, scr, wpk, db, nthreads):
+    """Same contract as ``rnnfast.kernels.cy_train.backward_layer``, except that ``wpk`` and
+    ``db`` are ignored (FUSED_BIAS_GRADS is False: rnnfast.training sums dG itself)."""
+    T = bsz.shape[0]
+    if T == 0 or dg.shape[1] == 0:
+        return
+    dt = dg.dtype
+    B, Hout = h0.shape[1], h0.shape[2]
+    H = scr.shape[2]
+    code = int(code)
+    gru = code in (GRU_LBR, GRU_NOLBR)
+    hp = np.empty((ndir, B, Hout), dt) if gru else np.empty((ndir, 1, 1), dt)
+    gh = np.empty((ndir, B, 3 * H if code == GRU_LBR else 2 * H), dt) if gru else np.empty((ndir, 1, 1), dt)
+    gn = np.empty((ndir, B, H), dt) if code == GRU_NOLBR else np.empty((ndir, 1, 1), dt)
+    tmp = np.empty((ndir, B, Hout), dt) if gru else np.empty((ndir, 1, 1), dt)
+    nthr = _threads(nthreads)
+    _bwd(code, _readonly(bsz), _readonly(offs), int(ndir), bool(rev0), _readonly(xg), _readonly(cb),
+         _readonly(y), _readonly(h0), _readonly(c0), _readonly(w_hh0), _readonly(w_hr0), _readonly(w_hh1),
+         _readonly(w_hr1), _readonly(dy), dh, dc, dg, aux, dhs, scr, hp, gh, gn, tmp, nthr,
+         int(_SERIAL_WORK), dt.type(1.0))
