@@ -37,13 +37,13 @@ cdef extern from "rf_fused.h" nogil:
 cdef extern from "rf_gates.h" nogil:
     void rf_barrier()
     int rf_have_openmp()
-    void rf_lstm_gates_f(int n, int H, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg,
+    void rf_lstm_gates_f(int n, int H, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg, int sg,
                          const float *bx, const float *bh, float *c, int ldc, float *h1, int ld1, float *h2, int ld2)
-    void rf_lstm_gates_d(int n, int H, int u0, int u1, const double *xg, int ldx, const double *hg, int ldg,
+    void rf_lstm_gates_d(int n, int H, int u0, int u1, const double *xg, int ldx, const double *hg, int ldg, int sg,
                          const double *bx, const double *bh, double *c, int ldc, double *h1, int ld1, double *h2, int ld2)
-    void rf_gru_gates_f(int n, int H, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg,
+    void rf_gru_gates_f(int n, int H, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg, int sg,
                         const float *bx, const float *bh, const float *hp, int ldp, float *h1, int ld1, float *h2, int ld2)
-    void rf_gru_gates_d(int n, int H, int u0, int u1, const double *xg, int ldx, const double *hg, int ldg,
+    void rf_gru_gates_d(int n, int H, int u0, int u1, const double *xg, int ldx, const double *hg, int ldg, int sg,
                         const double *bx, const double *bh, const double *hp, int ldp, double *h1, int ld1, double *h2, int ld2)
     void rf_gru_rz_f(int n, int H, int u0, int u1, const float *xg, int ldx, float *hg, int ldg,
                      const float *bx, const float *bh, const float *hp, int ldp, float *rh, int ldr)
@@ -236,19 +236,19 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                                      hgd + g * H + u0, GH, zero)
                     if code == LSTM:
                         if floating is float:
-                            rf_lstm_gates_f(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], cd, H, hw, Hout, yt, ldy)
+                            rf_lstm_gates_f(n, H, u0, u1, xgt, GH, hgd, GH, H, bx[d], bh[d], cd, H, hw, Hout, yt, ldy)
                         else:
-                            rf_lstm_gates_d(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], cd, H, hw, Hout, yt, ldy)
+                            rf_lstm_gates_d(n, H, u0, u1, xgt, GH, hgd, GH, H, bx[d], bh[d], cd, H, hw, Hout, yt, ldy)
                     elif code == LSTM_PROJ:
                         if floating is float:
-                            rf_lstm_gates_f(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], cd, H, s2d, H, NULL, 0)
+                            rf_lstm_gates_f(n, H, u0, u1, xgt, GH, hgd, GH, H, bx[d], bh[d], cd, H, s2d, H, NULL, 0)
                         else:
-                            rf_lstm_gates_d(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], cd, H, s2d, H, NULL, 0)
+                            rf_lstm_gates_d(n, H, u0, u1, xgt, GH, hgd, GH, H, bx[d], bh[d], cd, H, s2d, H, NULL, 0)
                     elif code == GRU_LBR:
                         if floating is float:
-                            rf_gru_gates_f(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, hw, Hout, yt, ldy)
+                            rf_gru_gates_f(n, H, u0, u1, xgt, GH, hgd, GH, H, bx[d], bh[d], hr, Hout, hw, Hout, yt, ldy)
                         else:
-                            rf_gru_gates_d(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, hw, Hout, yt, ldy)
+                            rf_gru_gates_d(n, H, u0, u1, xgt, GH, hgd, GH, H, bx[d], bh[d], hr, Hout, hw, Hout, yt, ldy)
                     elif code == GRU_NOLBR:
                         if floating is float:
                             rf_gru_rz_f(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, s2d, H)

@@ -5,9 +5,9 @@
  * units with all their G gates, packed once per call (rf_pack_*) as K rows of G*UP
  * contiguous values. The micro-kernel keeps an MR x (G*UP) block of recurrent
  * pre-activations in vector registers (GCC/Clang vector extensions: AVX-512, AVX2 or
- * SSE, whatever -march gives), writes it to a small L1 tile, and the gate math of
- * rf_gates.h-style loops runs on that tile at once, so the gate pre-activations never
- * travel through memory. Equations: rnnfast/cells.py.
+ * SSE, whatever -march gives), writes it to a small L1 tile, and the gate functions of
+ * rf_gates.h (the one C definition of the cells, after rnnfast/cells.py) run on that
+ * tile at once, so the gate pre-activations never travel through memory.
  */
 #ifndef RF_FUSED_H
 #define RF_FUSED_H
@@ -29,7 +29,7 @@ static inline int rf_panel_units(int G, int is_double) {
     return G == 1 ? 4 * vl : vl;
 }
 
-#define RF_DEFINE_FUSED(T, SFX, VT, VL, EXP, TANH)                                              \
+#define RF_DEFINE_FUSED(T, SFX, VT, VL)                                              \
 /* Pack panels [p0, p1) of W (G*H x K, gate-major rows) as P[p][k][g*UP + v]. */               \
 __attribute__((optimize("no-tree-vectorize")))                                               \
 static inline void rf_pack_##SFX(int G, int H, int K, int p0, int p1, const T *W, T *P) {      \
@@ -138,56 +138,25 @@ static inline void rf_fused_step_##SFX(int code, int G, int H, int K, int n, int
         for (int b = 0; b < nblk; ++b) {                                                       \
             int r0 = (n * b) / nblk, r1 = (n * (b + 1)) / nblk;                                \
             rf_mk_##SFX(r1 - r0, NV, K, hp + (size_t)r0 * ldp, ldp, Pp, tile);                 \
-            for (int r = r0; r < r1; ++r) {                                                    \
-                const T *t = tile + (r - r0) * TS - ua;  /* t[g*UP + u] for unit u */          \
-                const T *xr = xg + (size_t)r * ldx;                                            \
-                T *o1 = h1 + (size_t)r * ld1;                                                  \
-                T *o2 = h2 ? h2 + (size_t)r * ld2 : o1;                                        \
-                if (code <= 1) {                                                               \
-                    T *cr = c + (size_t)r * ldc;                                               \
-                    RF_SIMD                                                                    \
-                    for (int u = ua; u < ub; ++u) {                                            \
-                        T gi = xr[u] + t[u] + bx[u] + bh[u];                                   \
-                        T gf = xr[H + u] + t[UP + u] + bx[H + u] + bh[H + u];                  \
-                        T gg = xr[2 * H + u] + t[2 * UP + u] + bx[2 * H + u] + bh[2 * H + u];  \
-                        T go = xr[3 * H + u] + t[3 * UP + u] + bx[3 * H + u] + bh[3 * H + u];  \
-                        T i = (T)1 / ((T)1 + EXP(-gi));                                        \
-                        T f = (T)1 / ((T)1 + EXP(-gf));                                        \
-                        T o = (T)1 / ((T)1 + EXP(-go));                                        \
-                        T cn = f * cr[u] + i * TANH(gg);                                       \
-                        T hn = o * TANH(cn);                                                   \
-                        cr[u] = cn; o1[u] = hn; o2[u] = hn;                                    \
-                    }                                                                          \
-                } else if (code == 2) {                                                        \
-                    const T *pr = hp + (size_t)r * ldp;                                        \
-                    RF_SIMD                                                                    \
-                    for (int u = ua; u < ub; ++u) {                                            \
-                        T rr = (T)1 / ((T)1 + EXP(-(xr[u] + t[u] + bx[u] + bh[u])));           \
-                        T z = (T)1 / ((T)1 + EXP(-(xr[H + u] + t[UP + u] + bx[H + u] + bh[H + u]))); \
-                        T nn = TANH(xr[2 * H + u] + bx[2 * H + u] + rr * (t[2 * UP + u] + bh[2 * H + u])); \
-                        T hn = nn + z * (pr[u] - nn);                                          \
-                        o1[u] = hn; o2[u] = hn;                                                \
-                    }                                                                          \
-                } else if (code == 5) {                                                        \
-                    RF_SIMD                                                                    \
-                    for (int u = ua; u < ub; ++u) {                                            \
-                        T a = xr[u] + t[u] + bx[u] + bh[u];                                    \
-                        T hn = a > (T)0 ? a : (T)0;                                            \
-                        o1[u] = hn; o2[u] = hn;                                                \
-                    }                                                                          \
-                } else {                                                                       \
-                    RF_SIMD                                                                    \
-                    for (int u = ua; u < ub; ++u) {                                            \
-                        T hn = TANH(xr[u] + t[u] + bx[u] + bh[u]);                             \
-                        o1[u] = hn; o2[u] = hn;                                                \
-                    }                                                                          \
-                }                                                                              \
+            {   /* gate math of rf_gates.h on the tile: gate stride UP, row stride TS */       \
+                const T *t = tile - ua;                                                        \
+                const T *xr = xg + (size_t)r0 * ldx;                                           \
+                T *o1 = h1 + (size_t)r0 * ld1, *o2 = h2 ? h2 + (size_t)r0 * ld2 : NULL;        \
+                if (code <= 1)                                                                 \
+                    rf_lstm_gates_##SFX(r1 - r0, H, ua, ub, xr, ldx, t, TS, UP, bx, bh,       \
+                                        c + (size_t)r0 * ldc, ldc, o1, ld1, o2, ld2);          \
+                else if (code == 2)                                                            \
+                    rf_gru_gates_##SFX(r1 - r0, H, ua, ub, xr, ldx, t, TS, UP, bx, bh,        \
+                                       hp + (size_t)r0 * ldp, ldp, o1, ld1, o2, ld2);          \
+                else                                                                           \
+                    rf_rnn_gates_##SFX(r1 - r0, code == 5, ua, ub, xr, ldx, t, TS, bx, bh,    \
+                                       o1, ld1, o2, ld2);                                      \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
 }
 
-RF_DEFINE_FUSED(float, f, rf_vf, RF_VLF, expf, tanhf)
-RF_DEFINE_FUSED(double, d, rf_vd, RF_VLD, exp, tanh)
+RF_DEFINE_FUSED(float, f, rf_vf, RF_VLF)
+RF_DEFINE_FUSED(double, d, rf_vd, RF_VLD)
 
 #endif /* RF_FUSED_H */

@@ -4,7 +4,8 @@
  * Numba backend (kernels/numba_rnn.py) follows the same module. Each function updates
  * rows [0, n) and hidden units [u0, u1) of one direction for one step:
  *   xg:  input projections of this step,  row stride ldx (= G*H), no bias yet
- *   hg:  recurrent projections,           row stride ldg (= G*H), no bias yet
+ *   hg:  recurrent projections,           row stride ldg, gate stride sg (H, or the
+ *        panel width UP when hg is the micro-kernel's tile, rf_fused.h), no bias yet
  *   bx, bh: the input and recurrent biases (G*H each; zeros when the layer has none)
  * Loops are written for `#pragma omp simd`; exp and tanh are declared with glibc's
  * vector variants (libmvec) so that they vectorise without -ffast-math.
@@ -46,7 +47,7 @@ static inline T rf_sigmoid_##SFX(T v) { return (T)1 / ((T)1 + EXP(-v)); }       
                                                                                              \
 /* LSTM: writes c (row stride ldc) and h = o*tanh(c) into h1 (ld1) and, if h2, h2 (ld2). */  \
 static inline void rf_lstm_gates_##SFX(int n, int H, int u0, int u1,                         \
-        const T *xg, int ldx, const T *hg, int ldg, const T *bx, const T *bh,                \
+        const T *xg, int ldx, const T *hg, int ldg, int sg, const T *bx, const T *bh,        \
         T *c, int ldc, T *h1, int ld1, T *h2, int ld2) {                                     \
     for (int j = 0; j < n; ++j) {                                                            \
         const T *xr = xg + (size_t)j * ldx, *gr = hg + (size_t)j * ldg;                      \
@@ -55,9 +56,9 @@ static inline void rf_lstm_gates_##SFX(int n, int H, int u0, int u1,            
         RF_SIMD                                                                              \
         for (int u = u0; u < u1; ++u) {                                                      \
             T gi = xr[u] + gr[u] + bx[u] + bh[u];                                            \
-            T gf = xr[H + u] + gr[H + u] + bx[H + u] + bh[H + u];                            \
-            T gg = xr[2 * H + u] + gr[2 * H + u] + bx[2 * H + u] + bh[2 * H + u];            \
-            T go = xr[3 * H + u] + gr[3 * H + u] + bx[3 * H + u] + bh[3 * H + u];            \
+            T gf = xr[H + u] + gr[sg + u] + bx[H + u] + bh[H + u];                            \
+            T gg = xr[2 * H + u] + gr[2 * sg + u] + bx[2 * H + u] + bh[2 * H + u];            \
+            T go = xr[3 * H + u] + gr[3 * sg + u] + bx[3 * H + u] + bh[3 * H + u];            \
             T i = (T)1 / ((T)1 + EXP(-gi));                                                  \
             T f = (T)1 / ((T)1 + EXP(-gf));                                                  \
             T o = (T)1 / ((T)1 + EXP(-go));                                                  \
@@ -70,7 +71,7 @@ static inline void rf_lstm_gates_##SFX(int n, int H, int u0, int u1,            
                                                                                              \
 /* GRU, linear_before_reset=True: hp = previous h (ldp). */                                  \
 static inline void rf_gru_gates_##SFX(int n, int H, int u0, int u1,                          \
-        const T *xg, int ldx, const T *hg, int ldg, const T *bx, const T *bh,                \
+        const T *xg, int ldx, const T *hg, int ldg, int sg, const T *bx, const T *bh,        \
         const T *hp, int ldp, T *h1, int ld1, T *h2, int ld2) {                              \
     for (int j = 0; j < n; ++j) {                                                            \
         const T *xr = xg + (size_t)j * ldx, *gr = hg + (size_t)j * ldg;                      \
@@ -79,8 +80,8 @@ static inline void rf_gru_gates_##SFX(int n, int H, int u0, int u1,             
         RF_SIMD                                                                              \
         for (int u = u0; u < u1; ++u) {                                                      \
             T r = (T)1 / ((T)1 + EXP(-(xr[u] + gr[u] + bx[u] + bh[u])));                     \
-            T z = (T)1 / ((T)1 + EXP(-(xr[H + u] + gr[H + u] + bx[H + u] + bh[H + u])));     \
-            T nn = TANH(xr[2 * H + u] + bx[2 * H + u] + r * (gr[2 * H + u] + bh[2 * H + u]));\
+            T z = (T)1 / ((T)1 + EXP(-(xr[H + u] + gr[sg + u] + bx[H + u] + bh[H + u])));     \
+            T nn = TANH(xr[2 * H + u] + bx[2 * H + u] + r * (gr[2 * sg + u] + bh[2 * H + u]));\
             T hn = nn + z * (pr[u] - nn);                                                    \
             o1[u] = hn; o2[u] = hn;                                                          \
         }                                                                                    \

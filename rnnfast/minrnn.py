@@ -21,26 +21,9 @@ import numpy as np
 
 from . import scan
 from ._validation import to_numpy
+from .layers import _check_dtype, _check_int
 
 __all__ = ["MinGRU", "MinLSTM"]
-
-
-def _check_int(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name}: expected >= {lo}, got {v}")
-    return int(v)
-
-
-def _check_dtype(dtype) -> np.dtype:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"dtype: expected float32 or float64, got {dt}")
-    return dt
 
 
 class _MinRNNBase:
