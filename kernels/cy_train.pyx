@@ -12,10 +12,15 @@ initial state: no state is ever copied.
 One persistent OpenMP parallel region per call, as in cy_rnn: work items are (direction,
 slice of hidden units); each step is a recurrent GEMM of the item's slice with
 single-threaded BLAS plus fused gate math (kernels/rf_train.h), then a barrier.
-Backward per step: fused gate gradients for the item's units, a barrier, then
-dh_prev[:, slice] = dG_t @ W_hh[:, slice] (and the dy of the next step added). The
-weight gradients are not computed here: rnnfast.training does them afterwards as one
-large GEMM over all rows (see :func:`gemm`).
+Backward per step: fused gate gradients for the item's units (their column sums, the
+bias gradients, accumulated on the way), a barrier, then dh_prev[:, slice] = dG_t @
+W_hh[:, slice] (and the dy of the next step added). The weight gradients are not
+computed here: rnnfast.training does them afterwards as large GEMMs over all rows
+(:func:`pgemm`).
+
+The per-step products run on weights packed once per call (``wpk``, see rf_train.h:
+a register-blocked micro-kernel; BLAS re-packs its operand at every call, which
+dominates for the few rows of a step) or, for large batches, on single-threaded BLAS.
 """
 from cython cimport floating
 from cython.parallel cimport parallel, threadid
@@ -211,57 +216,14 @@ cdef int _layout(object a, int itemsize, int *trans, int *ld, int *rows, int *co
     return -2
 
 
-def gemm(A, B, C, double beta=0.0):
-    """``C = A @ B + beta * C`` with the BLAS that scipy links (threads: the BLAS setting).
-
-    A and B are 2-D float arrays or views with one unit stride (transposed views are
-    fine, they become BLAS transposes); C is written in place and needs unit column
-    stride. All three share one dtype (float32 or float64).
-    """
-    import numpy as np
-    cdef int ta, tb, tc, lda, ldb, ldc, m, k, k2, n, cm, cn
-    cdef char ca, cb
-    cdef float fb = <float>beta, fone = 1
-    cdef double done = 1
-    cdef size_t pa, pb, pc
-    if A.dtype != C.dtype or B.dtype != C.dtype or C.dtype not in (np.float32, np.float64):
-        raise TypeError(f"gemm: dtypes {A.dtype}, {B.dtype}, {C.dtype}")
-    isz = C.dtype.itemsize
-    if _layout(A, isz, &ta, &lda, &m, &k) != 0:
-        A = np.ascontiguousarray(A)
-        _layout(A, isz, &ta, &lda, &m, &k)
-    if _layout(B, isz, &tb, &ldb, &k2, &n) != 0:
-        B = np.ascontiguousarray(B)
-        _layout(B, isz, &tb, &ldb, &k2, &n)
-    if _layout(C, isz, &tc, &ldc, &cm, &cn) != 0 or tc:
-        raise ValueError("gemm: C needs a unit column stride")
-    if k != k2 or cm != m or cn != n:
-        raise ValueError(f"gemm: shapes {A.shape} @ {B.shape} -> {C.shape}")
-    if m == 0 or n == 0:
-        return
-    if k == 0:
-        if beta == 0.0:
-            C[...] = 0
-        else:
-            C *= beta
-        return
-    pa = A.__array_interface__["data"][0]
-    pb = B.__array_interface__["data"][0]
-    pc = C.__array_interface__["data"][0]
-    ca = b'T' if ta else b'N'
-    cb = b'T' if tb else b'N'
-    # row-major C = A @ B  <=>  column-major C^T = B^T A^T
-    with nogil:
-        if isz == 4:
-            sgemm(&cb, &ca, &n, &m, &k, &fone, <float*>pb, &ldb, <float*>pa, &lda, &fb, <float*>pc, &ldc)
-        else:
-            dgemm(&cb, &ca, &n, &m, &k, &done, <double*>pb, &ldb, <double*>pa, &lda, &beta,
-                  <double*>pc, &ldc)
-
-
 def pgemm(A, B, C, double beta=0.0, int nthreads=1):
-    """:func:`gemm` split over ``nthreads`` OpenMP threads, each calling single-threaded BLAS
-    on its block of C (rows, or columns when C is wider than tall).
+    """``C = A @ B + beta * C`` split over ``nthreads`` OpenMP threads, each calling the
+    single-threaded BLAS that scipy links on its block of C (rows, or columns when C is
+    wider than tall).
+
+    A and B are 2-D float arrays or views with one unit stride (transposed views become
+    BLAS transposes, no copy); C is written in place and needs unit column stride. All
+    three share one dtype (float32 or float64).
 
     All the training GEMMs of the Cython backend go through here, so that one thread
     pool (OpenMP's) runs everything and BLAS's own threads never compete with it.

@@ -7,9 +7,11 @@ see their docstrings there): packed rows, step-major, prepared and allocated by
 
 One jitted function per call; each step is
 
-1. the recurrent GEMM of each direction (``np.dot``, BLAS with the rnnfast thread count;
-   the previous states are first gathered into a contiguous (n, H_out) block, a copy
-   of B*H_out values, from the saved outputs or the initial state);
+1. the recurrent GEMM of each direction (``np.dot``, single-threaded BLAS; when the
+   product is large, a ``prange`` over row blocks, one BLAS call each, so that BLAS's own
+   threads never alternate with Numba's on the same cores); the previous states are first
+   gathered into a contiguous (n, H_out) block (B*H_out values) from the saved outputs or
+   the initial state;
 2. one fused pass of gate math (forward) or gate gradients (backward) over
    (direction, row, slice of hidden units): a ``prange`` when there is enough work, a
    plain loop otherwise (a parallel launch costs a few microseconds);
@@ -43,7 +45,7 @@ _UNIT_BLOCK = 16
 FUSED_BIAS_GRADS = False
 # Below this many gate values per step (rows * G * H) a pass runs on the calling thread.
 # Read at every call (tests set it to 0 to exercise the parallel pass on small shapes).
-_SERIAL_WORK = 8192
+_SERIAL_WORK = 1 << 16
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -51,6 +53,27 @@ def _split(total, k, parts):
     nb = (total + _UNIT_BLOCK - 1) // _UNIT_BLOCK
     s = _UNIT_BLOCK * ((nb * k) // parts)
     return s if s < total else total
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", parallel=True, cache=True)
+def _pdot_par(a, b, out, nchunks):
+    """out = a @ b with the rows of a split over threads (single-threaded BLAS each)."""
+    n = a.shape[0]
+    for c in prange(nchunks):
+        r0 = (n * c) // nchunks
+        r1 = (n * (c + 1)) // nchunks
+        if r1 > r0:
+            np.dot(a[r0:r1], b, out[r0:r1])
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _dot(a, b, out, nthr, serial_work):
+    """out = a @ b: BLAS on one thread, or split by rows when the product is large."""
+    n = a.shape[0]
+    if nthr > 1 and n >= 16 * nthr and n * a.shape[1] * b.shape[1] >= 32 * serial_work:
+        _pdot_par(a, b, out, nthr)
+    else:
+        np.dot(a, b, out)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -205,23 +228,23 @@ def _fwd(code, bsz, offs, ndir, rev0, xg, w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh
             _gather_prev(d, n, info[d, 3], info[d, 4], Hout, y, h0, hp)
             w_hh = w_hh0 if d == 0 else w_hh1
             if code == GRU_NOLBR:
-                np.dot(hp[d, :n], w_hh[:2 * H].T, hg[d, :n])
+                _dot(hp[d, :n], w_hh[:2 * H].T, hg[d, :n], nthr, serial_work)
             else:
-                np.dot(hp[d, :n], w_hh.T, hg[d, :n])
+                _dot(hp[d, :n], w_hh.T, hg[d, :n], nthr, serial_work)
         _fwd_pass(nthr, serial_work, ndir, G, code, 0, H, Hout, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
                   hp, y, cb, c0, s2, one)
         if code == LSTM_PROJ:
             for d in range(ndir):
                 n = info[d, 2]
                 off = info[d, 1]
-                np.dot(s2[d, :n], (w_hr0 if d == 0 else w_hr1).T, pt[d, :n])
+                _dot(s2[d, :n], (w_hr0 if d == 0 else w_hr1).T, pt[d, :n], nthr, serial_work)
                 for j in range(n):
                     for p in range(Hout):
                         y[off + j, d * Hout + p] = pt[d, j, p]
         elif code == GRU_NOLBR:
             for d in range(ndir):
                 n = info[d, 2]
-                np.dot(s2[d, :n], (w_hh0 if d == 0 else w_hh1)[2 * H:].T, hn2[d, :n])
+                _dot(s2[d, :n], (w_hh0 if d == 0 else w_hh1)[2 * H:].T, hn2[d, :n], nthr, serial_work)
             _fwd_pass(nthr, serial_work, ndir, G, code, 1, H, Hout, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
                       hp, y, cb, c0, s2, one)
 
@@ -430,13 +453,13 @@ def _bwd(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0, w_hh1, w_
             if gru:
                 _gather_prev(d, n, info[d, 3], info[d, 4], Hout, y, h0, hp)
             if proj:
-                np.dot(dh[d, :n], w_hr0 if d == 0 else w_hr1, scr[d, :n])
+                _dot(dh[d, :n], w_hr0 if d == 0 else w_hr1, scr[d, :n], nthr, serial_work)
         _bwd_pass(nthr, serial_work, ndir, G, code, 0, H, Hout, info, xg, cb, y, c0, dh, dc, dg, aux, scr,
                   hp, gh, gn, one)
         if code == GRU_NOLBR:
             for d in range(ndir):
                 n = info[d, 2]
-                np.dot(gn[d, :n], (w_hh0 if d == 0 else w_hh1)[2 * H:], scr[d, :n])
+                _dot(gn[d, :n], (w_hh0 if d == 0 else w_hh1)[2 * H:], scr[d, :n], nthr, serial_work)
             _bwd_pass(nthr, serial_work, ndir, G, code, 1, H, Hout, info, xg, cb, y, c0, dh, dc, dg, aux, scr,
                       hp, gh, gn, one)
         for d in range(ndir):
@@ -444,11 +467,11 @@ def _bwd(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0, w_hh1, w_
             off = info[d, 1]
             w_hh = w_hh0 if d == 0 else w_hh1
             if code == GRU_LBR:
-                np.dot(gh[d, :n], w_hh, tmp[d, :n])
+                _dot(gh[d, :n], w_hh, tmp[d, :n], nthr, serial_work)
             elif code == GRU_NOLBR:
-                np.dot(gh[d, :n], w_hh[:2 * H], tmp[d, :n])
+                _dot(gh[d, :n], w_hh[:2 * H], tmp[d, :n], nthr, serial_work)
             else:
-                np.dot(dg[d, off:off + n], w_hh, dh[d, :n])
+                _dot(dg[d, off:off + n], w_hh, dh[d, :n], nthr, serial_work)
             tn = info[d, 5]
             if 0 <= tn < T:
                 _add_dy(d, tn, Hout, d * Hout, bsz, offs, dy, dh, dhs, proj, n if gru else 0, tmp)

@@ -20,13 +20,30 @@ What a training forward keeps (per layer and direction, on the fast backends):
 Backward recomputes everything else (tanh(c), the dropped-out inputs, r * h). Per
 step it runs the fused gate gradients and the recurrent GEMM dh_prev = dG W_hh;
 the weight gradients are large GEMMs over all T*B rows afterwards
-(dW_ih = dG^T X, dW_hh = dG^T H_prev, dx = dG W_ih), never per step.
+(dW_ih = dG^T X, dW_hh = dG^T H_prev, dx = dG W_ih), never per step; the bias
+gradients are the column sums of dG, accumulated (in float64) by the Cython kernel.
 
-Backends: "cython" (kernels/cy_train.pyx) and "numba" (kernels/numba_train.py) run the
-packed-rows layout of :mod:`rnnfast._engine` (padded steps cost nothing); "reference"
-is plain float64 NumPy (:mod:`rnnfast.reference_backward`), the test oracle. Dropout
-masks are drawn in the (T, B, features) layout from the layer's generator before the
-backend is chosen, so every backend sees the same masks for the same seed.
+Backends: "cython" (kernels/cy_train.pyx, kernels/rf_train.h) and "numba"
+(kernels/numba_train.py) run the packed-rows layout of :mod:`rnnfast._engine` (padded
+steps cost nothing); "reference" is plain float64 NumPy
+(:mod:`rnnfast.reference_backward`), the test oracle. Dropout masks are drawn in the
+(T, B, features) layout from the layer's generator before the backend is chosen, so
+every backend sees the same masks for the same seed.
+
+Threads: the Cython backend runs everything, its large GEMMs included
+(``cy_train.pgemm``), on OpenMP threads that each call single-threaded BLAS. A threaded
+BLAS between the recurrence kernels would leave its idle threads spinning on the cores
+that the kernels' threads need next (measured here: 10-70% slower steps). The Numba backend
+keeps BLAS single-threaded inside its kernels and NumPy's threaded BLAS for the large
+GEMMs. Small steps (see ``_PAR_MIN_WORK``) run on one thread.
+
+Scratch: large buffers that never reach the caller (the saved gates and cell states,
+the gate gradients, the packed weights) come from a small pool and go back to it when
+their context dies or the backward ends: a training loop then reuses the same memory
+at every step instead of page-faulting tens of MB (5-10% of a step).
+:func:`release_scratch` empties the pool.
+
+A context supports any number of backward calls (each recomputes from the saved state).
 
 Backward uses the weights as they are when it runs (the layer's live parameters; for
 the functional API the arrays passed to the forward). Inputs are kept by reference:
@@ -38,6 +55,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import weakref
 
 import numpy as np
 
@@ -91,7 +109,7 @@ def _packed(mod, code, H, Hout, D, dtype, rows, backward):
     """Packed-weight scratch for a kernel call, or an empty array (BLAS per step)."""
     if not hasattr(mod, "packed_size") or rows > _MK_ROWS:
         return np.empty(0, dtype)
-    return np.empty(D * mod.packed_size(code, H, Hout, dtype == np.float64, backward), dtype)
+    return _POOL.take((D * mod.packed_size(code, H, Hout, dtype == np.float64, backward),), dtype)
 
 
 def _gemm_for(mod, nthreads: int):
@@ -115,6 +133,78 @@ def _np_gemm(A, B, C, beta: float = 0.0) -> None:
         np.matmul(A, B, out=C)
     else:
         C += A @ B
+
+
+class _ScratchPool:
+    """Large scratch buffers kept for reuse between calls.
+
+    A fresh buffer of tens of MB costs a page fault per 4 KB page at first touch (about
+    10 ms per 50 MB here, 5-10% of a training step); a training loop asks for the same
+    sizes at every step. Only buffers that never reach the caller go through the pool:
+    the saved gates and cell states (returned when their context dies), the gate
+    gradients and the other temporaries of backward, the packed weights.
+    """
+
+    MIN_BYTES = 1 << 20          # smaller ones come from the malloc heap without faults
+    MAX_PER_SIZE = 2
+    MAX_BYTES = 1 << 30
+
+    def __init__(self):
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, shape, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if n < self.MIN_BYTES:
+            return np.empty(shape, dtype)
+        raw = None
+        with self._lock:
+            lst = self._free.get(n)
+            if lst:
+                raw = lst.pop()
+                self._bytes -= n
+        if raw is None:
+            raw = np.empty(n, np.uint8)
+        return raw.view(dtype).reshape(shape)
+
+    @staticmethod
+    def raw(a):
+        """The pooled buffer behind `a` (from :meth:`take`), or None."""
+        if a is None:
+            return None
+        b = a.base
+        if b is not None and b.dtype == np.uint8 and b.ndim == 1 and b.nbytes == a.nbytes and b.flags.owndata:
+            return b
+        return None
+
+    def give(self, *arrays) -> None:
+        """Return buffers from :meth:`take` (their owner must not use them any more)."""
+        self.give_raw([self.raw(a) for a in arrays])
+
+    def give_raw(self, raws) -> None:
+        with self._lock:
+            for r in raws:
+                if r is None:
+                    continue
+                lst = self._free.setdefault(r.nbytes, [])
+                if len(lst) < self.MAX_PER_SIZE and self._bytes + r.nbytes <= self.MAX_BYTES:
+                    lst.append(r)
+                    self._bytes += r.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._bytes = 0
+
+
+_POOL = _ScratchPool()
+
+
+def release_scratch() -> None:
+    """Free the scratch buffers that training keeps for reuse between calls."""
+    _POOL.clear()
 
 
 def _widths(code: int, H: int) -> tuple[int, int, int]:
@@ -288,8 +378,11 @@ def _ref_backward(ctx, dy, dhn, dcn, weights):
 
 # ============================================================================ fast backends
 def _kernel_blas_threads(name: str, nthreads: int) -> None:
-    """BLAS threads while a recurrence kernel runs: 1 inside Cython's OpenMP region."""
-    threads.set_blas_threads(1 if name == "cython" else nthreads)
+    """BLAS threads while a recurrence kernel runs: 1. The Cython kernels call BLAS from
+    their own OpenMP threads; the Numba kernels call it between parallel passes, and a
+    threaded BLAS there would alternate two spinning thread pools on the same cores at
+    every step."""
+    threads.set_blas_threads(1)
 
 
 def _fast_forward(ctx, mod, xs, weights, h0, c0):
@@ -332,12 +425,12 @@ def _fast_forward(ctx, mod, xs, weights, h0, c0):
     layers = []
     inp = x0
     for layer, dirs in enumerate(weights):
-        xg = np.empty((D, N, GS), dtype)
+        xg = _POOL.take((D, N, GS), dtype)
         gemm = _gemm_for(mod, nthreads)
         for d, w in enumerate(dirs):
             gemm(inp, w.w_ih.T, xg[d, :, :GH])
         y = np.empty((N, D * Hout), dtype)
-        cb = np.empty((D, N, H), dtype) if kind == "lstm" else dummy3
+        cb = _POOL.take((D, N, H), dtype) if kind == "lstm" else dummy3
         h0l = np.ascontiguousarray(h0s[layer * D:(layer + 1) * D])
         c0l = np.ascontiguousarray(c0s[layer * D:(layer + 1) * D]) if kind == "lstm" else dummy3
         args = []
@@ -345,9 +438,10 @@ def _fast_forward(ctx, mod, xs, weights, h0, c0):
             args += [wd.w_hh, zeros_b if wd.b_ih is None else wd.b_ih, zeros_b if wd.b_hh is None else wd.b_hh,
                      dummy_hr if wd.w_hr is None else wd.w_hr]
         _kernel_blas_threads(ctx.backend, nthreads)
-        mod.forward_layer(code, bsz, offs, D, ctx.rev0, xg, *args, h0l, c0l, y, cb, hg, s2,
-                          _packed(mod, code, H, Hout, D, dtype, int(bsz[0]), False),
+        wpk = _packed(mod, code, H, Hout, D, dtype, int(bsz[0]), False)
+        mod.forward_layer(code, bsz, offs, D, ctx.rev0, xg, *args, h0l, c0l, y, cb, hg, s2, wpk,
                           _kernel_threads(nthreads, int(bsz[0]), D, G, H, Hout))
+        _POOL.give(wpk)
         for d in range(D):
             k = layer * D + d
             rows = live if (ctx.rev0 if d == 0 else True) else last_fwd
@@ -358,12 +452,17 @@ def _fast_forward(ctx, mod, xs, weights, h0, c0):
                 cs = c0l[d].copy()
                 cs[live] = cb[d, rows]
                 cn_s[k] = cs
-        layers.append({"xg": None if code in (RNN_TANH, RNN_RELU) else xg,
+        rnn = code in (RNN_TANH, RNN_RELU)
+        if rnn:
+            _POOL.give(xg)                     # RNN backward needs only the outputs
+        layers.append({"xg": None if rnn else xg,
                        "cb": cb if kind == "lstm" else None, "y": y, "h0": h0l,
                        "c0": c0l if kind == "lstm" else None})
         if layer < L - 1:
             inp = _dropout(ctx, layer, y, ctx.masks_packed)
     ctx.layers = layers
+    # the saved gates and cell states go back to the pool when the context dies
+    weakref.finalize(ctx, _POOL.give_raw, [_POOL.raw(l[k]) for l in layers for k in ("xg", "cb")])
     y = layers[-1]["y"]
     if pk.perm is None:
         # the saved outputs themselves, read-only: modifying them in place would change the
@@ -488,32 +587,35 @@ def _fast_backward(ctx, mod, dy, dhn, dcn, weights):
     pairs = [_prev_pairs(bsz, offs, ctx.rev0 if d == 0 else True) for d in range(D)]
     grads = [[None] * D for _ in range(L)]
     dx = None
+    dyl_pooled = None
     for layer in range(L - 1, -1, -1):
         sv = ctx.layers[layer]
         y = sv["y"]
         dh = np.ascontiguousarray(dhn_s[layer * D:(layer + 1) * D])
         dc = np.ascontiguousarray(dcn_s[layer * D:(layer + 1) * D]) if lstm else dummy3
-        dg = np.empty((D, N, GSb), dtype)
-        aux = np.empty((D, N, H), dtype) if code in (LSTM_PROJ, GRU_NOLBR) else dummy3
-        dhs = np.empty((D, N, Hout), dtype) if code == LSTM_PROJ else dummy3
+        dg = _POOL.take((D, N, GSb), dtype)
+        aux = _POOL.take((D, N, H), dtype) if code in (LSTM_PROJ, GRU_NOLBR) else dummy3
+        dhs = _POOL.take((D, N, Hout), dtype) if code == LSTM_PROJ else dummy3
         dirs = weights[layer]
         w_hh = [w.w_hh for w in (dirs[0], dirs[-1])]
         w_hr = [dummy_hr if w.w_hr is None else w.w_hr for w in (dirs[0], dirs[-1])]
         db = np.zeros((D, GSb), np.float64)
         _kernel_blas_threads(ctx.backend, nthreads)
+        wpk = _packed(mod, code, H, Hout, D, dtype, int(bsz[0]), True)
         mod.backward_layer(code, bsz, offs, D, ctx.rev0,
                            dummy3 if sv["xg"] is None else sv["xg"], dummy3 if sv["cb"] is None else sv["cb"],
                            y, sv["h0"], dummy3 if sv["c0"] is None else sv["c0"],
-                           w_hh[0], w_hr[0], w_hh[1], w_hr[1], dyl, dh, dc, dg, aux, dhs, scr,
-                           _packed(mod, code, H, Hout, D, dtype, int(bsz[0]), True), db,
+                           w_hh[0], w_hr[0], w_hh[1], w_hr[1], dyl, dh, dc, dg, aux, dhs, scr, wpk, db,
                            _kernel_threads(nthreads, int(bsz[0]), D, G, H, Hout))
+        _POOL.give(wpk)
         dh0_s[layer * D:(layer + 1) * D] = dh
         if lstm:
             dc0_s[layer * D:(layer + 1) * D] = dc
         # ---- the large GEMMs over all rows
         gemm = _gemm_for(mod, nthreads)
         inp = ctx.x0 if layer == 0 else _dropout(ctx, layer - 1, ctx.layers[layer - 1]["y"], ctx.masks_packed)
-        dinp = np.empty((N, inp.shape[1]), dtype)
+        # layer 0's becomes the caller's dx: never pooled
+        dinp = np.empty((N, inp.shape[1]), dtype) if layer == 0 else _POOL.take((N, inp.shape[1]), dtype)
         for d, w in enumerate(dirs):
             dgd = dg[d]
             dgx = dgd[:, :GH]                        # input side: [.., dn] for every cell
@@ -546,9 +648,17 @@ def _fast_backward(ctx, mod, dy, dhn, dcn, weights):
                 if w.b_hh is not None:
                     g["b_hh"] = gbh.copy() if gbh is gb else gbh
             grads[layer][d] = g
+        _POOL.give(dg, aux, dhs)
         del dg, aux, dhs
+        if dyl_pooled is not None:             # this layer's dy came from the layer above
+            _POOL.give(dyl_pooled)
+            dyl_pooled = None
         if layer > 0:
             dyl = _dropout(ctx, layer - 1, dinp, ctx.masks_packed)
+            if dyl is dinp:
+                dyl_pooled = dinp
+            else:
+                _POOL.give(dinp)
         else:
             dx = dinp
     if pk.perm is None:
