@@ -1,6 +1,8 @@
 """Compute kernels of rnnfast (installed as ``rnnfast.kernels``).
 
 Kernels never validate their arguments nor allocate for the caller: ``rnnfast._engine``
-does both. ``cy_rnn`` is the Cython/OpenMP backend, ``numba_rnn`` the Numba one; both
-expose ``run_layer`` with the same signature (see ``cy_rnn.run_layer``).
+does both. Inference: ``cy_rnn`` (Cython/OpenMP, with the C headers ``rf_gates.h`` and
+``rf_fused.h``) and ``numba_rnn``, both exposing ``run_layer`` with the same signature
+(see ``cy_rnn.run_layer``). Training: ``cy_train`` (+ ``rf_train.h``) and ``numba_train``.
+Time-parallel scans: ``cy_scan`` and ``numba_scan``.
 """

@@ -53,12 +53,18 @@ static inline void rf_lstm_gates_##SFX(int n, int H, int u0, int u1,            
         const T *xr = xg + (size_t)j * ldx, *gr = hg + (size_t)j * ldg;                      \
         T *cr = c + (size_t)j * ldc, *o1 = h1 + (size_t)j * ld1;                             \
         T *o2 = h2 ? h2 + (size_t)j * ld2 : o1;                                              \
+        /* per-gate base pointers: plain `u` indexing vectorises (int offsets such as H + u \
+         * become gathers under -fwrapv, which Python's CFLAGS carry) */                      \
+        const T *x1 = xr + H, *x2 = xr + 2 * (size_t)H, *x3 = xr + 3 * (size_t)H;           \
+        const T *g1 = gr + sg, *g2 = gr + 2 * (size_t)sg, *g3 = gr + 3 * (size_t)sg;        \
+        const T *a1 = bx + H, *a2 = bx + 2 * (size_t)H, *a3 = bx + 3 * (size_t)H;           \
+        const T *c1 = bh + H, *c2 = bh + 2 * (size_t)H, *c3 = bh + 3 * (size_t)H;           \
         RF_SIMD                                                                              \
         for (int u = u0; u < u1; ++u) {                                                      \
             T gi = xr[u] + gr[u] + bx[u] + bh[u];                                            \
-            T gf = xr[H + u] + gr[sg + u] + bx[H + u] + bh[H + u];                            \
-            T gg = xr[2 * H + u] + gr[2 * sg + u] + bx[2 * H + u] + bh[2 * H + u];            \
-            T go = xr[3 * H + u] + gr[3 * sg + u] + bx[3 * H + u] + bh[3 * H + u];            \
+            T gf = x1[u] + g1[u] + a1[u] + c1[u];                                            \
+            T gg = x2[u] + g2[u] + a2[u] + c2[u];                                            \
+            T go = x3[u] + g3[u] + a3[u] + c3[u];                                            \
             T i = (T)1 / ((T)1 + EXP(-gi));                                                  \
             T f = (T)1 / ((T)1 + EXP(-gf));                                                  \
             T o = (T)1 / ((T)1 + EXP(-go));                                                  \
@@ -77,11 +83,13 @@ static inline void rf_gru_gates_##SFX(int n, int H, int u0, int u1,             
         const T *xr = xg + (size_t)j * ldx, *gr = hg + (size_t)j * ldg;                      \
         const T *pr = hp + (size_t)j * ldp;                                                  \
         T *o1 = h1 + (size_t)j * ld1, *o2 = h2 + (size_t)j * ld2;                            \
+        const T *x1 = xr + H, *x2 = xr + 2 * (size_t)H, *g1 = gr + sg, *g2 = gr + 2 * (size_t)sg; \
+        const T *a1 = bx + H, *a2 = bx + 2 * (size_t)H, *c1 = bh + H, *c2 = bh + 2 * (size_t)H; \
         RF_SIMD                                                                              \
         for (int u = u0; u < u1; ++u) {                                                      \
             T r = (T)1 / ((T)1 + EXP(-(xr[u] + gr[u] + bx[u] + bh[u])));                     \
-            T z = (T)1 / ((T)1 + EXP(-(xr[H + u] + gr[sg + u] + bx[H + u] + bh[H + u])));     \
-            T nn = TANH(xr[2 * H + u] + bx[2 * H + u] + r * (gr[2 * sg + u] + bh[2 * H + u]));\
+            T z = (T)1 / ((T)1 + EXP(-(x1[u] + g1[u] + a1[u] + c1[u])));                     \
+            T nn = TANH(x2[u] + a2[u] + r * (g2[u] + c2[u]));                                \
             T hn = nn + z * (pr[u] - nn);                                                    \
             o1[u] = hn; o2[u] = hn;                                                          \
         }                                                                                    \

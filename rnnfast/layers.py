@@ -182,6 +182,7 @@ class _RNNBase:
         xs, unbatched, h0, c0, ln = self._prepare(x, hx, lengths)
         if train:
             from . import training
+            self._ctx = None          # drop the previous saved state before building a new one
             y, hn, cn, ctx = training.stack_forward_train(
                 self._kind, self._code, xs, self._weights(), h0, c0, ln,
                 dropout=self.dropout, rng=self._rng)
