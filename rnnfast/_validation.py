@@ -101,3 +101,39 @@ def check_state(s, name: str, dtype: np.dtype, shape: tuple, unbatched: bool) ->
     if unbatched:
         arr = np.expand_dims(arr, -2)
     return np.array(arr, dtype=dtype, order="C")   # always a copy: kernels update states in place
+
+
+def load_params(params: dict, shapes: dict, mapping) -> None:
+    """Strict ``load_state_dict`` shared by every layer: copy `mapping` into the live arrays.
+
+    Raises ``ValueError`` naming every missing, unexpected or mis-shaped key and
+    ``TypeError`` for a non-mapping or a non-numeric value; on error nothing is changed.
+    Values may be any array-like (torch tensors included); they are copied in place so
+    that live references from ``parameters()`` stay valid.
+    """
+    if not hasattr(mapping, "keys"):
+        raise TypeError(f"load_state_dict: expected a mapping, got {type(mapping).__name__}")
+    keys = set(mapping.keys())
+    missing = sorted(set(shapes) - keys)
+    unexpected = sorted(str(k) for k in keys - set(shapes))
+    converted, bad = {}, []
+    for k in shapes:
+        if k not in keys:
+            continue
+        arr = to_numpy(mapping[k], k)
+        if arr.dtype.kind not in "fiu":
+            raise TypeError(f"load_state_dict: {k} has non-numeric dtype {arr.dtype}")
+        if arr.shape != shapes[k]:
+            bad.append(f"{k} (expected shape {shapes[k]}, got {arr.shape})")
+        converted[k] = arr
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys: {unexpected}")
+        if bad:
+            parts.append(f"shape mismatch: {bad}")
+        raise ValueError("load_state_dict: " + "; ".join(parts))
+    for k, arr in converted.items():
+        params[k][...] = arr

@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from . import _engine
-from ._validation import check_input, check_lengths, check_state, to_numpy
+from ._validation import check_input, check_lengths, check_state, load_params
 from .cells import CELLS, cell_code
 from .functional import check_nonlinearity
 
@@ -100,32 +100,7 @@ class _RNNBase:
         Raises ``ValueError`` naming every missing, unexpected or mis-shaped key; on error
         nothing is changed.
         """
-        if not hasattr(mapping, "keys"):
-            raise TypeError(f"load_state_dict: expected a mapping, got {type(mapping).__name__}")
-        keys = set(mapping.keys())
-        missing = sorted(set(self._shapes) - keys)
-        unexpected = sorted(keys - set(self._shapes))
-        converted, bad = {}, []
-        for k in self._shapes:
-            if k not in keys:
-                continue
-            arr = to_numpy(mapping[k], k)
-            if arr.dtype.kind not in "fiu":
-                raise TypeError(f"load_state_dict: {k} has non-numeric dtype {arr.dtype}")
-            if arr.shape != self._shapes[k]:
-                bad.append(f"{k} (expected shape {self._shapes[k]}, got {arr.shape})")
-            converted[k] = arr
-        if missing or unexpected or bad:
-            parts = []
-            if missing:
-                parts.append(f"missing keys: {missing}")
-            if unexpected:
-                parts.append(f"unexpected keys: {unexpected}")
-            if bad:
-                parts.append(f"shape mismatch: {bad}")
-            raise ValueError("load_state_dict: " + "; ".join(parts))
-        for k, arr in converted.items():
-            self._params[k][...] = arr       # in place: live references stay valid
+        load_params(self._params, self._shapes, mapping)
 
     def _weights(self) -> list[list[_engine.DirWeights]]:
         out = []

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import scan
-from ._validation import to_numpy
+from ._validation import load_params
 from .layers import _check_dtype, _check_int
 
 __all__ = ["MinGRU", "MinLSTM"]
@@ -65,32 +65,7 @@ class _MinRNNBase:
         Raises ``ValueError`` naming every missing, unexpected or mis-shaped key, and
         ``TypeError`` for a non-numeric value; on error nothing is changed.
         """
-        if not hasattr(mapping, "keys"):
-            raise TypeError(f"load_state_dict: expected a mapping, got {type(mapping).__name__}")
-        keys = set(mapping.keys())
-        missing = sorted(set(self._shapes) - keys)
-        unexpected = sorted(str(k) for k in keys - set(self._shapes))
-        converted, bad = {}, []
-        for k in self._shapes:
-            if k not in keys:
-                continue
-            arr = to_numpy(mapping[k], k)
-            if arr.dtype.kind not in "fiu":
-                raise TypeError(f"load_state_dict: {k} has non-numeric dtype {arr.dtype}")
-            if arr.shape != self._shapes[k]:
-                bad.append(f"{k} (expected shape {self._shapes[k]}, got {arr.shape})")
-            converted[k] = arr
-        if missing or unexpected or bad:
-            parts = []
-            if missing:
-                parts.append(f"missing keys: {missing}")
-            if unexpected:
-                parts.append(f"unexpected keys: {unexpected}")
-            if bad:
-                parts.append(f"shape mismatch: {bad}")
-            raise ValueError("load_state_dict: " + "; ".join(parts))
-        for k, arr in converted.items():
-            self._params[k][...] = arr       # in place: live references stay valid
+        load_params(self._params, self._shapes, mapping)
 
     # ------------------------------------------------------------------ forward / backward
     def _prepare(self, x, hx, lengths):
