@@ -1,7 +1,7 @@
 """Build the Cython kernels in kernels/*.pyx as rnnfast.kernels.*.
 
 OpenMP flags are used only when a probe compile with them succeeds; otherwise the
-extensions build serially (the ``#ifdef _OPENMP`` shim in kernels/rf_parallel.h).
+extensions build serially (the ``#ifdef _OPENMP`` shim in kernels/rf_gates.h).
 ``RNNFAST_MARCH`` picks the -march flag (default ``native``; set it empty for a
 portable build).
 """
@@ -57,6 +57,7 @@ extensions = [
     Extension(
         f"rnnfast.kernels.{os.path.splitext(os.path.basename(p))[0]}",
         [p],
+        depends=sorted(glob.glob("kernels/*.h")),
         include_dirs=[np.get_include(), "kernels"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

@@ -32,11 +32,20 @@ def scratch(key: str, shape: tuple, dtype) -> np.ndarray:
     if cache is None:
         cache = _workspace.bufs = {}
     n = math.prod(shape)
-    buf = cache.get((key, dtype))
+    dt = np.dtype(dtype)
+    buf = cache.get((key, dt))
     if buf is None or buf.shape[0] < n:
-        buf = np.empty(max(n, 16), dtype)
-        cache[(key, dtype)] = buf
+        buf = _aligned_empty(max(n, 16), dt)
+        cache[(key, dt)] = buf
     return buf[:n].reshape(shape)
+
+
+def _aligned_empty(n: int, dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised 1-D array whose data starts on an `align`-byte boundary (whole
+    cache lines / vectors: the kernels store large projections with streaming stores)."""
+    raw = np.empty(n * dtype.itemsize + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + n * dtype.itemsize].view(dtype)
 
 
 _USE_FUSED = True     # private switch for measurements: False = BLAS per gate in every step

@@ -1,0 +1,179 @@
+/* Body of rf_fused.h for one element type: included once per type with
+ * RF_T (element type), RF_VT (vector type), RF_VL (lanes) and RF_FN(name) (suffixed name). */
+
+/* One vector from an aligned tile to aligned dst, bypassing the caches. */
+static inline void RF_FN(rf_stream)(RF_T *dst, const RF_T *src) {
+#if RF_HAVE_STREAM
+    if (sizeof(RF_T) == 4) _mm512_stream_ps((float *)dst, _mm512_load_ps((const float *)src));
+    else _mm512_stream_pd((double *)dst, _mm512_load_pd((const double *)src));
+#else
+    memcpy(dst, src, RF_VBYTES);
+#endif
+}
+
+/* Pack panels [p0, p1) of W (G*H x K, gate-major rows) as P[p][k][g*UP + v]. */
+__attribute__((optimize("no-tree-vectorize")))
+static inline void RF_FN(rf_pack)(int G, int H, int K, int p0, int p1, const RF_T *W, RF_T *P) {
+    const int UP = rf_panel_units(G, sizeof(RF_T) == 8), PW = G * UP;
+    for (int p = p0; p < p1; ++p) {
+        RF_T *dst = P + (size_t)p * K * PW;
+        for (int g = 0; g < G; ++g) {
+            for (int v0 = 0; v0 < UP; v0 += 8) {
+                int u0 = p * UP + v0;
+                int nv = H - u0 < 8 ? (H - u0 > 0 ? H - u0 : 0) : 8;
+                const RF_T *sb = W + (size_t)(g * H + u0) * K;
+                RF_T *db = dst + g * UP + v0;
+                if (nv == 8) {
+                    for (int k = 0; k < K; ++k) {
+                        RF_T *d = db + (size_t)k * PW;
+                        d[0] = sb[k]; d[1] = sb[K + k]; d[2] = sb[2 * (size_t)K + k];
+                        d[3] = sb[3 * (size_t)K + k]; d[4] = sb[4 * (size_t)K + k];
+                        d[5] = sb[5 * (size_t)K + k]; d[6] = sb[6 * (size_t)K + k];
+                        d[7] = sb[7 * (size_t)K + k];
+                    }
+                } else {
+                    for (int k = 0; k < K; ++k)
+                        for (int v = 0; v < 8; ++v)
+                            db[(size_t)k * PW + v] = v < nv ? sb[(size_t)v * K + k] : (RF_T)0;
+                }
+            }
+        }
+    }
+}
+
+/* out[r][0:NV_*VL] (row stride RF_MAXNV*VL) = A[r, :K] @ panel for r < MR_. While it
+ * runs, the first npf cache lines at pf are prefetched into L2, one per k. */
+static inline __attribute__((always_inline)) void RF_FN(rf_mk_body)(const int MR_, const int NV_,
+        int K, const RF_T *A, int lda, const RF_T *P, RF_T *out, const RF_T *pf, int npf) {
+    RF_VT acc[RF_MR][RF_MAXNV];
+    for (int r = 0; r < MR_; ++r)
+        for (int v = 0; v < NV_; ++v) acc[r][v] = (RF_VT){0};
+    int k = 0;
+    if (npf > K) npf = K;
+#define RF_MK_ITER                                                                     \
+    {   RF_VT w[RF_MAXNV];                                                             \
+        for (int v = 0; v < NV_; ++v) memcpy(&w[v], P + (size_t)k * NV_ * RF_VL + v * RF_VL, sizeof(RF_VT)); \
+        for (int r = 0; r < MR_; ++r) {                                                \
+            RF_VT a = A[(size_t)r * lda + k] - (RF_VT){0};  /* splat (x - 0 == x) */   \
+            for (int v = 0; v < NV_; ++v) acc[r][v] += a * w[v];                       \
+        }                                                                              \
+    }
+    for (; k < npf; ++k) {
+        __builtin_prefetch(pf + (size_t)k * (64 / sizeof(RF_T)), 0, 2);
+        RF_MK_ITER
+    }
+    for (; k < K; ++k) RF_MK_ITER
+#undef RF_MK_ITER
+    for (int r = 0; r < MR_; ++r)
+        for (int v = 0; v < NV_; ++v) memcpy(out + r * RF_MAXNV * RF_VL + v * RF_VL, &acc[r][v], sizeof(RF_VT));
+}
+
+/* out[r][0:nv*VL] (row stride RF_MAXNV*VL) = A[r, :K] @ panel, r < mr <= RF_MR. */
+static inline void RF_FN(rf_mk)(int mr, int nv, int K, const RF_T *A, int lda, const RF_T *P, RF_T *out,
+                                const RF_T *pf, int npf) {
+#define RF_MK_CASES(NV)                                                                 \
+    switch (mr) {                                                                       \
+    case 1: RF_FN(rf_mk_body)(1, NV, K, A, lda, P, out, pf, npf); break;                \
+    case 2: RF_FN(rf_mk_body)(2, NV, K, A, lda, P, out, pf, npf); break;                \
+    case 3: RF_FN(rf_mk_body)(3, NV, K, A, lda, P, out, pf, npf); break;                \
+    case 4: RF_FN(rf_mk_body)(4, NV, K, A, lda, P, out, pf, npf); break;                \
+    case 5: RF_FN(rf_mk_body)(5, NV, K, A, lda, P, out, pf, npf); break;                \
+    default: RF_FN(rf_mk_body)(6, NV, K, A, lda, P, out, pf, npf); break;               \
+    }
+    if (nv == 4) { RF_MK_CASES(4) } else { RF_MK_CASES(3) }
+#undef RF_MK_CASES
+}
+
+/* C[r, g*H + u] = A[r, :K] . W[g*H + u, :K] for rows [0, n) and the units of panels
+ * [p0, p1) (W packed by rf_pack): the input projection of many rows at once. Rows go
+ * in chunks whose A block stays in L2 while every panel passes over it. */
+static inline void RF_FN(rf_gemm_panels)(int G, int H, int K, int n, int p0, int p1,
+        const RF_T *A, int lda, const RF_T *P, RF_T *C, int ldc) {
+    const int UP = rf_panel_units(G, sizeof(RF_T) == 8), PW = G * UP, NV = PW / RF_VL;
+    const int TS = RF_MAXNV * RF_VL;
+    RF_T tile[RF_MR * RF_MAXNV * RF_VL] __attribute__((aligned(64)));
+    int mc = (int)((1024 * 1024) / ((size_t)K * sizeof(RF_T)));     /* ~1 MB of A rows (measured: 256 KB re-reads the panels too often) */
+    mc = mc < RF_MR ? RF_MR : mc - mc % RF_MR;
+    /* a large output goes to memory with streaming stores (no read for ownership, and
+     * it does not evict the A block and the panels); it needs whole aligned vectors */
+    const int nt = RF_HAVE_STREAM && UP * G == NV * RF_VL && UP % RF_VL == 0
+        && (size_t)n * ldc * sizeof(RF_T) >= RF_STREAM_MIN_BYTES
+        && ((uintptr_t)C % RF_VBYTES) == 0 && ((size_t)ldc * sizeof(RF_T)) % RF_VBYTES == 0
+        && ((size_t)H * sizeof(RF_T)) % RF_VBYTES == 0;
+    for (int c0 = 0; c0 < n; c0 += mc) {
+        int c1 = c0 + mc < n ? c0 + mc : n;
+        for (int p = p0; p < p1; ++p) {
+            const RF_T *Pp = P + (size_t)p * K * PW;
+            int ua = p * UP, nu = (ua + UP < H ? ua + UP : H) - ua;
+            for (int r0 = c0; r0 < c1; r0 += RF_MR) {
+                int mr = c1 - r0 < RF_MR ? c1 - r0 : RF_MR;
+                RF_FN(rf_mk)(mr, NV, K, A + (size_t)r0 * lda, lda, Pp, tile, NULL, 0);
+                if (nt && nu == UP) {
+                    for (int r = 0; r < mr; ++r)
+                        for (int g = 0; g < G; ++g)
+                            for (int v = 0; v < UP; v += RF_VL)
+                                RF_FN(rf_stream)(C + (size_t)(r0 + r) * ldc + g * H + ua + v,
+                                                 tile + r * TS + g * UP + v);
+                    continue;
+                }
+                if (nu == UP) {
+                    for (int r = 0; r < mr; ++r)
+                        for (int g = 0; g < G; ++g)
+                            memcpy(C + (size_t)(r0 + r) * ldc + g * H + ua, tile + r * TS + g * UP,
+                                   sizeof(RF_T) * UP);
+                } else {
+                    for (int r = 0; r < mr; ++r)
+                        for (int g = 0; g < G; ++g)
+                            memcpy(C + (size_t)(r0 + r) * ldc + g * H + ua, tile + r * TS + g * UP,
+                                   sizeof(RF_T) * (size_t)nu);
+                }
+            }
+        }
+    }
+#if RF_HAVE_STREAM
+    if (nt) _mm_sfence();     /* order the streaming stores before whatever reads C next */
+#endif
+}
+
+/* One step for panels [p0, p1) and rows [0, n): recurrent product + gates.
+ * code: 0/1 LSTM (h written to h1 (ld1) and h2 (ld2, may be NULL)), 2 GRU (lbr),
+ * 4/5 RNN tanh/relu. xg: this step's input projections (row stride ldx = G*H);
+ * hp: previous h (ldp), also the GEMM input (K = its width); c: cell state (ldc).
+ * While a panel is used, the next one (after the last: the slice's first, for the next
+ * step) is prefetched into L2, so weights that do not stay in L2 arrive on time. */
+static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, int p0, int p1,
+        const RF_T *P, const RF_T *xg, int ldx, const RF_T *bx, const RF_T *bh, const RF_T *hp, int ldp,
+        RF_T *c, int ldc, RF_T *h1, int ld1, RF_T *h2, int ld2) {
+    const int UP = rf_panel_units(G, sizeof(RF_T) == 8), PW = G * UP, NV = PW / RF_VL;
+    RF_T tile[RF_MR * RF_MAXNV * RF_VL] __attribute__((aligned(64)));
+    const int TS = RF_MAXNV * RF_VL;
+    const int nblk = (n + RF_MR - 1) / RF_MR;
+    const size_t lines = ((size_t)K * PW * sizeof(RF_T)) / 64;
+    /* prefetch only when this slice of the weights cannot stay in L2 between steps */
+    const int pfon = (size_t)(p1 - p0) * K * PW * sizeof(RF_T) > RF_L2_KEEP_BYTES;
+    for (int p = p0; p < p1; ++p) {
+        const RF_T *Pp = P + (size_t)p * K * PW;
+        const RF_T *nxt = P + (size_t)(p + 1 < p1 ? p + 1 : p0) * K * PW;
+        int ua = p * UP, ub = ua + UP < H ? ua + UP : H;
+        for (int b = 0; b < nblk; ++b) {
+            int r0 = (n * b) / nblk, r1 = (n * (b + 1)) / nblk;
+            size_t l0 = lines * b / nblk, l1 = lines * (b + 1) / nblk;
+            RF_FN(rf_mk)(r1 - r0, NV, K, hp + (size_t)r0 * ldp, ldp, Pp, tile,
+                         nxt + l0 * (64 / sizeof(RF_T)), pfon ? (int)(l1 - l0) : 0);
+            {   /* gate math of rf_gates.h on the tile: gate stride UP, row stride TS */
+                const RF_T *t = tile - ua;
+                const RF_T *xr = xg + (size_t)r0 * ldx;
+                RF_T *o1 = h1 + (size_t)r0 * ld1, *o2 = h2 ? h2 + (size_t)r0 * ld2 : NULL;
+                if (code <= 1)
+                    RF_FN(rf_lstm_gates)(r1 - r0, H, ua, ub, xr, ldx, t, TS, UP, bx, bh,
+                                         c + (size_t)r0 * ldc, ldc, o1, ld1, o2, ld2);
+                else if (code == 2)
+                    RF_FN(rf_gru_gates)(r1 - r0, H, ua, ub, xr, ldx, t, TS, UP, bx, bh,
+                                        hp + (size_t)r0 * ldp, ldp, o1, ld1, o2, ld2);
+                else
+                    RF_FN(rf_rnn_gates)(r1 - r0, code == 5, ua, ub, xr, ldx, t, TS, bx, bh,
+                                        o1, ld1, o2, ld2);
+            }
+        }
+    }
+}
