@@ -17,7 +17,11 @@ prefix of the batch and padded steps cost nothing.
 from cython cimport floating
 from cython.parallel cimport parallel, threadid
 from libc.stdint cimport int64_t
+from libc.string cimport memcpy, memset
+cimport numpy as cnp
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
+
+cnp.import_array()
 
 cdef extern from "rf_fused.h" nogil:
     int rf_panel_units(int G, int is_double)
@@ -33,6 +37,8 @@ cdef extern from "rf_fused.h" nogil:
     void rf_fused_step_d(int code, int G, int H, int K, int n, int p0, int p1, const double *P,
                          const double *xg, int ldx, const double *bx, const double *bh, const double *hp, int ldp,
                          double *c, int ldc, double *h1, int ld1, double *h2, int ld2)
+    void rf_rowdot_f(int n, int m, int K, const float *A, int lda, const float *W, int ldw, float *C, int ldc)
+    void rf_rowdot_d(int n, int m, int K, const double *A, int lda, const double *W, int ldw, double *C, int ldc)
 
 cdef extern from "rf_gates.h" nogil:
     void rf_barrier()
@@ -71,6 +77,7 @@ DEF RNN_RELU = 5
 DEF UNIT_BLOCK = 16     # hidden-unit slices are multiples of this (one AVX-512 vector)
 DEF MAX_DIRS = 2
 DEF FUSED_MIN_T = 4
+DEF ROWDOT_MAX_ROWS = 8  # products with at most this many rows skip BLAS (rf_rowdot)
 
 
 def have_openmp() -> bool:
@@ -99,14 +106,20 @@ def packed_size(int code, int H, int Hout, int I, bint is_double, int T) -> int:
 
 cdef inline void _gemm_nt(int n, int m, int k, const floating *A, int lda, const floating *W, int ldw,
                           floating *C, int ldc, floating beta) noexcept nogil:
-    """C[n, m] (row-major, ld ldc) = A[n, k] @ W[m, k]^T + beta*C, single-threaded BLAS."""
+    """C[n, m] (row-major, ld ldc) = A[n, k] @ W[m, k]^T + beta*C: rf_rowdot for a few rows
+    (beta 0; single-threaded BLAS loses most of its speed there), else single-threaded BLAS."""
     cdef char tr = b'T'
     cdef char nt = b'N'
     cdef floating one = 1
     cdef int inc = 1
     if n <= 0 or m <= 0:
         return
-    if n == 1:
+    if n <= ROWDOT_MAX_ROWS and beta == 0:
+        if floating is float:
+            rf_rowdot_f(n, m, k, A, lda, W, ldw, C, ldc)
+        else:
+            rf_rowdot_d(n, m, k, A, lda, W, ldw, C, ldc)
+    elif n == 1:
         if floating is float:
             sgemv(&tr, &k, &m, &one, <float*>W, &ldw, <float*>A, &inc, &beta, C, &inc)
         else:
@@ -274,7 +287,8 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                     else:
                         rf_gru_n_d(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, hw, Hout, yt, ldy)
                 it = it + nthr
-            rf_barrier()
+            if s + 1 < T or (phase == 0 and (code == LSTM_PROJ or code == GRU_NOLBR)):
+                rf_barrier()    # (the end of the parallel region synchronises the last step)
         # advance every direction's row offset (each thread keeps its own copy)
         for d in range(ndir):
             rev = rev0 if d == 0 else True
@@ -354,3 +368,78 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
             _worker(tid, nthr, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
                     &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk)
+
+
+cdef inline void* _data(object a) noexcept:
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w_ih, object w_hh,
+                       object b_ih, object b_hh, object w_hr, object h0, object c0, object y,
+                       object hn, object cn, object xg, object hbuf, object hg, object s2,
+                       int T, int B, int I, int H, int Hout, int nthreads):
+    cdef const floating *wi[MAX_DIRS]
+    cdef const floating *wh[MAX_DIRS]
+    cdef const floating *bx[MAX_DIRS]
+    cdef const floating *bh[MAX_DIRS]
+    cdef const floating *wr[MAX_DIRS]
+    cdef floating *hb = <floating*>_data(hbuf)
+    cdef floating *cst
+    cdef const int64_t *bs = <const int64_t*>_data(bsz)
+    cdef const floating *xp = <const floating*>_data(x)
+    cdef floating *xgp = <floating*>_data(xg)
+    cdef floating *yp = <floating*>_data(y)
+    cdef floating *hgp = <floating*>_data(hg)
+    cdef floating *s2p = <floating*>_data(s2)
+    cdef size_t hbytes = <size_t>B * Hout * sizeof(floating)
+    cdef int G = _gates(code), cpd, nthr, tid
+    wi[0] = wi[1] = <const floating*>_data(w_ih)
+    wh[0] = wh[1] = <const floating*>_data(w_hh)
+    bx[0] = bx[1] = <const floating*>_data(b_ih)
+    bh[0] = bh[1] = <const floating*>_data(b_hh)
+    wr[0] = wr[1] = <const floating*>_data(w_hr)
+    cst = <floating*>_data(cn) if cn is not None else s2p
+    if h0 is None:
+        memset(hb, 0, hbytes)
+    else:
+        memcpy(hb, _data(h0), hbytes)
+    if cn is not None:
+        if c0 is None:
+            memset(cst, 0, <size_t>B * H * sizeof(floating))
+        else:
+            memcpy(cst, _data(c0), <size_t>B * H * sizeof(floating))
+    cpd = _imin(nthreads if nthreads > 0 else 1, (H + UNIT_BLOCK - 1) // UNIT_BLOCK)
+    nthr = cpd if rf_have_openmp() else 1
+    if nthr == 1:
+        with nogil:
+            _worker(0, 1, code, 1, 1, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0)
+    else:
+        with nogil, parallel(num_threads=nthr):
+            tid = threadid()
+            _worker(tid, nthr, code, 1, cpd, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0)
+    memcpy(_data(hn), hb + <size_t>(T % 2) * B * Hout, hbytes)
+
+
+def run_small(int code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
+              xg, hbuf, hg, s2, int nthreads):
+    """One layer, one forward direction, a few steps (T < 4: no weight packing), for
+    serving one token at a time with little overhead. Every argument is an ndarray
+    prepared by rnnfast._engine.run_small (C-contiguous, the compute dtype, shapes
+    checked there): x (T*B, I), bsz (T,) int64 all B, weights and biases (zeros when
+    absent; w_hr any when unused), h0 (B, Hout) and c0 (B, H) or None for zeros;
+    outputs y (T*B, Hout), hn (B, Hout), cn (B, H) or None; scratch xg (T*B, G*H),
+    hbuf (2, B, Hout), hg (B, G*H), s2 (B, H).
+    """
+    cdef int T = cnp.PyArray_DIM(<cnp.ndarray>bsz, 0)
+    cdef int B = cnp.PyArray_DIM(<cnp.ndarray>hbuf, 1)
+    cdef int Hout = cnp.PyArray_DIM(<cnp.ndarray>hbuf, 2)
+    cdef int I = cnp.PyArray_DIM(<cnp.ndarray>x, 1)
+    cdef int H = cnp.PyArray_DIM(<cnp.ndarray>s2, 1)
+    if cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_FLOAT32:
+        _run_small_t(<float*>NULL, code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
+                     xg, hbuf, hg, s2, T, B, I, H, Hout, nthreads)
+    else:
+        _run_small_t(<double*>NULL, code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
+                     xg, hbuf, hg, s2, T, B, I, H, Hout, nthreads)

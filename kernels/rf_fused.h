@@ -41,7 +41,9 @@ static inline int rf_panel_units(int G, int is_double) {
 #define RF_VT rf_vf
 #define RF_VL (RF_VBYTES / 4)
 #define RF_FN(name) name##_f
+#define RF_FLOAT_BODY
 #include "rf_fused_tmpl.h"
+#undef RF_FLOAT_BODY
 #undef RF_T
 #undef RF_VT
 #undef RF_VL

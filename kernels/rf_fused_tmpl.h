@@ -177,3 +177,94 @@ static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, in
         }
     }
 }
+
+/* Sum of each of RF_VL vectors: lane l of the result = sum of the lanes of v[l]
+ * (a transposing tree of shuffles and adds: RF_VL - 1 of each for RF_VL sums). */
+static inline RF_VT RF_FN(rf_reduce_lanes)(RF_VT *v) {
+#if RF_VBYTES / 4 == 16 && defined(RF_FLOAT_BODY)
+    for (int i = 0; i < 8; ++i)
+        v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; ++i)
+        v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; ++i)
+        v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#elif RF_VBYTES / 8 == 8 && !defined(RF_FLOAT_BODY)
+    for (int i = 0; i < 4; ++i)
+        v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11)
+             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int i = 0; i < 2; ++i)
+        v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13)
+             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+    return __builtin_shufflevector(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14)
+         + __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15);
+#else
+#error "rf_reduce_lanes: unexpected vector width"
+#endif
+}
+
+/* NJ input rows x NR weight rows of rf_rowdot, K in steps of NC vectors
+ * (NJ * NR * NC <= RF_VL accumulators; the sums of the NC chunks enter one tree). */
+static inline __attribute__((always_inline)) void RF_FN(rf_rowdot_blk)(const int NJ, const int NR, const int NC,
+        int nj, int nr, int K, const RF_T *A, int lda, const RF_T *W, int ldw, RF_T *C, int ldc) {
+    const int KS = NC * RF_VL, Kv = K - K % KS;
+    const RF_T *a[4], *w[RF_VL];
+    RF_VT acc[RF_VL];
+    for (int q = 0; q < NJ; ++q) a[q] = A + (size_t)(q < nj ? q : 0) * lda;     /* pad: repeat row 0 */
+    for (int i = 0; i < NR; ++i) w[i] = W + (size_t)(i < nr ? i : 0) * ldw;
+    for (int l = 0; l < RF_VL; ++l) acc[l] = (RF_VT){0};
+    for (int k = 0; k < Kv; k += KS) {
+        RF_VT av[4 * 2], wv[RF_VL];
+        for (int q = 0; q < NJ; ++q)
+            for (int c = 0; c < NC; ++c) memcpy(&av[q * NC + c], a[q] + k + c * RF_VL, sizeof(RF_VT));
+        for (int i = 0; i < NR; ++i)
+            for (int c = 0; c < NC; ++c) memcpy(&wv[i * NC + c], w[i] + k + c * RF_VL, sizeof(RF_VT));
+        for (int q = 0; q < NJ; ++q)
+            for (int i = 0; i < NR; ++i)
+                for (int c = 0; c < NC; ++c) acc[(q * NR + i) * NC + c] += av[q * NC + c] * wv[i * NC + c];
+    }
+    RF_VT red[RF_VL];
+    for (int l = 0; l < NJ * NR; ++l) {
+        red[l] = acc[l * NC];
+        for (int c = 1; c < NC; ++c) red[l] += acc[l * NC + c];
+    }
+    for (int l = NJ * NR; l < RF_VL; ++l) red[l] = (RF_VT){0};
+    RF_VT s = RF_FN(rf_reduce_lanes)(red);
+    RF_T out[RF_VL];
+    memcpy(out, &s, sizeof(RF_VT));
+    for (int k = Kv; k < K; ++k)
+        for (int q = 0; q < NJ; ++q)
+            for (int i = 0; i < NR; ++i) out[q * NR + i] += a[q][k] * w[i][k];
+    for (int q = 0; q < nj; ++q)
+        for (int i = 0; i < nr; ++i) C[(size_t)q * ldc + i] = out[q * NR + i];
+}
+
+/* C[j, r] (row stride ldc) = A[j, :K] . W[r, :K] for j < n, r < m: a product with a
+ * few rows straight from row-major weights (no packing, so it suits single steps):
+ * blocks of NJ input rows x NR weight rows, one horizontal-sum tree per block. */
+static inline void RF_FN(rf_rowdot)(int n, int m, int K, const RF_T *A, int lda,
+                                    const RF_T *W, int ldw, RF_T *C, int ldc) {
+    const int NJ = n == 1 ? 1 : (n == 2 ? 2 : 4);
+    const int NR = RF_VL == 16 ? (NJ == 1 ? 8 : 4) : (NJ == 4 ? 2 : 4);
+    for (int j0 = 0; j0 < n; j0 += NJ) {
+        int nj = n - j0 < NJ ? n - j0 : NJ;
+        for (int r0 = 0; r0 < m; r0 += NR) {
+            int nr = m - r0 < NR ? m - r0 : NR;
+            const RF_T *Aj = A + (size_t)j0 * lda, *Wr = W + (size_t)r0 * ldw;
+            RF_T *Cj = C + (size_t)j0 * ldc + r0;
+#if RF_VL == 16
+            if (NJ == 1) RF_FN(rf_rowdot_blk)(1, 8, 2, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
+            else if (NJ == 2) RF_FN(rf_rowdot_blk)(2, 4, 2, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
+            else RF_FN(rf_rowdot_blk)(4, 4, 1, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
+#else
+            if (NJ == 1) RF_FN(rf_rowdot_blk)(1, 4, 2, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
+            else if (NJ == 2) RF_FN(rf_rowdot_blk)(2, 4, 1, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
+            else RF_FN(rf_rowdot_blk)(4, 2, 1, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
+#endif
+        }
+    }
+}

@@ -95,13 +95,23 @@ def kernel_module(name: str):
 _AUTO_ORDER = ("cython", "numba", "reference")
 
 
-def resolve(kind: str, batch: int, hidden: int, dtype, nthreads: int) -> str:
-    """The concrete backend for one call under the current setting."""
+def resolve_fast() -> str:
+    """The concrete backend "auto" or the current setting names (no shape-based choice)."""
     name = get_backend()
     if name != "auto":
         return name
-    avail = available_backends()
-    for cand in _AUTO_ORDER:
-        if cand in avail:
-            return cand
-    return "reference"
+    return _auto_first()
+
+
+def _auto_first() -> str:
+    best = _global.get("auto_first")
+    if best is None:
+        avail = available_backends()
+        best = next((c for c in _AUTO_ORDER if c in avail), "reference")
+        _global["auto_first"] = best
+    return best
+
+
+def resolve(kind: str, batch: int, hidden: int, dtype, nthreads: int) -> str:
+    """The concrete backend for one call under the current setting."""
+    return resolve_fast()

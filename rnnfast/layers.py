@@ -11,6 +11,11 @@ from .cells import CELLS, cell_code
 from .functional import check_nonlinearity
 
 
+def _plain(a, dtype: np.dtype, shape: tuple) -> bool:
+    """A C-contiguous ndarray of exactly `dtype` and `shape` (the lean path's states)."""
+    return type(a) is np.ndarray and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous
+
+
 def _check_int(name: str, v, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
@@ -73,7 +78,7 @@ class _RNNBase:
                     shapes[f"weight_hr_{sfx}"] = (self.proj_size, H)
                 for name, shape in shapes.items():
                     self._shapes[name] = shape
-                    self._params[name] = self._rng.uniform(-k, k, shape).astype(self.dtype)
+                    self._params[name] = _engine.aligned_copy(self._rng.uniform(-k, k, shape), self.dtype)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -154,6 +159,11 @@ class _RNNBase:
         -------
         y, hx_n : outputs (T, B, D*H_out) and final states shaped like hx.
         """
+        if not train and lengths is None and self._small_ok and _engine.small_call_ok(
+                self._kind, x, self.dtype, self.input_size):
+            out = self._forward_small(x, hx)
+            if out is not None:
+                return out
         xs, unbatched, h0, c0, ln = self._prepare(x, hx, lengths)
         if train:
             from . import training
@@ -167,6 +177,36 @@ class _RNNBase:
         return self._finish(y, hn, cn, unbatched)
 
     __call__ = forward
+
+    @property
+    def _small_ok(self) -> bool:
+        """Whether this layer's shape suits the lean serving path (one layer, one direction,
+        no projection, time-major input)."""
+        return self.num_layers == 1 and not self.bidirectional and not self.proj_size and not self.batch_first
+
+    def _forward_small(self, x: np.ndarray, hx):
+        """The lean path for a few steps of a plain single-layer call (serving); None when
+        `hx` is not given as plain arrays of the right dtype and shape, so that the
+        general path checks it and raises its errors."""
+        unbatched = x.ndim == 2
+        B = 1 if unbatched else x.shape[1]
+        H = self.hidden_size
+        h0 = c0 = None
+        if hx is not None:
+            want = (1, H) if unbatched else (1, B, H)
+            if self._kind == "lstm":
+                if type(hx) is not tuple or len(hx) != 2:
+                    return None
+                h0, c0 = hx
+                if not (_plain(h0, self.dtype, want) and _plain(c0, self.dtype, want)):
+                    return None
+            else:
+                h0 = hx
+                if not _plain(h0, self.dtype, want):
+                    return None
+        xs = x[:, None] if unbatched else x
+        y, hn, cn = _engine.run_small(self._kind, self._code, xs, self._weights()[0][0], h0, c0, H, H)
+        return self._finish(y, hn, cn, unbatched)
 
     def backward(self, dy, dhx_n=None):
         """Gradients of sum(y*dy) + sum(hx_n*dhx_n) after a ``forward(..., train=True)``.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import scan
+from . import _engine, scan
 from ._validation import load_params
 from .layers import _check_dtype, _check_int
 
@@ -48,7 +48,8 @@ class _MinRNNBase:
         if self.bias:
             self._shapes.update({f"bias_{g}": (H,) for g in self._gates})
         self._params: dict[str, np.ndarray] = {
-            name: rng.uniform(-k, k, shape).astype(self.dtype) for name, shape in self._shapes.items()}
+            name: _engine.aligned_copy(rng.uniform(-k, k, shape), self.dtype)
+            for name, shape in self._shapes.items()}
 
     # ------------------------------------------------------------------ parameters
     def parameters(self) -> dict[str, np.ndarray]:

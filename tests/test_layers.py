@@ -357,3 +357,130 @@ def test_load_state_dict_strict(kind):
     full = make_layer(kind, {}, I, H, bias=True, dtype=np.float64).state_dict()
     with pytest.raises(ValueError, match="bias_ih_l0"):
         nb.load_state_dict(full)
+
+
+# ---------------------------------------------------------------- lean serving path
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not v[2].get("proj")], ids=lambda v: v[0])
+@pytest.mark.parametrize("T", [1, 2, 3])
+@pytest.mark.parametrize("B", [1, 3, 9])          # 9: more rows than rf_rowdot takes, BLAS
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_calls_match_reference(variant, T, B, dtype):
+    """Calls of a few steps (the lean serving path with the Cython backend) against the
+    oracle, with and without a carried state, and the caller's arrays left untouched."""
+    _, kind, opts = variant
+    lay = make_layer(kind, opts, 24, 40, dtype=dtype, seed=11)
+    rng = rng_for("small", kind, str(opts), T, B, np.dtype(dtype).name)
+    x = rng.standard_normal((T, B, 24)).astype(dtype)
+    hx = random_hx(lay, B, rng, dtype)
+    x0, hx0 = x.copy(), [a.copy() for a in flat_states(hx)]
+    for state in (None, hx):
+        got = lay(x, state)
+        assert_result_close(got, ref_stack(lay, x, state), dtype)
+        assert isinstance(got[0], np.ndarray) and got[0].flags.c_contiguous
+    np.testing.assert_array_equal(x, x0)
+    for a, b in zip(flat_states(hx), hx0):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_small_calls_carry_state_like_one_long_call():
+    """Serving token by token (state carried) gives the outputs of one call over the sequence."""
+    lay = make_layer("lstm", {}, 16, 48, dtype=np.float32, seed=2)
+    x = rng_for("carry").standard_normal((12, 2, 16)).astype(np.float32)
+    y_all, (h_all, c_all) = lay(x)
+    hx, ys = None, []
+    for t in range(12):
+        y, hx = lay(x[t:t + 1], hx)
+        ys.append(y)
+    np.testing.assert_allclose(np.concatenate(ys), y_all, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hx[0], h_all, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hx[1], c_all, rtol=1e-5, atol=1e-6)
+
+
+def test_small_call_results_are_fresh_arrays():
+    """Outputs of the lean path never alias its reused scratch or each other."""
+    lay = make_layer("gru", {}, 8, 16, dtype=np.float32, seed=4)
+    x1 = np.ones((1, 1, 8), np.float32)
+    y1, h1 = lay(x1)
+    keep = y1.copy(), h1.copy()
+    lay(-x1)
+    np.testing.assert_array_equal(y1, keep[0])
+    np.testing.assert_array_equal(h1, keep[1])
+    assert not np.shares_memory(y1, h1)
+
+
+@pytest.mark.parametrize("hx_kind", ["list", "float64", "fortran", "bad-shape"])
+def test_small_call_odd_states_take_the_checked_path(hx_kind):
+    """States the lean path does not take as they are go through the general checks:
+    converted like any call, or rejected with the general error."""
+    lay = make_layer("lstm", {}, 8, 16, dtype=np.float32, seed=6)
+    rng = rng_for("odd", hx_kind)
+    x = rng.standard_normal((1, 2, 8)).astype(np.float32)
+    h, c = (rng.standard_normal((1, 2, 16)) for _ in range(2))
+    if hx_kind == "bad-shape":
+        with pytest.raises(ValueError, match="h0"):
+            lay(x, (h[:, :1].astype(np.float32), c.astype(np.float32)))
+        return
+    hx = {"list": [h.astype(np.float32), c.astype(np.float32)],
+          "float64": (h, c),
+          "fortran": (np.asfortranarray(h.astype(np.float32).transpose(1, 0, 2)).transpose(1, 0, 2),
+                      c.astype(np.float32))}[hx_kind]
+    assert_result_close(lay(x, hx), ref_stack(lay, x, tuple(np.asarray(a, np.float64) for a in hx)), np.float32)
+
+
+def test_small_calls_from_several_threads():
+    """The lean path's scratch is per thread: concurrent serving calls give each caller its answer."""
+    import threading
+    lay = make_layer("lstm", {}, 32, 64, dtype=np.float32, seed=8)
+    xs = [rng_for("thr", i).standard_normal((1, 1, 32)).astype(np.float32) for i in range(8)]
+    want = [lay(x) for x in xs]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(200):
+                y, (h, c) = lay(xs[i])
+                np.testing.assert_array_equal(y, want[i][0])
+                np.testing.assert_array_equal(c, want[i][1][1])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("be", ALL_BACKENDS)
+def test_small_path_taken_only_for_plain_cython_calls(be, monkeypatch):
+    """The lean path serves plain calls when the Cython backend is in force, and only then."""
+    from rnnfast import _engine
+    calls = []
+    real = _engine.run_small
+    monkeypatch.setattr(_engine, "run_small", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lay = make_layer("lstm", {}, 8, 16, dtype=np.float32, seed=1)
+    x = np.ones((1, 2, 8), np.float32)
+    with rnnfast.backend(be):
+        want = ref_stack(lay, x)
+        assert_result_close(lay(x), want, np.float32)
+        assert_result_close(lay(x[0]), ref_stack(lay, x[0]), np.float32)   # unbatched (2, 8)
+        lay(np.ones((4, 2, 8), np.float32))            # T = 4: the general (packed) path
+        lay(x, lengths=[1, 1])                          # lengths: the general path
+    cython_in_force = rnnfast.backends.resolve_fast() == "cython" if be == "auto" else be == "cython"
+    assert len(calls) == (2 if cython_in_force else 0)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_parameters_are_cache_line_aligned(kind):
+    """Weights start on 64-byte boundaries (vector loads of a row never straddle two cache
+    lines), also after load_state_dict, which copies into the same arrays."""
+    lay = LAYER_CLS_BY_KIND[kind](24, 40, num_layers=2, bidirectional=True)
+    assert all(p.ctypes.data % 64 == 0 for p in lay.parameters().values())
+    lay.load_state_dict({k: np.zeros_like(v) for k, v in lay.state_dict().items()})
+    assert all(p.ctypes.data % 64 == 0 for p in lay.parameters().values())
+    mg = rnnfast.MinGRU(8, 16)
+    assert all(p.ctypes.data % 64 == 0 for p in mg.parameters().values())
+
+
+LAYER_CLS_BY_KIND = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
