@@ -11,31 +11,72 @@ static inline void RF_FN(rf_stream)(RF_T *dst, const RF_T *src) {
 #endif
 }
 
-/* Pack panels [p0, p1) of W (G*H x K, gate-major rows) as P[p][k][g*UP + v]. */
-__attribute__((optimize("no-tree-vectorize")))
+/* Transpose RF_VL vectors in place: v[i][l] becomes v[l][i] (log2(RF_VL) stages of
+ * two-input shuffles, RF_VL per stage). */
+static inline __attribute__((always_inline)) void RF_FN(rf_transpose)(RF_VT *v) {
+#define RF_TSTAGE(B, ...) do {                                                          \
+        for (int i = 0; i < RF_VL; ++i) {                                               \
+            if (i & (B)) continue;                                                      \
+            RF_VT a = v[i], b = v[i + (B)];                                             \
+            v[i] = __builtin_shufflevector(a, b, RF_TLO##B);                            \
+            v[i + (B)] = __builtin_shufflevector(a, b, RF_THI##B);                      \
+        }                                                                               \
+    } while (0)
+#ifdef RF_FLOAT_BODY
+#define RF_TLO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define RF_THI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define RF_TLO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define RF_THI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define RF_TLO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define RF_THI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define RF_TLO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define RF_THI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+    RF_TSTAGE(1); RF_TSTAGE(2); RF_TSTAGE(4); RF_TSTAGE(8);
+#else
+#define RF_TLO1 0, 8, 2, 10, 4, 12, 6, 14
+#define RF_THI1 1, 9, 3, 11, 5, 13, 7, 15
+#define RF_TLO2 0, 1, 8, 9, 4, 5, 12, 13
+#define RF_THI2 2, 3, 10, 11, 6, 7, 14, 15
+#define RF_TLO4 0, 1, 2, 3, 8, 9, 10, 11
+#define RF_THI4 4, 5, 6, 7, 12, 13, 14, 15
+    RF_TSTAGE(1); RF_TSTAGE(2); RF_TSTAGE(4);
+#endif
+#undef RF_TLO1
+#undef RF_THI1
+#undef RF_TLO2
+#undef RF_THI2
+#undef RF_TLO4
+#undef RF_THI4
+#undef RF_TLO8
+#undef RF_THI8
+#undef RF_TSTAGE
+}
+
+/* Pack panels [p0, p1) of W (G*H x K, gate-major rows) as P[p][k][g*UP + v] (units past
+ * H are zeros): RF_VL x RF_VL tiles transposed in registers. */
 static inline void RF_FN(rf_pack)(int G, int H, int K, int p0, int p1, const RF_T *W, RF_T *P) {
     const int UP = rf_panel_units(G, sizeof(RF_T) == 8), PW = G * UP;
+    const int Kv = K - K % RF_VL;
     for (int p = p0; p < p1; ++p) {
         RF_T *dst = P + (size_t)p * K * PW;
         for (int g = 0; g < G; ++g) {
-            for (int v0 = 0; v0 < UP; v0 += 8) {
-                int u0 = p * UP + v0;
-                int nv = H - u0 < 8 ? (H - u0 > 0 ? H - u0 : 0) : 8;
+            for (int v0 = 0; v0 < UP; v0 += RF_VL) {
+                const int u0 = p * UP + v0;
+                const int nv = H - u0 < RF_VL ? (H - u0 > 0 ? H - u0 : 0) : RF_VL;
                 const RF_T *sb = W + (size_t)(g * H + u0) * K;
                 RF_T *db = dst + g * UP + v0;
-                if (nv == 8) {
-                    for (int k = 0; k < K; ++k) {
-                        RF_T *d = db + (size_t)k * PW;
-                        d[0] = sb[k]; d[1] = sb[K + k]; d[2] = sb[2 * (size_t)K + k];
-                        d[3] = sb[3 * (size_t)K + k]; d[4] = sb[4 * (size_t)K + k];
-                        d[5] = sb[5 * (size_t)K + k]; d[6] = sb[6 * (size_t)K + k];
-                        d[7] = sb[7 * (size_t)K + k];
+                for (int k = 0; k < Kv; k += RF_VL) {
+                    RF_VT t[RF_VL];
+                    for (int i = 0; i < RF_VL; ++i) {
+                        if (i < nv) memcpy(&t[i], sb + (size_t)i * K + k, sizeof(RF_VT));
+                        else t[i] = (RF_VT){0};
                     }
-                } else {
-                    for (int k = 0; k < K; ++k)
-                        for (int v = 0; v < 8; ++v)
-                            db[(size_t)k * PW + v] = v < nv ? sb[(size_t)v * K + k] : (RF_T)0;
+                    RF_FN(rf_transpose)(t);
+                    for (int j = 0; j < RF_VL; ++j) memcpy(db + (size_t)(k + j) * PW, &t[j], sizeof(RF_VT));
                 }
+                for (int k = Kv; k < K; ++k)
+                    for (int v = 0; v < RF_VL; ++v)
+                        db[(size_t)k * PW + v] = v < nv ? sb[(size_t)v * K + k] : (RF_T)0;
             }
         }
     }
