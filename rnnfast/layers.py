@@ -108,6 +108,11 @@ class _RNNBase:
         load_params(self._params, self._shapes, mapping)
 
     def _weights(self) -> list[list[_engine.DirWeights]]:
+        """The parameters grouped per layer and direction (built once: the arrays in
+        ``_params`` are never replaced, load_state_dict copies into them)."""
+        cached = self.__dict__.get("_wcache")
+        if cached is not None:
+            return cached
         out = []
         for layer in range(self.num_layers):
             dirs = []
@@ -118,6 +123,7 @@ class _RNNBase:
                     p[f"weight_ih_{sfx}"], p[f"weight_hh_{sfx}"], p.get(f"bias_ih_{sfx}"),
                     p.get(f"bias_hh_{sfx}"), p.get(f"weight_hr_{sfx}")))
             out.append(dirs)
+        self._wcache = out
         return out
 
     # ------------------------------------------------------------------ forward
