@@ -706,6 +706,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, bursts of 1, short pauses")
     ap.add_argument("--json", metavar="PATH", help="write every figure to PATH (JSON)")
     ap.add_argument("--png", metavar="PATH", help="bar chart of speedups per workload (needs matplotlib)")
+    ap.add_argument("--no-scans", action="store_true",
+                    help="skip the linear_scan / minGRU-vs-GRU figures after the table (also skipped with --only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -796,6 +798,17 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             out["meta"]["wall_s"] = time.perf_counter() - t_start
             _write_json(args.json, out)
+    if not args.only and not getattr(args, "no_scans", False):
+        from .bench_scan import format_scans, run_scans
+        try:
+            out["scans"] = run_scans(opt.threads, max(1, min(opt.rounds, 5)), opt.burst, opt.pause)
+        except Exception as e:  # noqa: BLE001 - report, keep the table
+            out["scans"] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"# scans: error: {_short(out['scans']['error'])}")
+            status = 1
+        else:
+            for line in format_scans(out["scans"]):
+                print(line)
     wall = time.perf_counter() - t_start
     out["meta"]["wall_s"] = wall
     if args.json:

@@ -194,3 +194,32 @@ def test_run_workload_not_implemented_is_na(monkeypatch):
         assert r["status"] == "n/a" and "not written yet" in r["reason"]
     rows = bench.format_rows(rec)
     assert any("n/a (NotImplementedError: not written yet)" in line for line in rows)
+
+
+def test_scan_figures(monkeypatch):
+    """The bench's linear_scan / minGRU-vs-GRU section (run in-process on small shapes):
+    every figure present, positive, and the scan checked against the plain loop."""
+    from rnnfast import bench_scan
+    monkeypatch.setattr(bench_scan, "SCAN_SHAPE", (4096, 4))
+    monkeypatch.setattr(bench_scan, "MIN_SHAPE", (64, 2, 32))
+    r = bench_scan.run_scans(2, 1, 1, 0.0)
+    for k in ("linear_scan_1thread_s", "linear_scan_threads_s", "linear_scan_speedup", "mingru_s", "gru_s",
+              "mingru_vs_gru"):
+        assert r[k] > 0, k
+    assert r["linear_scan_max_err"] < 1e-4
+    lines = bench_scan.format_scans(r)
+    assert "linear_scan (4096, 4)" in lines[0] and "minGRU vs rnnfast GRU" in lines[-1]
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        assert "not timed" in lines[1]
+    else:
+        assert r["plain_loop_s"] > 0 and "plain compiled sequential loop" in lines[1]
+
+
+def test_bench_accepts_no_scans():
+    """--no-scans is accepted and no scan section is printed (a full-table run, without
+    --only, prints it after the table; test_scan_figures covers its content)."""
+    p = _run("bench", "--quick", "--only", "lstm-b1", "--no-scans", "--no-reference")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "linear_scan" not in p.stdout
