@@ -142,13 +142,33 @@ cdef inline int _split(int total, int k, int parts) noexcept nogil:
     return s if s < total else total
 
 
+cdef inline void _project(int k, int cpd, bint fused, int G, int H, int I, int Hout, int UP, int npan,
+                          int n, const floating *x, const floating *w_ih, floating *wpd,
+                          floating *xg) noexcept nogil:
+    """Input projections of n rows of x for work item k's units, into rows [0, n) of xg."""
+    cdef int GH = G * H, g, p0, p1, u0, u1
+    cdef floating zero = 0
+    if n <= 0:
+        return
+    if fused:
+        p0 = npan * k // cpd; p1 = npan * (k + 1) // cpd
+        if floating is float:
+            rf_gemm_panels_f(G, H, I, n, p0, p1, x, I, wpd + <size_t>npan * Hout * G * UP, xg, GH)
+        else:
+            rf_gemm_panels_d(G, H, I, n, p0, p1, x, I, wpd + <size_t>npan * Hout * G * UP, xg, GH)
+    else:
+        u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+        for g in range(G):
+            _gemm_nt(n, u1 - u0, I, x, I, w_ih + <size_t>(g * H + u0) * I, I, xg + g * H + u0, GH, zero)
+
+
 cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                   int T, int N, int B, int I, int H, int Hout,
                   const int64_t *bsz, const floating *x,
                   const floating **w_ih, const floating **w_hh, const floating **bx,
                   const floating **bh, const floating **w_hr,
                   floating *xg, floating *hbuf, floating *cst, floating *y,
-                  floating *hg, floating *s2, floating *wpk, int npk) noexcept nogil:
+                  floating *hg, floating *s2, floating *wpk, int npk, int xrows, int chunk) noexcept nogil:
     cdef int G = _gates(code)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
@@ -169,36 +189,53 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     cdef floating *cd
     cdef floating zero = 0
     cdef int[MAX_DIRS] offs
+    cdef int[MAX_DIRS] lo       # first packed row of the steps whose projections xg holds
+    cdef int hi, j, tlo
 
-    # 1. input projections of all steps, each item its own gate rows
+    # 1. pack this thread's panels of the weights (fused path)
     it = tid
-    while it < nitems:
+    while it < nitems and fused:
         d = it // cpd; k = it % cpd
-        if fused:
-            p0 = npan * k // cpd; p1 = npan * (k + 1) // cpd
-            wpd = wpk + <size_t>d * npk
-            if floating is float:
-                rf_pack_f(G, H, Hout, p0, p1, w_hh[d], wpd)
-                rf_pack_f(G, H, I, p0, p1, w_ih[d], wpd + <size_t>npan * Hout * G * UP)
-                rf_gemm_panels_f(G, H, I, N, p0, p1, x, I, wpd + <size_t>npan * Hout * G * UP,
-                                 xg + <size_t>d * N * GH, GH)
-            else:
-                rf_pack_d(G, H, Hout, p0, p1, w_hh[d], wpd)
-                rf_pack_d(G, H, I, p0, p1, w_ih[d], wpd + <size_t>npan * Hout * G * UP)
-                rf_gemm_panels_d(G, H, I, N, p0, p1, x, I, wpd + <size_t>npan * Hout * G * UP,
-                                 xg + <size_t>d * N * GH, GH)
+        p0 = npan * k // cpd; p1 = npan * (k + 1) // cpd
+        wpd = wpk + <size_t>d * npk
+        if floating is float:
+            rf_pack_f(G, H, Hout, p0, p1, w_hh[d], wpd)
+            rf_pack_f(G, H, I, p0, p1, w_ih[d], wpd + <size_t>npan * Hout * G * UP)
         else:
-            u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
-            for g in range(G):
-                _gemm_nt(N, u1 - u0, I, x, I, w_ih[d] + <size_t>(g * H + u0) * I, I,
-                         xg + <size_t>d * N * GH + g * H + u0, GH, zero)
+            rf_pack_d(G, H, Hout, p0, p1, w_hh[d], wpd)
+            rf_pack_d(G, H, I, p0, p1, w_ih[d], wpd + <size_t>npan * Hout * G * UP)
         it = it + nthr
     for d in range(ndir):
         rev = rev0 if d == 0 else True
         offs[d] = N - <int>bsz[T - 1] if rev else 0
+        lo[d] = 0
 
-    # 2. the recurrence
+    # 2. the recurrence; every `chunk` steps, each item projects the inputs of the next
+    # chunk of steps for its own units (only it reads them: no barrier), into xg's rows
     for s in range(T):
+        if s % chunk == 0:
+            for d in range(ndir):
+                rev = rev0 if d == 0 else True
+                if not rev:
+                    lo[d] = offs[d]
+                    hi = offs[d]
+                    for j in range(s, _imin(T, s + chunk)):
+                        hi = hi + <int>bsz[j]
+                else:
+                    hi = offs[d] + <int>bsz[T - 1 - s]
+                    tlo = T - s - chunk
+                    if tlo < 0:
+                        tlo = 0
+                    lo[d] = offs[d]
+                    for j in range(tlo, T - 1 - s):
+                        lo[d] = lo[d] - <int>bsz[j]
+                it = tid
+                while it < nitems:
+                    if it // cpd == d:
+                        _project(it % cpd, cpd, fused, G, H, I, Hout, UP, npan, hi - lo[d],
+                                 x + <size_t>lo[d] * I, w_ih[d], wpk + <size_t>d * npk if fused else NULL,
+                                 xg + <size_t>d * xrows * GH)
+                    it = it + nthr
         for phase in range(2):
             if phase == 1 and code != LSTM_PROJ and code != GRU_NOLBR:
                 break
@@ -214,8 +251,8 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                     u0 = _imin(H, p0 * UP); u1 = _imin(H, p1 * UP)
                 else:
                     u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
-                xgd = xg + <size_t>d * N * GH
-                xgt = xgd + <size_t>off * GH
+                xgd = xg + <size_t>d * xrows * GH
+                xgt = xgd + <size_t>(off - lo[d]) * GH
                 hgd = hg + <size_t>d * B * GH
                 hr = hbuf + <size_t>(2 * d + (s % 2)) * B * Hout
                 hw = hbuf + <size_t>(2 * d + ((s + 1) % 2)) * B * Hout
@@ -306,7 +343,7 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
               const floating[::1] bx1, const floating[::1] bh1, const floating[:, ::1] w_hr1,
               int ndir, bint rev0, floating[:, :, ::1] xg, floating[:, :, :, ::1] hbuf,
               floating[:, :, ::1] cst, floating[:, ::1] y, floating[:, :, ::1] hg,
-              floating[:, :, ::1] s2, int nthreads, floating[::1] wpk=None):
+              floating[:, :, ::1] s2, int nthreads, floating[::1] wpk=None, int chunk=0):
     """Run one layer (one or two directions) over packed rows; see the module docstring.
 
     Parameters
@@ -316,7 +353,9 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
     w_ih*, w_hh*, bx*, bh*, w_hr* : direction 0 and 1 weights (direction 1 ignored when
         ndir == 1; w_hr only read for LSTM with projection).
     rev0 : direction 0 runs in reverse (direction 1 always does).
-    xg : (ndir, N, G*H) scratch.  hbuf : (ndir, 2, B, Hout), both halves holding h0;
+    xg : (ndir, R, G*H) scratch for the input projections of `chunk` steps at a time
+        (R >= min(N, chunk * B); chunk <= 0: all T steps at once, R >= N).
+    hbuf : (ndir, 2, B, Hout), both halves holding h0;
         after the call half ``L % 2`` of row j holds its final state for a forward
         direction of length L, half ``T % 2`` for a reverse one.
     cst : (ndir, B, H) c0 in, c_n out (LSTM).  y : (N, ndir*Hout) output.
@@ -338,6 +377,10 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
     cdef const floating *w_hr[MAX_DIRS]
     if T == 0 or N == 0:
         return
+    if chunk <= 0 or chunk > T:
+        chunk = T
+    if xg.shape[1] < _imin(N, chunk * B):
+        raise ValueError(f"run_layer: xg holds {xg.shape[1]} rows, {min(N, chunk * B)} needed")
     w_ih[0] = &w_ih0[0, 0]; w_hh[0] = &w_hh0[0, 0]; bx[0] = &bx0[0]; bh[0] = &bh0[0]; w_hr[0] = &w_hr0[0, 0]
     w_ih[1] = &w_ih1[0, 0]; w_hh[1] = &w_hh1[0, 0]; bx[1] = &bx1[0]; bh[1] = &bh1[0]; w_hr[1] = &w_hr1[0, 0]
     if nthreads < 1:
@@ -361,13 +404,13 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
         with nogil:
             _worker(0, 1, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
-                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk)
+                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, nthr, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
-                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk)
+                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk)
 
 
 cdef inline void* _data(object a) noexcept:
@@ -413,12 +456,12 @@ cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w
     if nthr == 1:
         with nogil:
             _worker(0, 1, code, 1, 1, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, nthr, code, 1, cpd, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T)
     memcpy(_data(hn), hb + <size_t>(T % 2) * B * Hout, hbytes)
 
 

@@ -78,3 +78,63 @@ def test_scratch_is_cache_line_aligned():
 
 def _flat(h):
     return list(h) if isinstance(h, tuple) else [h]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("chunk_rows", [1, 7, 20])
+@pytest.mark.parametrize("lengths", ["none", "varlen"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_projection_chunks_match_reference(variant, chunk_rows, lengths, nthreads, monkeypatch):
+    """Input projections computed a few steps at a time (chunks of 1 step, of steps not
+    dividing T, with sequences of different lengths, both directions, two layers) give
+    the reference results."""
+    from rnnfast import _engine
+    _, kind, opts = variant
+    monkeypatch.setattr(_engine, "_CHUNK_ABOVE", 0)
+    monkeypatch.setattr(_engine, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(_engine, "_CHUNK_MIN_ROWS", chunk_rows)
+    T, B, I, H = 13, 5, 7, 20
+    lay = make_layer(kind, opts, I, H, num_layers=2, bidirectional=True, dtype=np.float64, seed=9)
+    rng = rng_for("chunks", kind, str(opts), chunk_rows, lengths)
+    x = rng.standard_normal((T, B, I))
+    ln = None
+    if lengths == "varlen":
+        ln = rng.integers(0, T + 1, B)
+        ln[1] = T
+    want_y, want_h = ref_stack(lay, x, lengths=ln)
+    rnnfast.set_num_threads(nthreads)
+    with rnnfast.backend("cython"):
+        got_y, got_h = lay(x, lengths=ln)
+    tol = _tol(np.float64, 1.0)
+    np.testing.assert_allclose(got_y, want_y, err_msg="y", **tol)
+    for g, w in zip(_flat(got_h), _flat(want_h)):
+        np.testing.assert_allclose(g, w, err_msg="state", **tol)
+
+
+def test_chunk_steps_rule():
+    from rnnfast import _engine
+    assert _engine._CHUNK_ABOVE == 64 << 20 and _engine._CHUNK_BYTES == 8 << 20
+    assert _engine._chunk_steps(100, 64, 2048, 4) == 100        # lstm-b64: 52 MB, at once
+    assert _engine._chunk_steps(100, 1, 1024, 4) == 100         # lstm-b1
+    assert _engine._chunk_steps(1000, 64, 2048, 4) == 16        # 524 MB: 8 MB chunks
+    assert _engine._chunk_steps(100, 4096, 4096, 4) == 1        # at least one step
+    assert _engine._chunk_steps(10 ** 6, 1, 4096, 4) == 512     # 8 MB of 16 KB rows
+
+
+def test_long_input_is_projected_in_chunks(monkeypatch):
+    """An input whose projections exceed _CHUNK_ABOVE runs in chunks, and the scratch
+    buffer holds one chunk, not all steps."""
+    from rnnfast import _engine
+    monkeypatch.setattr(_engine, "_CHUNK_ABOVE", 1 << 20)
+    monkeypatch.setattr(_engine, "_CHUNK_BYTES", 64 << 10)
+    T, B, I, H = 300, 4, 16, 64         # 300 * 4 * 256 * 4 B = 1.2 MB of projections
+    lay = make_layer("lstm", {}, I, H, dtype=np.float32, seed=2)
+    x = rng_for("long").standard_normal((T, B, I)).astype(np.float32)
+    asked = {}
+    real = _engine.scratch
+    monkeypatch.setattr(_engine, "scratch", lambda key, shape, dtype: asked.setdefault(key, shape) and real(key, shape, dtype))
+    with rnnfast.backend("cython"):
+        got = lay(x)
+    want = ref_stack(lay, x)
+    np.testing.assert_allclose(got[0], want[0], **_tol(np.float32, 1.0))
+    assert asked["xg"] == (1, 96, 4 * H)        # 64 KB chunks, at least 96 rows: 24 steps of 4
