@@ -168,7 +168,8 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                   const floating **w_ih, const floating **w_hh, const floating **bx,
                   const floating **bh, const floating **w_hr,
                   floating *xg, floating *hbuf, floating *cst, floating *y,
-                  floating *hg, floating *s2, floating *wpk, int npk, int xrows, int chunk) noexcept nogil:
+                  floating *hg, floating *s2, floating *wpk, int npk, int xrows, int chunk,
+                  bint rec_rowdot) noexcept nogil:
     cdef int G = _gates(code)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
@@ -176,7 +177,8 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     cdef int it, d, k, g, u0, u1, p0, p1, s, t, n, off, phase
     cdef int UP = rf_panel_units(G, floating is double)
     cdef int npan = (H + UP - 1) // UP
-    cdef bint fused = npk > 0
+    cdef bint fused = npk > 0                       # packed weights: projection by rf_gemm_panels
+    cdef bint fused_step = fused and not rec_rowdot  # ... and the step by rf_fused_step
     cdef floating *wpd
     cdef bint rev
     cdef const floating *xgt
@@ -199,10 +201,12 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
         p0 = npan * k // cpd; p1 = npan * (k + 1) // cpd
         wpd = wpk + <size_t>d * npk
         if floating is float:
-            rf_pack_f(G, H, Hout, p0, p1, w_hh[d], wpd)
+            if fused_step:
+                rf_pack_f(G, H, Hout, p0, p1, w_hh[d], wpd)
             rf_pack_f(G, H, I, p0, p1, w_ih[d], wpd + <size_t>npan * Hout * G * UP)
         else:
-            rf_pack_d(G, H, Hout, p0, p1, w_hh[d], wpd)
+            if fused_step:
+                rf_pack_d(G, H, Hout, p0, p1, w_hh[d], wpd)
             rf_pack_d(G, H, I, p0, p1, w_ih[d], wpd + <size_t>npan * Hout * G * UP)
         it = it + nthr
     for d in range(ndir):
@@ -259,7 +263,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 yt = y + <size_t>off * ldy + d * Hout
                 s2d = s2 + <size_t>d * B * H
                 cd = cst + <size_t>d * B * H
-                if phase == 0 and fused:
+                if phase == 0 and fused_step:
                     wpd = wpk + <size_t>d * npk
                     if code == LSTM_PROJ:
                         if floating is float:
@@ -343,7 +347,8 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
               const floating[::1] bx1, const floating[::1] bh1, const floating[:, ::1] w_hr1,
               int ndir, bint rev0, floating[:, :, ::1] xg, floating[:, :, :, ::1] hbuf,
               floating[:, :, ::1] cst, floating[:, ::1] y, floating[:, :, ::1] hg,
-              floating[:, :, ::1] s2, int nthreads, floating[::1] wpk=None, int chunk=0):
+              floating[:, :, ::1] s2, int nthreads, floating[::1] wpk=None, int chunk=0,
+              bint rec_rowdot=False):
     """Run one layer (one or two directions) over packed rows; see the module docstring.
 
     Parameters
@@ -360,6 +365,9 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
         direction of length L, half ``T % 2`` for a reverse one.
     cst : (ndir, B, H) c0 in, c_n out (LSTM).  y : (N, ndir*Hout) output.
     hg : (ndir, B, G*H) and s2 : (ndir, B, H) scratch.  nthreads : threads to use.
+    wpk : packed weights (packed_size elements per direction), or None: BLAS / rf_rowdot.
+    rec_rowdot : with wpk, pack only the input weights (projection) and take each step's
+        recurrent product with rf_rowdot from the row-major weights (a few live rows).
     """
     cdef int T = bsz.shape[0]
     cdef int N = x.shape[0]
@@ -404,13 +412,13 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
         with nogil:
             _worker(0, 1, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
-                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk)
+                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, nthr, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
-                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk)
+                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot)
 
 
 cdef inline void* _data(object a) noexcept:
@@ -456,12 +464,12 @@ cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w
     if nthr == 1:
         with nogil:
             _worker(0, 1, code, 1, 1, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, nthr, code, 1, cpd, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False)
     memcpy(_data(hn), hb + <size_t>(T % 2) * B * Hout, hbytes)
 
 
