@@ -169,7 +169,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                   const floating **bh, const floating **w_hr,
                   floating *xg, floating *hbuf, floating *cst, floating *y,
                   floating *hg, floating *s2, floating *wpk, int npk, int xrows, int chunk,
-                  bint rec_rowdot) noexcept nogil:
+                  bint rec_rowdot, bint bsplit) noexcept nogil:
     cdef int G = _gates(code)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
@@ -192,7 +192,13 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     cdef floating zero = 0
     cdef int[MAX_DIRS] offs
     cdef int[MAX_DIRS] lo       # first packed row of the steps whose projections xg holds
-    cdef int hi, j, tlo
+    cdef int hi, j, tlo, nb
+    # bsplit: the steps split the batch instead of the units: item k of a direction takes
+    # rows k, k + cpd, ... with every unit (no step depends on another thread's work, no
+    # barrier per step); packing and projections still split the units (one barrier)
+    cdef bint sync = not bsplit and cpd > 1     # threads share a direction's units: a barrier per step
+    cdef int rs = cpd if bsplit else 1          # row stride multiplier
+    cdef int ldx = GH * rs, ldg = GH * rs, ldh = Hout * rs, ldH = H * rs, ldyy = ndir * Hout * rs
 
     # 1. pack this thread's panels of the weights (fused path)
     it = tid
@@ -233,6 +239,8 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                     lo[d] = offs[d]
                     for j in range(tlo, T - 1 - s):
                         lo[d] = lo[d] - <int>bsz[j]
+                if bsplit and s > 0:
+                    rf_barrier()    # every thread is done with the previous chunk
                 it = tid
                 while it < nitems:
                     if it // cpd == d:
@@ -240,6 +248,8 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                                  x + <size_t>lo[d] * I, w_ih[d], wpk + <size_t>d * npk if fused else NULL,
                                  xg + <size_t>d * xrows * GH)
                     it = it + nthr
+            if bsplit:
+                rf_barrier()        # all units' projections (and packed panels) are ready
         for phase in range(2):
             if phase == 1 and code != LSTM_PROJ and code != GRU_NOLBR:
                 break
@@ -248,87 +258,97 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 d = it // cpd; k = it % cpd
                 rev = rev0 if d == 0 else True
                 t = T - 1 - s if rev else s
-                n = <int>bsz[t]
+                nb = <int>bsz[t]
                 off = offs[d]
-                if fused:
-                    p0 = npan * k // cpd; p1 = npan * (k + 1) // cpd
-                    u0 = _imin(H, p0 * UP); u1 = _imin(H, p1 * UP)
+                if bsplit:
+                    n = (nb - k + cpd - 1) // cpd if nb > k else 0
+                    p0 = 0; p1 = npan; u0 = 0; u1 = H
+                    j = k               # first row of this item
                 else:
-                    u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+                    n = nb
+                    j = 0
+                    if fused:
+                        p0 = npan * k // cpd; p1 = npan * (k + 1) // cpd
+                        u0 = _imin(H, p0 * UP); u1 = _imin(H, p1 * UP)
+                    else:
+                        u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
                 xgd = xg + <size_t>d * xrows * GH
-                xgt = xgd + <size_t>(off - lo[d]) * GH
-                hgd = hg + <size_t>d * B * GH
-                hr = hbuf + <size_t>(2 * d + (s % 2)) * B * Hout
-                hw = hbuf + <size_t>(2 * d + ((s + 1) % 2)) * B * Hout
-                yt = y + <size_t>off * ldy + d * Hout
-                s2d = s2 + <size_t>d * B * H
-                cd = cst + <size_t>d * B * H
+                xgt = xgd + <size_t>(off - lo[d] + j) * GH
+                hgd = hg + <size_t>d * B * GH + <size_t>j * GH
+                hr = hbuf + <size_t>(2 * d + (s % 2)) * B * Hout + <size_t>j * Hout
+                hw = hbuf + <size_t>(2 * d + ((s + 1) % 2)) * B * Hout + <size_t>j * Hout
+                yt = y + <size_t>(off + j) * ldy + d * Hout
+                s2d = s2 + <size_t>d * B * H + <size_t>j * H
+                cd = cst + <size_t>d * B * H + <size_t>j * H
                 if phase == 0 and fused_step:
                     wpd = wpk + <size_t>d * npk
                     if code == LSTM_PROJ:
                         if floating is float:
-                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, GH, bx[d], bh[d], hr, Hout,
-                                            cd, H, s2d, H, NULL, 0)
+                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, bx[d], bh[d], hr, ldh,
+                                            cd, ldH, s2d, ldH, NULL, 0)
                         else:
-                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, GH, bx[d], bh[d], hr, Hout,
-                                            cd, H, s2d, H, NULL, 0)
+                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, bx[d], bh[d], hr, ldh,
+                                            cd, ldH, s2d, ldH, NULL, 0)
                     else:
                         if floating is float:
-                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, GH, bx[d], bh[d], hr, Hout,
-                                            cd, H, hw, Hout, yt, ldy)
+                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, bx[d], bh[d], hr, ldh,
+                                            cd, ldH, hw, ldh, yt, ldyy)
                         else:
-                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, GH, bx[d], bh[d], hr, Hout,
-                                            cd, H, hw, Hout, yt, ldy)
+                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, bx[d], bh[d], hr, ldh,
+                                            cd, ldH, hw, ldh, yt, ldyy)
                 elif phase == 0:
                     if code == GRU_NOLBR:
                         for g in range(2):
-                            _gemm_nt(n, u1 - u0, Hout, hr, Hout, w_hh[d] + <size_t>(g * H + u0) * Hout, Hout,
-                                     hgd + g * H + u0, GH, zero)
+                            _gemm_nt(n, u1 - u0, Hout, hr, ldh, w_hh[d] + <size_t>(g * H + u0) * Hout, Hout,
+                                     hgd + g * H + u0, ldg, zero)
                     else:
                         for g in range(G):
-                            _gemm_nt(n, u1 - u0, Hout, hr, Hout, w_hh[d] + <size_t>(g * H + u0) * Hout, Hout,
-                                     hgd + g * H + u0, GH, zero)
+                            _gemm_nt(n, u1 - u0, Hout, hr, ldh, w_hh[d] + <size_t>(g * H + u0) * Hout, Hout,
+                                     hgd + g * H + u0, ldg, zero)
                     if code == LSTM:
                         if floating is float:
-                            rf_lstm_gates_f(n, H, u0, u1, xgt, GH, hgd, GH, H, bx[d], bh[d], cd, H, hw, Hout, yt, ldy)
+                            rf_lstm_gates_f(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, hw, ldh, yt, ldyy)
                         else:
-                            rf_lstm_gates_d(n, H, u0, u1, xgt, GH, hgd, GH, H, bx[d], bh[d], cd, H, hw, Hout, yt, ldy)
+                            rf_lstm_gates_d(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, hw, ldh, yt, ldyy)
                     elif code == LSTM_PROJ:
                         if floating is float:
-                            rf_lstm_gates_f(n, H, u0, u1, xgt, GH, hgd, GH, H, bx[d], bh[d], cd, H, s2d, H, NULL, 0)
+                            rf_lstm_gates_f(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, s2d, ldH, NULL, 0)
                         else:
-                            rf_lstm_gates_d(n, H, u0, u1, xgt, GH, hgd, GH, H, bx[d], bh[d], cd, H, s2d, H, NULL, 0)
+                            rf_lstm_gates_d(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, s2d, ldH, NULL, 0)
                     elif code == GRU_LBR:
                         if floating is float:
-                            rf_gru_gates_f(n, H, u0, u1, xgt, GH, hgd, GH, H, bx[d], bh[d], hr, Hout, hw, Hout, yt, ldy)
+                            rf_gru_gates_f(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], hr, ldh, hw, ldh, yt, ldyy)
                         else:
-                            rf_gru_gates_d(n, H, u0, u1, xgt, GH, hgd, GH, H, bx[d], bh[d], hr, Hout, hw, Hout, yt, ldy)
+                            rf_gru_gates_d(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], hr, ldh, hw, ldh, yt, ldyy)
                     elif code == GRU_NOLBR:
                         if floating is float:
-                            rf_gru_rz_f(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, s2d, H)
+                            rf_gru_rz_f(n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, s2d, ldH)
                         else:
-                            rf_gru_rz_d(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, s2d, H)
+                            rf_gru_rz_d(n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, s2d, ldH)
                     else:
                         if floating is float:
-                            rf_rnn_gates_f(n, code == RNN_RELU, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hw, Hout, yt, ldy)
+                            rf_rnn_gates_f(n, code == RNN_RELU, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hw, ldh, yt, ldyy)
                         else:
-                            rf_rnn_gates_d(n, code == RNN_RELU, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hw, Hout, yt, ldy)
+                            rf_rnn_gates_d(n, code == RNN_RELU, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hw, ldh, yt, ldyy)
                 elif code == LSTM_PROJ:
-                    p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
-                    _gemm_nt(n, p1 - p0, H, s2d, H, w_hr[d] + <size_t>p0 * H, H, yt + p0, ldy, zero)
-                    if floating is float:
-                        rf_copy_cols_f(n, p0, p1, yt, ldy, hw, Hout)
+                    if bsplit:
+                        p0 = 0; p1 = Hout
                     else:
-                        rf_copy_cols_d(n, p0, p1, yt, ldy, hw, Hout)
+                        p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
+                    _gemm_nt(n, p1 - p0, H, s2d, ldH, w_hr[d] + <size_t>p0 * H, H, yt + p0, ldyy, zero)
+                    if floating is float:
+                        rf_copy_cols_f(n, p0, p1, yt, ldyy, hw, ldh)
+                    else:
+                        rf_copy_cols_d(n, p0, p1, yt, ldyy, hw, ldh)
                 else:   # GRU_NOLBR, phase 2
-                    _gemm_nt(n, u1 - u0, H, s2d, H, w_hh[d] + <size_t>(2 * H + u0) * Hout, Hout,
-                             hgd + 2 * H + u0, GH, zero)
+                    _gemm_nt(n, u1 - u0, H, s2d, ldH, w_hh[d] + <size_t>(2 * H + u0) * Hout, Hout,
+                             hgd + 2 * H + u0, ldg, zero)
                     if floating is float:
-                        rf_gru_n_f(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, hw, Hout, yt, ldy)
+                        rf_gru_n_f(n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, hw, ldh, yt, ldyy)
                     else:
-                        rf_gru_n_d(n, H, u0, u1, xgt, GH, hgd, GH, bx[d], bh[d], hr, Hout, hw, Hout, yt, ldy)
+                        rf_gru_n_d(n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, hw, ldh, yt, ldyy)
                 it = it + nthr
-            if s + 1 < T or (phase == 0 and (code == LSTM_PROJ or code == GRU_NOLBR)):
+            if sync and (s + 1 < T or (phase == 0 and (code == LSTM_PROJ or code == GRU_NOLBR))):
                 rf_barrier()    # (the end of the parallel region synchronises the last step)
         # advance every direction's row offset (each thread keeps its own copy)
         for d in range(ndir):
@@ -348,7 +368,7 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
               int ndir, bint rev0, floating[:, :, ::1] xg, floating[:, :, :, ::1] hbuf,
               floating[:, :, ::1] cst, floating[:, ::1] y, floating[:, :, ::1] hg,
               floating[:, :, ::1] s2, int nthreads, floating[::1] wpk=None, int chunk=0,
-              bint rec_rowdot=False):
+              bint rec_rowdot=False, bint batch_split=False):
     """Run one layer (one or two directions) over packed rows; see the module docstring.
 
     Parameters
@@ -368,6 +388,10 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
     wpk : packed weights (packed_size elements per direction), or None: BLAS / rf_rowdot.
     rec_rowdot : with wpk, pack only the input weights (projection) and take each step's
         recurrent product with rf_rowdot from the row-major weights (a few live rows).
+    batch_split : the threads of a direction split the batch rows of each step (every
+        unit, all the weights; no barrier per step) instead of its units; packing and
+        projections still split the units. For batches of several rows whose recurrent
+        weights fit in each core's L2.
     """
     cdef int T = bsz.shape[0]
     cdef int N = x.shape[0]
@@ -408,17 +432,21 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
     nthr = nthreads if nthreads < nitems else nitems
     if not rf_have_openmp():
         nthr = 1
+    if cpd < 2:
+        batch_split = False
     if nthr == 1:
         with nogil:
             _worker(0, 1, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
-                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot)
+                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot,
+                    batch_split)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, nthr, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
-                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot)
+                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot,
+                    batch_split)
 
 
 cdef inline void* _data(object a) noexcept:
@@ -464,12 +492,12 @@ cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w
     if nthr == 1:
         with nogil:
             _worker(0, 1, code, 1, 1, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, nthr, code, 1, cpd, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False)
     memcpy(_data(hn), hb + <size_t>(T % 2) * B * Hout, hbytes)
 
 

@@ -72,6 +72,11 @@ _USE_FUSED = True     # private switch for measurements: False = BLAS per gate i
 # direction (lstm-b64: 52 MB), and longer or wider inputs go in chunks of _CHUNK_BYTES,
 # at least _CHUNK_MIN_ROWS rows per GEMM.
 _CHUNK_ABOVE = 64 << 20
+# Threads of a direction split the batch rows of each step (no barrier per step) rather
+# than the units when there are at least _BSPLIT_MIN_ROWS rows and one direction's
+# recurrent weights fit a core's L2 next to the rest (each thread reads all of them).
+_BSPLIT_MIN_ROWS = 8
+_BSPLIT_MAX_WBYTES = 1280 << 10
 _REC_ROWDOT_ROWS = 2   # live rows <= this: recurrent product by rf_rowdot (B=2: 1.35 vs 1.42 ms, B=1 equal)
 _CHUNK_BYTES = 8 << 20
 _CHUNK_MIN_ROWS = 96
@@ -232,6 +237,9 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout)
         if n_el:
             extra["wpk"] = scratch("wpk", (D * n_el,), dtype)
             extra["rec_rowdot"] = int(pk.bsz[0]) <= _REC_ROWDOT_ROWS
+            extra["batch_split"] = (nthreads >= 2 * D and int(pk.bsz[0]) >= _BSPLIT_MIN_ROWS
+                                    and not extra["rec_rowdot"]
+                                    and G * H * Hout * dtype.itemsize <= _BSPLIT_MAX_WBYTES)
     for layer, dirs in enumerate(weights):
         sl = slice(layer * D, (layer + 1) * D)
         hbuf = scratch("hbuf", (D, 2, B, Hout), dtype)

@@ -76,6 +76,19 @@ def test_scratch_is_cache_line_aligned():
             assert a.dtype == np.dtype(dt) and a.shape == (n,)
 
 
+def _assert_cython_matches_reference(lay, x, lengths, dtype, nthreads=None):
+    """Run `lay` on the Cython backend and compare outputs and states with the oracle."""
+    want_y, want_h = ref_stack(lay, x, lengths=lengths)
+    if nthreads is not None:
+        rnnfast.set_num_threads(nthreads)
+    with rnnfast.backend("cython"):
+        got_y, got_h = lay(x, lengths=lengths)
+    tol = _tol(dtype, 1.0)
+    np.testing.assert_allclose(got_y, want_y, err_msg="y", **tol)
+    for g, w in zip(_flat(got_h), _flat(want_h)):
+        np.testing.assert_allclose(g, w, err_msg="state", **tol)
+
+
 def _flat(h):
     return list(h) if isinstance(h, tuple) else [h]
 
@@ -101,14 +114,7 @@ def test_projection_chunks_match_reference(variant, chunk_rows, lengths, nthread
     if lengths == "varlen":
         ln = rng.integers(0, T + 1, B)
         ln[1] = T
-    want_y, want_h = ref_stack(lay, x, lengths=ln)
-    rnnfast.set_num_threads(nthreads)
-    with rnnfast.backend("cython"):
-        got_y, got_h = lay(x, lengths=ln)
-    tol = _tol(np.float64, 1.0)
-    np.testing.assert_allclose(got_y, want_y, err_msg="y", **tol)
-    for g, w in zip(_flat(got_h), _flat(want_h)):
-        np.testing.assert_allclose(g, w, err_msg="state", **tol)
+    _assert_cython_matches_reference(lay, x, ln, np.float64, nthreads)
 
 
 def test_chunk_steps_rule():
@@ -155,10 +161,56 @@ def test_recurrent_rowdot_and_packed_steps_match_reference(variant, rows, dtype,
     rng = rng_for("recrow", kind, str(opts), rows, np.dtype(dtype).name)
     x = rng.standard_normal((T, B, I)).astype(dtype)
     ln = rng.integers(1, T + 1, B)
-    want_y, want_h = ref_stack(lay, x, lengths=ln)
+    _assert_cython_matches_reference(lay, x, ln, dtype)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("nthreads", [2, 3, 4])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_batch_split_steps_match_reference(variant, nthreads, bidirectional, monkeypatch):
+    """Threads splitting the batch rows of each step (rows k, k + P, ...; some threads run
+    out of live rows first with varlen) give the reference results, with projections in
+    chunks too (barriers at chunk boundaries)."""
+    from rnnfast import _engine
+    _, kind, opts = variant
+    monkeypatch.setattr(_engine, "_BSPLIT_MIN_ROWS", 1)
+    monkeypatch.setattr(_engine, "_BSPLIT_MAX_WBYTES", 1 << 40)
+    monkeypatch.setattr(_engine, "_REC_ROWDOT_ROWS", 0)
+    monkeypatch.setattr(_engine, "_CHUNK_ABOVE", 0)
+    monkeypatch.setattr(_engine, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(_engine, "_CHUNK_MIN_ROWS", 11)
+    T, B, I, H = 12, 7, 9, 24
+    lay = make_layer(kind, opts, I, H, num_layers=2, bidirectional=bidirectional, dtype=np.float64, seed=13)
+    rng = rng_for("bsplit", kind, str(opts), nthreads, bidirectional)
+    x = rng.standard_normal((T, B, I))
+    ln = rng.integers(0, T + 1, B)
+    ln[2] = T
+    _assert_cython_matches_reference(lay, x, ln, np.float64, nthreads)
+
+
+def test_batch_split_rule(monkeypatch):
+    """Which calls split the batch: >= 8 rows, recurrent weights <= 1.25 MB, 2 threads per direction."""
+    from rnnfast import _engine
+    seen = []
+    real = _engine.backends.kernel_module
+
+    class Spy:
+        def __init__(self, mod):
+            self._mod = mod
+
+        def __getattr__(self, name):
+            return getattr(self._mod, name)
+
+        def run_layer(self, *a, **k):
+            seen.append(k.get("batch_split"))
+            return self._mod.run_layer(*a, **k)
+
+    monkeypatch.setattr(_engine.backends, "kernel_module", lambda name: Spy(real(name)))
+    rnnfast.set_num_threads(2)
     with rnnfast.backend("cython"):
-        got_y, got_h = lay(x, lengths=ln)
-    tol = _tol(dtype, 1.0)
-    np.testing.assert_allclose(got_y, want_y, err_msg="y", **tol)
-    for g, w in zip(_flat(got_h), _flat(want_h)):
-        np.testing.assert_allclose(g, w, err_msg="state", **tol)
+        for B, H, bidir, want in ((8, 256, False, True), (7, 256, False, False), (8, 512, False, False),
+                                  (8, 256, True, False)):
+            seen.clear()
+            lay = rnnfast.LSTM(16, H, bidirectional=bidir)
+            lay(np.zeros((6, B, 16), np.float32))
+            assert seen == [want], (B, H, bidir, seen)
