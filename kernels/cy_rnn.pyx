@@ -506,15 +506,15 @@ def run_small(int code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
     """One layer, one forward direction, a few steps (T < 4: no weight packing), for
     serving one token at a time with little overhead. Every argument is an ndarray
     prepared by rnnfast._engine.run_small (C-contiguous, the compute dtype, shapes
-    checked there): x (T*B, I), bsz (T,) int64 all B, weights and biases (zeros when
-    absent; w_hr any when unused), h0 (B, Hout) and c0 (B, H) or None for zeros;
+    checked there): x (T, B, I) or (T*B, I), bsz (T,) int64 all B, weights and biases
+    (zeros when absent; w_hr any when unused), h0 (B, Hout) and c0 (B, H) or None for zeros;
     outputs y (T*B, Hout), hn (B, Hout), cn (B, H) or None; scratch xg (T*B, G*H),
     hbuf (2, B, Hout), hg (B, G*H), s2 (B, H).
     """
     cdef int T = cnp.PyArray_DIM(<cnp.ndarray>bsz, 0)
     cdef int B = cnp.PyArray_DIM(<cnp.ndarray>hbuf, 1)
     cdef int Hout = cnp.PyArray_DIM(<cnp.ndarray>hbuf, 2)
-    cdef int I = cnp.PyArray_DIM(<cnp.ndarray>x, 1)
+    cdef int I = cnp.PyArray_DIM(<cnp.ndarray>x, cnp.PyArray_NDIM(<cnp.ndarray>x) - 1)
     cdef int H = cnp.PyArray_DIM(<cnp.ndarray>s2, 1)
     if cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_FLOAT32:
         _run_small_t(<float*>NULL, code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,

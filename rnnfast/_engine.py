@@ -295,16 +295,42 @@ def small_call_ok(kind: str, x, dtype: np.dtype, feature: int) -> bool:
             and x.flags.c_contiguous and backends.resolve_fast() == "cython")
 
 
-def run_small(kind: str, code: int, x: np.ndarray, w: DirWeights, h0, c0, H: int, Hout: int):
+@dataclass(frozen=True)
+class SmallPlan:
+    """What the lean path needs of a layer, built once per layer (its parameter arrays are
+    never replaced): the weights with zeros for missing biases, and the buffer-cache key."""
+
+    kind: str
+    code: int
+    G: int
+    H: int
+    Hout: int
+    w_ih: np.ndarray
+    w_hh: np.ndarray
+    b_ih: np.ndarray
+    b_hh: np.ndarray
+    w_hr: np.ndarray
+    key: tuple
+
+
+def small_plan(kind: str, code: int, w: DirWeights, H: int, Hout: int) -> SmallPlan:
+    dtype = w.w_ih.dtype
+    G = CELLS[kind].num_gates
+    zb = _zeros(G * H, dtype)
+    return SmallPlan(kind, code, G, H, Hout, w.w_ih, w.w_hh, zb if w.b_ih is None else w.b_ih,
+                     zb if w.b_hh is None else w.b_hh, w.w_hr if w.w_hr is not None else _zeros(1, dtype),
+                     (code, w.w_ih.shape[1], H, Hout, dtype.char))
+
+
+def run_small(plan: SmallPlan, x: np.ndarray, h0, c0):
     """One layer, one direction, a few steps, on the Cython kernel with little per-call
     overhead (serving one token at a time). `x` is (T, B, I) and passed
     :func:`small_call_ok`; `h0` (B, Hout) / `c0` (B, H) are checked arrays of the
     compute dtype, or None for zeros. Returns y (T, B, Hout), h_n (1, B, Hout) and c_n
     (1, B, H) or None."""
-    T, B, I = x.shape
+    T, B = x.shape[0], x.shape[1]
     dtype = x.dtype
-    G = CELLS[kind].num_gates
-    key = (code, T, B, I, H, Hout, dtype.char)
+    key = (plan.key, T, B)
     cache = getattr(_small, "bufs", None)
     if cache is None:
         cache = _small.bufs = {}
@@ -312,18 +338,16 @@ def run_small(kind: str, code: int, x: np.ndarray, w: DirWeights, h0, c0, H: int
     if bufs is None:
         if len(cache) > 64:
             cache.clear()
-        bsz = np.full(T, B, np.int64)
-        bufs = (bsz, aligned_empty((T * B, G * H), dtype), aligned_empty((2, B, Hout), dtype),
-                aligned_empty((B, G * H), dtype), aligned_empty((B, H), dtype))
+        GH = plan.G * plan.H
+        bufs = (np.full(T, B, np.int64), aligned_empty((T * B, GH), dtype), aligned_empty((2, B, plan.Hout), dtype),
+                aligned_empty((B, GH), dtype), aligned_empty((B, plan.H), dtype))
         cache[key] = bufs
-    bsz, xg, hbuf, hg, s2 = bufs
-    y = np.empty((T, B, Hout), dtype)
-    hn = np.empty((1, B, Hout), dtype)
-    cn = np.empty((1, B, H), dtype) if kind == "lstm" else None
-    zb = _zeros(G * H, dtype)
-    threads.set_blas_threads(1)
+    y = np.empty((T, B, plan.Hout), dtype)
+    hn = np.empty((1, B, plan.Hout), dtype)
+    cn = np.empty((1, B, plan.H), dtype) if plan.kind == "lstm" else None
+    if B > 8:                         # more rows than rf_rowdot takes: BLAS inside the region
+        threads.set_blas_threads(1)
     backends.kernel_module("cython").run_small(
-        code, x.reshape(T * B, I), bsz, w.w_ih, w.w_hh, zb if w.b_ih is None else w.b_ih,
-        zb if w.b_hh is None else w.b_hh, w.w_hr if w.w_hr is not None else _zeros(1, dtype),
-        h0, c0, y, hn, cn, xg, hbuf, hg, s2, threads.get_num_threads())
+        plan.code, x, bufs[0], plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh, plan.w_hr,
+        h0, c0, y, hn, cn, bufs[1], bufs[2], bufs[3], bufs[4], threads.get_num_threads())
     return y, hn, cn

@@ -211,7 +211,10 @@ class _RNNBase:
                 if not _plain(h0, self.dtype, want):
                     return None
         xs = x[:, None] if unbatched else x
-        y, hn, cn = _engine.run_small(self._kind, self._code, xs, self._weights()[0][0], h0, c0, H, H)
+        plan = self.__dict__.get("_splan")
+        if plan is None:
+            plan = self._splan = _engine.small_plan(self._kind, self._code, self._weights()[0][0], H, H)
+        y, hn, cn = _engine.run_small(plan, xs, h0, c0)
         return self._finish(y, hn, cn, unbatched)
 
     def backward(self, dy, dhx_n=None):
