@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Build and run the C micro-benchmarks of the kernel headers (kernels/rf_*.h) with the
+# flags setup.py uses. Timings only (not tests); figures on a shared 2-core machine move
+# 10-30 % between runs: compare alternating runs of two builds, never single runs.
+#
+#   bash tools/kernel_harness/run.sh            # all three, default shapes
+#   step_proj H n N        pack, projection of N rows, fused step of n rows (1 thread, all panels)
+#   layer_2threads H B T P I   a whole LSTM layer: pack + projection + T fused steps on P threads
+#   rowdot m K             rf_rowdot (one input row, m weight rows of K) vs a 16-row variant
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${TMPDIR:-/tmp}/rnnfast_kernel_harness"
+mkdir -p "$out"
+FL="-O3 -fwrapv -fno-math-errno -fno-trapping-math -fopenmp -march=${RNNFAST_MARCH:-native} -mprefer-vector-width=512"
+for p in step_proj layer_2threads rowdot; do
+    gcc $FL -I"$here/../../kernels" "$here/$p.c" -o "$out/$p" -lmvec -lm
+done
+"$out/step_proj" 256 8 800
+"$out/step_proj" 512 64 6400
+"$out/layer_2threads" 256 8 100 2 256 | tail -2
+"$out/rowdot" 1024 256
