@@ -1,13 +1,23 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Cython kernels for one layer of LSTM / GRU / RNN, both directions at once.
 
-One persistent OpenMP parallel region per call: each thread owns one or more work
-items (direction d, a slice of hidden units), projects the inputs of all steps for its
-slice with single-threaded BLAS, then steps through time: recurrent GEMM of its slice,
-fused gate math (kernels/rf_gates.h), one barrier per step (two for LSTM with
-projection and GRU with linear_before_reset=False). The weights of a slice stay in that
-core's cache. The previous state is read from one half of a ping-pong buffer and the
-new one written to the other, so no thread overwrites what another is reading.
+One persistent OpenMP parallel region per call. Each thread owns one or more work
+items: a direction d and a slice of its hidden units (panels of rf_fused.h), packs its
+slice of the weights, projects the inputs of its slice (all steps at once, or a chunk
+of steps at a time right before they are needed), then steps through time: recurrent
+product of its slice fused with the gate math (kernels/rf_fused_tmpl.h, rf_gates.h),
+one barrier per step (two for LSTM with projection and GRU with
+linear_before_reset=False) when threads share a direction, none when each thread owns
+whole directions. The weights of a slice stay in that core's cache. The previous state
+is read from one half of a ping-pong buffer and the new one written to the other, so no
+thread overwrites what another is reading.
+
+Variants chosen by rnnfast._engine: ``batch_split`` (the threads of a direction take
+interleaved batch rows with every unit: no barrier per step, for batches of several
+rows whose recurrent weights fit in L2), ``rec_rowdot`` (a step's recurrent product by
+rf_rowdot from the row-major weights, for one or two live rows), no packing at all for
+sequences shorter than FUSED_MIN_T steps (rf_rowdot or BLAS per gate), and
+``run_small``, the lean entry of the serving path.
 
 Data layout (prepared by rnnfast._engine, which also validates and allocates):
 packed rows, step-major: step t holds rows [off_t, off_t + bsz[t]) of ``x`` and ``y``,
