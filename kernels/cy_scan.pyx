@@ -256,36 +256,48 @@ cdef extern from *:
      * overflows and the denominator stays >= 1 (exact where f and i both underflow).
      * minGRU's exponent is clamped (80 / 700): z then underflows to a normal tiny value. */
     #define RFS_GATES(DT, S, EXP, CL)                                                           \
-    static void rfs_gates_gru_##S(int64_t n, int64_t H, const DT *p, int64_t lds,                \
-            const DT *bias, DT *q, int64_t ldd) {                                               \
+    /* units [0, nu) of n rows; gate stride gs in p and q, bs in bias */                       \
+    static void rfs_gates_gru_s_##S(int64_t n, int64_t nu, int64_t gs, int64_t bs, const DT *p,  \
+            int64_t lds, const DT *bias, DT *q, int64_t ldd) {                                  \
+        const DT *b1 = bias + bs;                                                               \
         for (int64_t r = 0; r < n; ++r) {                                                       \
-            const DT *pr = p + r * lds; DT *qr = q + r * ldd;                                   \
+            const DT *pr = p + r * lds, *p1 = pr + gs; DT *qr = q + r * ldd, *q1 = qr + gs;     \
             RFS_SIMD                                                                            \
-            for (int64_t u = 0; u < H; ++u) {                                                   \
+            for (int64_t u = 0; u < nu; ++u) {                                                  \
                 DT v = -(pr[u] + bias[u]);                                                      \
                 v = v < (DT)CL ? v : (DT)CL;                                                    \
                 DT e = EXP(v);                                                                  \
                 DT z = (DT)1 / ((DT)1 + e);                                                     \
-                DT ht = pr[H + u] + bias[H + u];                                                \
-                qr[u] = e * z; qr[H + u] = z * ht;                                              \
+                DT ht = p1[u] + b1[u];                                                          \
+                qr[u] = e * z; q1[u] = z * ht;                                                  \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
-    static void rfs_gates_lstm_##S(int64_t n, int64_t H, const DT *p, int64_t lds,               \
-            const DT *bias, DT *q, int64_t ldd) {                                               \
+    static void rfs_gates_lstm_s_##S(int64_t n, int64_t nu, int64_t gs, int64_t bs, const DT *p, \
+            int64_t lds, const DT *bias, DT *q, int64_t ldd) {                                  \
+        const DT *b1 = bias + bs, *b2 = bias + 2 * bs;                                          \
         for (int64_t r = 0; r < n; ++r) {                                                       \
-            const DT *pr = p + r * lds; DT *qr = q + r * ldd;                                   \
+            const DT *pr = p + r * lds, *p1 = pr + gs, *p2 = pr + 2 * gs;                       \
+            DT *qr = q + r * ldd, *q1 = qr + gs;                                                \
             RFS_SIMD                                                                            \
-            for (int64_t u = 0; u < H; ++u) {                                                   \
-                DT vf = -(pr[u] + bias[u]), vi = -(pr[H + u] + bias[H + u]);                    \
+            for (int64_t u = 0; u < nu; ++u) {                                                  \
+                DT vf = -(pr[u] + bias[u]), vi = -(p1[u] + b1[u]);                              \
                 DT m = vf > vi ? vf : vi;                                                       \
                 m = m > (DT)0 ? m : (DT)0;                                                      \
                 DT e0 = EXP(-m), ef = EXP(vf - m), ei = EXP(vi - m);                            \
                 DT r2 = (DT)1 / ((DT)2 * e0 + ef + ei);                                         \
-                DT ht = pr[2 * H + u] + bias[2 * H + u];                                        \
-                qr[u] = (e0 + ei) * r2; qr[H + u] = (e0 + ef) * r2 * ht;                        \
+                DT ht = p2[u] + b2[u];                                                          \
+                qr[u] = (e0 + ei) * r2; q1[u] = (e0 + ef) * r2 * ht;                            \
             }                                                                                   \
         }                                                                                       \
+    }                                                                                           \
+    static void rfs_gates_gru_##S(int64_t n, int64_t H, const DT *p, int64_t lds,                \
+            const DT *bias, DT *q, int64_t ldd) {                                               \
+        rfs_gates_gru_s_##S(n, H, H, H, p, lds, bias, q, ldd);                                  \
+    }                                                                                           \
+    static void rfs_gates_lstm_##S(int64_t n, int64_t H, const DT *p, int64_t lds,               \
+            const DT *bias, DT *q, int64_t ldd) {                                               \
+        rfs_gates_lstm_s_##S(n, H, H, H, p, lds, bias, q, ldd);                                 \
     }
     RFS_GATES(float, f, expf, 80.0f)
     RFS_GATES(double, d, exp, 700.0)
@@ -309,6 +321,14 @@ cdef extern from *:
                           float *q, int64_t ldd) nogil
     void rfs_gates_lstm_d(int64_t n, int64_t H, const double *p, int64_t lds, const double *bias,
                           double *q, int64_t ldd) nogil
+    void rfs_gates_gru_s_f(int64_t n, int64_t nu, int64_t gs, int64_t bs, const float *p, int64_t lds,
+                           const float *bias, float *q, int64_t ldd) nogil
+    void rfs_gates_gru_s_d(int64_t n, int64_t nu, int64_t gs, int64_t bs, const double *p, int64_t lds,
+                           const double *bias, double *q, int64_t ldd) nogil
+    void rfs_gates_lstm_s_f(int64_t n, int64_t nu, int64_t gs, int64_t bs, const float *p, int64_t lds,
+                            const float *bias, float *q, int64_t ldd) nogil
+    void rfs_gates_lstm_s_d(int64_t n, int64_t nu, int64_t gs, int64_t bs, const double *p, int64_t lds,
+                            const double *bias, double *q, int64_t ldd) nogil
 
 
 DEF MAXC = 8            # chains per kernel call
@@ -953,6 +973,75 @@ cdef void _min_worker(int tid, int nt, int P, const MinJob *jb, const floating *
         p += nt
 
 
+cdef inline void _panels(int G, int64_t H, int64_t I, int64_t n, int p0, int p1, const floating *x,
+                         const void *wpk, floating *out, int64_t ldo) noexcept nogil:
+    """out[:n, g*H + u] = x[:n] @ w^T for the units of panels [p0, p1) (w packed in wpk)."""
+    if floating is float:
+        rf_gemm_panels_f(G, <int>H, <int>I, <int>n, p0, p1, x, <int>I, <const float*>wpk, out, <int>ldo)
+    else:
+        rf_gemm_panels_d(G, <int>H, <int>I, <int>n, p0, p1, x, <int>I, <const double*>wpk, out, <int>ldo)
+
+
+cdef inline void _gates_units(int kind, int64_t n, int64_t nu, int64_t H, const floating *p, int64_t lds,
+                              const floating *bias, floating *q, int64_t ldd) noexcept nogil:
+    """_gates on units [0, nu) of rows whose gates are H apart (pointers at the first unit)."""
+    if floating is float:
+        if kind == 0:
+            rfs_gates_gru_s_f(n, nu, H, H, p, lds, bias, q, ldd)
+        else:
+            rfs_gates_lstm_s_f(n, nu, H, H, p, lds, bias, q, ldd)
+    else:
+        if kind == 0:
+            rfs_gates_gru_s_d(n, nu, H, H, p, lds, bias, q, ldd)
+        else:
+            rfs_gates_lstm_s_d(n, nu, H, H, p, lds, bias, q, ldd)
+
+
+cdef void _min_worker_units(int tid, int nt, const MinJob *jb, const floating *x, const floating *w,
+                            const floating *bias, floating *proj, floating *y, double *carry,
+                            double *tmpc, int64_t tmax) noexcept nogil:
+    """minGRU / minLSTM with the *units* split across threads (inference, time-major):
+    each thread packs its panels of w (G gates of UP units each), then block by block of
+    steps projects its units, applies the gates in place and scans them over the whole
+    batch. No thread reads another's data: no barrier, no second pass, no reduction."""
+    cdef int G = 3 if jb.kind else 2
+    cdef int UP = rf_panel_units(G, floating is double)
+    cdef int p0 = jb.npan * tid // nt, p1 = jb.npan * (tid + 1) // nt
+    cdef int64_t u0 = <int64_t>p0 * UP
+    cdef int64_t u1 = <int64_t>p1 * UP
+    cdef int64_t B = jb.B, H = jb.H, GH = jb.GH, I = jb.nin
+    cdef int64_t nu, s0, s1, bb, u, rows
+    cdef Layout ly
+    cdef floating *pb
+    if u1 > H:
+        u1 = H
+    nu = u1 - u0
+    if nu <= 0:
+        return
+    if floating is float:
+        rf_pack_f(G, <int>H, <int>I, p0, p1, w, <float*>jb.wpk)
+    else:
+        rf_pack_d(G, <int>H, <int>I, p0, p1, w, <double*>jb.wpk)
+    for bb in range(B):
+        for u in range(nu):
+            tmpc[bb * nu + u] = carry[bb * H + u0 + u]
+    ly.NB = B; ly.NU = nu; ly.lens = jb.lens
+    ly.ldt = B * GH; ly.ldb = GH; ly.oldt = B * H; ly.oldb = H
+    s0 = 0
+    while s0 < tmax:
+        s1 = s0 + jb.Tsub if s0 + jb.Tsub < tmax else tmax
+        rows = (s1 - s0) * B
+        pb = proj + s0 * B * GH
+        _panels(G, H, I, rows, p0, p1, x + s0 * B * I, jb.wpk, pb, GH)
+        _gates_units(jb.kind, rows, nu, H, pb + u0, GH, bias + u0, pb + u0, GH)
+        ly.tg = s0
+        _scan_range(&ly, pb + u0, pb + H + u0, y + s0 * B * H + u0, 0, s1 - s0, tmpc)
+        s0 = s1
+    for bb in range(B):
+        for u in range(nu):
+            carry[bb * H + u0 + u] = tmpc[bb * nu + u]
+
+
 def minrnn_forward(int kind, const floating[:, ::1] x, const floating[:, ::1] w,
                    const floating[::1] bias, floating[:, ::1] proj, floating[:, ::1] scratch,
                    floating[:, ::1] y, double[::1] carry, const int64_t[::1] lens,
@@ -994,8 +1083,30 @@ def minrnn_forward(int kind, const floating[:, ::1] x, const floating[:, ::1] w,
         free(bounds); free(work)
         raise MemoryError()
     _chunk_bounds(tmax, P, rho, bounds)
+    cdef int G = 3 if kind else 2
     cdef int up = rf_panel_units(1, floating is double)
+    cdef int upg = rf_panel_units(G, floating is double)
     cdef size_t pk_bytes
+    # the units split across threads when there are panels for every thread (and the work is
+    # not kept for training, time-major rows); else the steps are cut into chunks
+    cdef bint units = (do_gemm and not keep and not batch_first and P > 1 and jb.nin > 0
+                       and (jb.H + upg - 1) // upg >= P and jb.GH < (1 << 30))
+    if units:
+        jb.npan = <int>((jb.H + upg - 1) // upg)
+        pk_bytes = (<size_t>jb.npan * jb.nin * G * upg * sizeof(floating) + 63) // 64 * 64
+        jb.wpk = aligned_alloc(64, pk_bytes)
+        if jb.wpk == NULL:
+            free(bounds); free(work)
+            raise MemoryError()
+        with nogil, parallel(num_threads=P):
+            tid = threadid()
+            nt = rfs_team_size()
+            _min_worker_units(tid, nt, &jb, &x[0, 0], &w[0, 0], &bias[0], &proj[0, 0], &y[0, 0],
+                              &carry[0], work + <size_t>tid * N, tmax)
+        free(jb.wpk)
+        free(bounds)
+        free(work)
+        return
     if do_gemm and jb.nin > 0 and jb.GH < (1 << 30):
         jb.npan = <int>((jb.GH + up - 1) // up)
         pk_bytes = (<size_t>jb.npan * jb.nin * up * sizeof(floating) + 63) // 64 * 64

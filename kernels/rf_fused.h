@@ -31,10 +31,10 @@ typedef double rf_vd __attribute__((vector_size(RF_VBYTES)));
 #define RF_STREAM_MIN_BYTES (16u << 20)  /* projections this large are stored streaming */
 #define RF_L2_KEEP_BYTES (1u << 20)      /* a thread's weight slice above this is prefetched */
 
-/* Units per panel: a panel row holds G*UP values in NV = G*UP/VL vectors (NV <= 4). */
+/* Units per panel: a panel row holds G*UP values in NV = G*UP/VL vectors (NV = 3 or 4). */
 static inline int rf_panel_units(int G, int is_double) {
     int vl = is_double ? RF_VBYTES / 8 : RF_VBYTES / 4;
-    return G == 1 ? 4 * vl : vl;
+    return G == 1 ? 4 * vl : (G == 2 ? 2 * vl : vl);
 }
 
 #define RF_T float

@@ -157,11 +157,12 @@ static inline void RF_FN(rf_gemm_panels)(int G, int H, int K, int n, int p0, int
                                                  tile + r * TS + g * UP + v);
                     continue;
                 }
-                if (nu == UP) {
+                if (nu == UP) {     /* whole vectors (a runtime-size memcpy is a scalar loop) */
                     for (int r = 0; r < mr; ++r)
                         for (int g = 0; g < G; ++g)
-                            memcpy(C + (size_t)(r0 + r) * ldc + g * H + ua, tile + r * TS + g * UP,
-                                   sizeof(RF_T) * UP);
+                            for (int v = 0; v < UP; v += RF_VL)
+                                memcpy(C + (size_t)(r0 + r) * ldc + g * H + ua + v, tile + r * TS + g * UP + v,
+                                       sizeof(RF_VT));
                 } else {
                     for (int r = 0; r < mr; ++r)
                         for (int g = 0; g < G; ++g)

@@ -142,6 +142,30 @@ def test_forward_against_torch(backend, kind, lengths, batch_first, parallel_sma
         np.testing.assert_array_equal(got[1][zero], h0[zero])
 
 
+@pytest.mark.skipif("cython" not in BACKENDS, reason="cython kernels not built")
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("lengths", ["none", "unsorted", "with-zero"])
+@pytest.mark.parametrize("H,nthreads", [(64, 2), (70, 2), (100, 3), (33, 2), (200, 4)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_forward_units_split_against_torch(kind, lengths, H, nthreads, dtype, parallel_small):
+    """The Cython kernel's unit-split mode (each thread projects, gates and scans its own
+    units over all steps; chosen for time-major inference with a panel of units per
+    thread): against the PyTorch peer, with uneven unit counts and lengths."""
+    T, B, I = 45, 3, 19
+    rnnfast.set_num_threads(nthreads)
+    x, params, h0 = make_case(kind, T, B, I, H, dtype=dtype, seed=H)
+    ln = LENGTHS[lengths](T, B)
+    want = torch_forward(kind, x, params, h0, ln)
+    with rnnfast.backend("cython"):
+        got = call_functional(kind, x, params, h0, ln)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[0], want[0], **tol)
+    np.testing.assert_allclose(got[1], want[1], **tol)
+    if ln is not None:
+        for bb, L in enumerate(ln):
+            assert not np.any(got[0][L:, bb])
+
+
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("T,B,I,H", [(1, 1, 1, 1), (2, 3, 4, 5), (5, 2, 3, 8), (300, 3, 7, 13),
