@@ -47,11 +47,20 @@ def tol_for(dtype) -> dict:
 
 @pytest.fixture(autouse=True)
 def _restore_backend_and_threads():
-    """Every test leaves the process-wide backend and thread count as it found them."""
-    be, nt = rnnfast.get_backend(), rnnfast.get_num_threads()
+    """Every test leaves the process-wide backend, thread count and scan tuning as it found them."""
+    from rnnfast import scan
+    be, nt, tune = rnnfast.get_backend(), rnnfast.get_num_threads(), dict(scan._TUNE)
     yield
     rnnfast.set_backend(be)
     rnnfast.set_num_threads(nt)
+    scan._TUNE.update(tune)
+
+
+@pytest.fixture
+def parallel_small():
+    """Run the scans' multi-threaded chunked paths even on short sequences."""
+    from rnnfast import scan
+    scan._TUNE.update(ls_min_steps=1, ls_min_work=1, min_steps=1)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import rnnfast
-from rnnfast import scan
 from rnnfast.minrnn import MinGRU, MinLSTM
 from rnnfast.scan import mingru, minlstm
 
@@ -18,19 +17,6 @@ KINDS = {"mingru": (MinGRU, ("z", "h")), "minlstm": (MinLSTM, ("f", "i", "h"))}
 FUNCS = {"mingru": mingru, "minlstm": minlstm}
 
 
-@pytest.fixture(autouse=True)
-def _restore():
-    be, nt, tune = rnnfast.get_backend(), rnnfast.get_num_threads(), dict(scan._TUNE)
-    yield
-    rnnfast.set_backend(be)
-    rnnfast.set_num_threads(nt)
-    scan._TUNE.update(tune)
-
-
-@pytest.fixture
-def parallel_small():
-    """Run the multi-threaded chunked paths even on short sequences."""
-    scan._TUNE.update(ls_min_steps=1, ls_min_work=1, min_steps=1)
 
 
 # ---------------------------------------------------------------------------- PyTorch peer

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import rnnfast
-from rnnfast import scan
 from rnnfast.scan import linear_scan
 
 BACKENDS = rnnfast.available_backends()
@@ -27,19 +26,6 @@ def seq_scan(a, b, h0=None, reverse=False):
     return out
 
 
-@pytest.fixture(autouse=True)
-def _restore():
-    be, nt, tune = rnnfast.get_backend(), rnnfast.get_num_threads(), dict(scan._TUNE)
-    yield
-    rnnfast.set_backend(be)
-    rnnfast.set_num_threads(nt)
-    scan._TUNE.update(tune)
-
-
-@pytest.fixture
-def parallel_small():
-    """Run the multi-threaded chunked paths even on tiny shapes."""
-    scan._TUNE.update(ls_min_steps=1, ls_min_work=1, min_steps=1)
 
 
 def data(T, trailing, dtype=np.float64, seed=0, lo=-1.0, hi=1.0):
