@@ -57,7 +57,7 @@ extensions = [
     Extension(
         f"rnnfast.kernels.{os.path.splitext(os.path.basename(p))[0]}",
         [p],
-        depends=sorted(glob.glob("kernels/*.h")),
+        depends=sorted(glob.glob("kernels/*.h") + glob.glob("kernels/*.pxi")),
         include_dirs=[np.get_include(), "kernels"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

@@ -52,14 +52,7 @@ cdef extern from "<stdlib.h>" nogil:
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
-cdef extern from "rf_fused.h" nogil:
-    int rf_panel_units(int G, int is_double)
-    void rf_pack_f(int G, int H, int K, int p0, int p1, const float *W, float *P)
-    void rf_pack_d(int G, int H, int K, int p0, int p1, const double *W, double *P)
-    void rf_gemm_panels_f(int G, int H, int K, int n, int p0, int p1, const float *A, int lda, const float *P,
-                          float *C, int ldc)
-    void rf_gemm_panels_d(int G, int H, int K, int n, int p0, int p1, const double *A, int lda, const double *P,
-                          double *C, int ldc)
+include "rf_fused_decl.pxi"
 
 cdef extern from *:
     """
