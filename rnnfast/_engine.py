@@ -270,8 +270,14 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout)
         inp = y
     if pk.perm is None:
         return inp.reshape(T, B, D * Hout), hn_s, cn_s
-    out = np.zeros((T, B, D * Hout), dtype)
-    out[pk.rows_t, pk.rows_b] = inp
+    return unpack(pk, inp, hn_s, cn_s, T, B)
+
+
+def unpack(pk: Packing, y: np.ndarray, hn_s: np.ndarray, cn_s: np.ndarray | None, T: int, B: int):
+    """Packed rows `y` (N, F) and length-sorted states back to (T, B, F) (zero padding) and
+    the caller's batch order (`pk.perm` not None)."""
+    out = np.zeros((T, B, y.shape[1]), y.dtype)
+    out[pk.rows_t, pk.rows_b] = y
     hn = np.empty_like(hn_s)
     hn[:, pk.perm] = hn_s
     cn = None
@@ -345,8 +351,7 @@ def run_small(plan: SmallPlan, x: np.ndarray, h0, c0):
     y = np.empty((T, B, plan.Hout), dtype)
     hn = np.empty((1, B, plan.Hout), dtype)
     cn = np.empty((1, B, plan.H), dtype) if plan.kind == "lstm" else None
-    if B > 8:                         # more rows than rf_rowdot takes: BLAS inside the region
-        threads.set_blas_threads(1)
+    threads.set_blas_threads(1)       # BLAS (more than 8 rows) runs inside the parallel region
     backends.kernel_module("cython").run_small(
         plan.code, x, bufs[0], plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh, plan.w_hr,
         h0, c0, y, hn, cn, bufs[1], bufs[2], bufs[3], bufs[4], threads.get_num_threads())

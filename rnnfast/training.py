@@ -470,15 +470,7 @@ def _fast_forward(ctx, mod, xs, weights, h0, c0):
         out = y.reshape(T, B, D * Hout).view()
         out.flags.writeable = False
         return out, hn_s, cn_s
-    out = np.zeros((T, B, D * Hout), dtype)
-    out[pk.rows_t, pk.rows_b] = y
-    hn = np.empty_like(hn_s)
-    hn[:, pk.perm] = hn_s
-    cn = None
-    if cn_s is not None:
-        cn = np.empty_like(cn_s)
-        cn[:, pk.perm] = cn_s
-    return out, hn, cn
+    return _engine.unpack(pk, y, hn_s, cn_s, T, B)
 
 
 def _prev_pairs(bsz: np.ndarray, offs: np.ndarray, rev: bool):
