@@ -249,6 +249,19 @@ static inline RF_VT RF_FN(rf_reduce_lanes)(RF_VT *v) {
 #endif
 }
 
+/* The first n < RF_VL elements at p, zeros after them (nothing past p + n is read). */
+static inline RF_VT RF_FN(rf_load_head)(const RF_T *p, int n) {
+#if defined(__AVX512F__) && defined(RF_FLOAT_BODY)
+    return (RF_VT)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+#elif defined(__AVX512F__)
+    return (RF_VT)_mm512_maskz_loadu_pd((__mmask8)((1u << n) - 1u), p);
+#else
+    RF_VT v = {0};
+    memcpy(&v, p, (size_t)n * sizeof(RF_T));
+    return v;
+#endif
+}
+
 /* NJ input rows x NR weight rows of rf_rowdot, K in steps of NC vectors
  * (NJ * NR * NC <= RF_VL accumulators; the sums of the NC chunks enter one tree). */
 static inline __attribute__((always_inline)) void RF_FN(rf_rowdot_blk)(const int NJ, const int NR, const int NC,
@@ -269,6 +282,21 @@ static inline __attribute__((always_inline)) void RF_FN(rf_rowdot_blk)(const int
             for (int i = 0; i < NR; ++i)
                 for (int c = 0; c < NC; ++c) acc[(q * NR + i) * NC + c] += av[q * NC + c] * wv[i * NC + c];
     }
+    int kt = Kv;       /* whole vectors left over (K below NC vectors, or not a multiple of them) */
+    for (; kt + RF_VL <= K; kt += RF_VL) {
+        RF_VT av[4], wv[RF_VL];
+        for (int q = 0; q < NJ; ++q) memcpy(&av[q], a[q] + kt, sizeof(RF_VT));
+        for (int i = 0; i < NR; ++i) memcpy(&wv[i], w[i] + kt, sizeof(RF_VT));
+        for (int q = 0; q < NJ; ++q)
+            for (int i = 0; i < NR; ++i) acc[(q * NR + i) * NC] += av[q] * wv[i];
+    }
+    if (kt < K) {      /* the last K % RF_VL elements, as one vector padded with zeros */
+        RF_VT av[4], wv[RF_VL];
+        for (int q = 0; q < NJ; ++q) av[q] = RF_FN(rf_load_head)(a[q] + kt, K - kt);
+        for (int i = 0; i < NR; ++i) wv[i] = RF_FN(rf_load_head)(w[i] + kt, K - kt);
+        for (int q = 0; q < NJ; ++q)
+            for (int i = 0; i < NR; ++i) acc[(q * NR + i) * NC] += av[q] * wv[i];
+    }
     RF_VT red[RF_VL];
     for (int l = 0; l < NJ * NR; ++l) {
         red[l] = acc[l * NC];
@@ -278,9 +306,6 @@ static inline __attribute__((always_inline)) void RF_FN(rf_rowdot_blk)(const int
     RF_VT s = RF_FN(rf_reduce_lanes)(red);
     RF_T out[RF_VL];
     memcpy(out, &s, sizeof(RF_VT));
-    for (int k = Kv; k < K; ++k)
-        for (int q = 0; q < NJ; ++q)
-            for (int i = 0; i < NR; ++i) out[q * NR + i] += a[q][k] * w[i][k];
     for (int q = 0; q < nj; ++q)
         for (int i = 0; i < nr; ++i) C[(size_t)q * ldc + i] = out[q * NR + i];
 }

@@ -288,54 +288,50 @@ def unpack(pk: Packing, y: np.ndarray, hn_s: np.ndarray, cn_s: np.ndarray | None
 
 
 # ---------------------------------------------------------------- lean path for serving
-_SMALL_MAX_T = 3      # below the fused kernel's FUSED_MIN_T: no weight packing
+SMALL_MAX_T = 3       # below the fused kernel's FUSED_MIN_T: no weight packing
 _small = threading.local()
-
-
-def small_call_ok(kind: str, x, dtype: np.dtype, feature: int) -> bool:
-    """Whether `x` is the plain case the lean path takes as it is: a C-contiguous ndarray
-    of the compute dtype, (T, B, F) with T <= 3 (or unbatched (T, F)); the Cython backend
-    in force. Anything else goes through the general path (and its checks and errors)."""
-    return (type(x) is np.ndarray and x.dtype == dtype and 2 <= x.ndim <= 3
-            and 0 < x.shape[0] <= _SMALL_MAX_T and x.shape[-1] == feature and x.size > 0
-            and x.flags.c_contiguous and backends.resolve_fast() == "cython")
 
 
 @dataclass(frozen=True)
 class SmallPlan:
     """What the lean path needs of a layer, built once per layer (its parameter arrays are
-    never replaced): the weights with zeros for missing biases, and the buffer-cache key."""
+    never replaced): the weights with zeros for missing biases, the kernel and the
+    buffer-cache key."""
 
     kind: str
     code: int
     G: int
+    I: int
     H: int
     Hout: int
+    dtype: np.dtype
     w_ih: np.ndarray
     w_hh: np.ndarray
     b_ih: np.ndarray
     b_hh: np.ndarray
     w_hr: np.ndarray
     key: tuple
+    kernel: object
 
 
 def small_plan(kind: str, code: int, w: DirWeights, H: int, Hout: int) -> SmallPlan:
     dtype = w.w_ih.dtype
     G = CELLS[kind].num_gates
     zb = _zeros(G * H, dtype)
-    return SmallPlan(kind, code, G, H, Hout, w.w_ih, w.w_hh, zb if w.b_ih is None else w.b_ih,
+    I = w.w_ih.shape[1]
+    return SmallPlan(kind, code, G, I, H, Hout, dtype, w.w_ih, w.w_hh, zb if w.b_ih is None else w.b_ih,
                      zb if w.b_hh is None else w.b_hh, w.w_hr if w.w_hr is not None else _zeros(1, dtype),
-                     (code, w.w_ih.shape[1], H, Hout, dtype.char))
+                     (code, I, H, Hout, dtype.char), backends.kernel_module("cython").run_small)
 
 
-def run_small(plan: SmallPlan, x: np.ndarray, h0, c0):
+def run_small(plan: SmallPlan, x: np.ndarray, B: int, h0, c0):
     """One layer, one direction, a few steps, on the Cython kernel with little per-call
-    overhead (serving one token at a time). `x` is (T, B, I) and passed
-    :func:`small_call_ok`; `h0` (B, Hout) / `c0` (B, H) are checked arrays of the
-    compute dtype, or None for zeros. Returns y (T, B, Hout), h_n (1, B, Hout) and c_n
-    (1, B, H) or None."""
-    T, B = x.shape[0], x.shape[1]
-    dtype = x.dtype
+    overhead (serving one token at a time). `x` is a C-contiguous array of the compute
+    dtype, (T, B, I) or unbatched (T, I) with B = 1; `h0` (B, Hout) / `c0` (B, H) are such
+    arrays of any shape holding those elements, or None for zeros. Returns y, h_n and c_n
+    (None unless LSTM) shaped like x: (T, B, Hout), (1, B, Hout), (1, B, H), or without
+    their B axis when x is unbatched."""
+    T = x.shape[0]
     key = (plan.key, T, B)
     cache = getattr(_small, "bufs", None)
     if cache is None:
@@ -345,14 +341,20 @@ def run_small(plan: SmallPlan, x: np.ndarray, h0, c0):
         if len(cache) > 64:
             cache.clear()
         GH = plan.G * plan.H
-        bufs = (np.full(T, B, np.int64), aligned_empty((T * B, GH), dtype), aligned_empty((2, B, plan.Hout), dtype),
-                aligned_empty((B, GH), dtype), aligned_empty((B, plan.H), dtype))
+        bufs = (np.full(T, B, np.int64), aligned_empty((T * B, GH), plan.dtype),
+                aligned_empty((2, B, plan.Hout), plan.dtype), aligned_empty((B, GH), plan.dtype),
+                aligned_empty((B, plan.H), plan.dtype))
         cache[key] = bufs
-    y = np.empty((T, B, plan.Hout), dtype)
-    hn = np.empty((1, B, plan.Hout), dtype)
-    cn = np.empty((1, B, plan.H), dtype) if plan.kind == "lstm" else None
-    threads.set_blas_threads(1)       # BLAS (more than 8 rows) runs inside the parallel region
-    backends.kernel_module("cython").run_small(
-        plan.code, x, bufs[0], plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh, plan.w_hr,
-        h0, c0, y, hn, cn, bufs[1], bufs[2], bufs[3], bufs[4], threads.get_num_threads())
+    if x.ndim == 2:
+        y = np.empty((T, plan.Hout), plan.dtype)
+        hn = np.empty((1, plan.Hout), plan.dtype)
+        cn = np.empty((1, plan.H), plan.dtype) if plan.G == 4 else None
+    else:
+        y = np.empty((T, B, plan.Hout), plan.dtype)
+        hn = np.empty((1, B, plan.Hout), plan.dtype)
+        cn = np.empty((1, B, plan.H), plan.dtype) if plan.G == 4 else None
+    if threads._blas["current"] != 1:
+        threads.set_blas_threads(1)   # BLAS (more than 8 rows) runs inside the parallel region
+    plan.kernel(plan.code, x, bufs[0], plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh, plan.w_hr,
+                h0, c0, y, hn, cn, bufs[1], bufs[2], bufs[3], bufs[4], threads._num_threads)
     return y, hn, cn

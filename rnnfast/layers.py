@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from . import _engine
+from . import _engine, backends
 from ._validation import check_input, check_lengths, check_state, load_params
 from .cells import CELLS, cell_code
 from .functional import check_nonlinearity
@@ -165,8 +165,7 @@ class _RNNBase:
         -------
         y, hx_n : outputs (T, B, D*H_out) and final states shaped like hx.
         """
-        if not train and lengths is None and self._small_ok and _engine.small_call_ok(
-                self._kind, x, self.dtype, self.input_size):
+        if not train and lengths is None:
             out = self._forward_small(x, hx)
             if out is not None:
                 return out
@@ -190,32 +189,47 @@ class _RNNBase:
         no projection, time-major input)."""
         return self.num_layers == 1 and not self.bidirectional and not self.proj_size and not self.batch_first
 
-    def _forward_small(self, x: np.ndarray, hx):
-        """The lean path for a few steps of a plain single-layer call (serving); None when
-        `hx` is not given as plain arrays of the right dtype and shape, so that the
-        general path checks it and raises its errors."""
-        unbatched = x.ndim == 2
-        B = 1 if unbatched else x.shape[1]
-        H = self.hidden_size
+    def _forward_small(self, x, hx):
+        """The lean path for a few steps of a plain single-layer call (serving): None unless
+        `x` and `hx` are plain C-contiguous arrays of the compute dtype and the right shapes
+        and the Cython backend is in force, so that anything else goes through the general
+        path, its checks and its errors. Every test here is a cheap attribute read: this
+        runs once per served token."""
+        plan = self.__dict__.get("_splan")
+        if plan is None:
+            plan = self._splan = (_engine.small_plan(self._kind, self._code, self._weights()[0][0],
+                                                     self.hidden_size, self.hidden_size)
+                                  if self._small_ok else False)
+        if plan is False or self.batch_first or type(x) is not np.ndarray:
+            return None
+        shape = x.shape
+        if len(shape) == 3:
+            T, B, F = shape
+            unbatched = False
+        elif len(shape) == 2:
+            T, F = shape
+            B = 1
+            unbatched = True
+        else:
+            return None
+        if (F != plan.I or not 0 < T <= _engine.SMALL_MAX_T or B == 0 or x.dtype != plan.dtype
+                or not x.flags.c_contiguous or backends.resolve_fast() != "cython"):
+            return None
         h0 = c0 = None
         if hx is not None:
-            want = (1, H) if unbatched else (1, B, H)
-            if self._kind == "lstm":
+            want = (1, plan.H) if unbatched else (1, B, plan.H)
+            if plan.kind == "lstm":
                 if type(hx) is not tuple or len(hx) != 2:
                     return None
                 h0, c0 = hx
-                if not (_plain(h0, self.dtype, want) and _plain(c0, self.dtype, want)):
+                if not (_plain(h0, plan.dtype, want) and _plain(c0, plan.dtype, want)):
                     return None
+            elif not _plain(hx, plan.dtype, want):
+                return None
             else:
                 h0 = hx
-                if not _plain(h0, self.dtype, want):
-                    return None
-        xs = x[:, None] if unbatched else x
-        plan = self.__dict__.get("_splan")
-        if plan is None:
-            plan = self._splan = _engine.small_plan(self._kind, self._code, self._weights()[0][0], H, H)
-        y, hn, cn = _engine.run_small(plan, xs, h0, c0)
-        return self._finish(y, hn, cn, unbatched)
+        y, hn, cn = _engine.run_small(plan, x, B, h0, c0)
+        return y, ((hn, cn) if cn is not None else hn)
 
     def backward(self, dy, dhx_n=None):
         """Gradients of sum(y*dy) + sum(hx_n*dhx_n) after a ``forward(..., train=True)``.

@@ -382,6 +382,37 @@ def test_small_calls_match_reference(variant, T, B, dtype):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("I,H", [(1, 3), (5, 16), (16, 17), (17, 31), (33, 48), (47, 8)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_calls_any_feature_width(I, H, dtype):
+    """The lean path's row products (rf_rowdot) over widths that are no multiple of the
+    vector length: whole vectors, then the last elements as one masked vector (a scalar
+    tail loop once made a 16-wide layer's step 2x slower). Regression for that rewrite."""
+    lay = make_layer("lstm", {}, I, H, dtype=dtype, seed=21)
+    rng = rng_for("width", I, H, np.dtype(dtype).name)
+    x = rng.standard_normal((1, 2, I)).astype(dtype)
+    hx = random_hx(lay, 2, rng, dtype)
+    assert_result_close(lay(x, hx), ref_stack(lay, x, hx), dtype)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_small_unbatched_calls_with_state(kind):
+    """Unbatched serving calls (x (T, I), states (1, H)) on the lean path give the batched
+    call's results without its batch axis, as fresh arrays of the unbatched shapes."""
+    lay = make_layer(kind, {}, 12, 20, dtype=np.float32, seed=9)
+    rng = rng_for("unbatched", kind)
+    x = rng.standard_normal((2, 1, 12)).astype(np.float32)
+    hx = random_hx(lay, 1, rng, np.float32)
+    y_b, h_b = lay(x, hx)
+    hx_u = tuple(a[:, 0] for a in hx) if kind == "lstm" else hx[:, 0]
+    y_u, h_u = lay(x[:, 0], hx_u)
+    assert y_u.shape == (2, 20) and y_u.flags.c_contiguous
+    np.testing.assert_array_equal(y_u, y_b[:, 0])
+    for g, w in zip(flat_states(h_u), flat_states(h_b)):
+        assert g.shape == (1, 20)
+        np.testing.assert_array_equal(g, w[:, 0])
+
+
 def test_small_calls_carry_state_like_one_long_call():
     """Serving token by token (state carried) gives the outputs of one call over the sequence."""
     lay = make_layer("lstm", {}, 16, 48, dtype=np.float32, seed=2)
