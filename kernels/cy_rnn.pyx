@@ -37,6 +37,7 @@ include "rf_fused_decl.pxi"
 
 cdef extern from "rf_gates.h" nogil:
     void rf_barrier()
+    int rf_team_size()
     int rf_have_openmp()
     void rf_lstm_gates_f(int n, int H, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg, int sg,
                          const float *bx, const float *bh, float *c, int ldc, float *h1, int ld1, float *h2, int ld2)
@@ -438,7 +439,7 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
-            _worker(tid, nthr, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
+            _worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
                     &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot,
                     batch_split)
@@ -491,7 +492,7 @@ cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
-            _worker(tid, nthr, code, 1, cpd, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
+            _worker(tid, rf_team_size(), code, 1, cpd, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
                     xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False)
     memcpy(_data(hn), hb + <size_t>(T % 2) * B * Hout, hbytes)
 

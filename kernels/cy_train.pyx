@@ -29,6 +29,7 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 cdef extern from "rf_train.h" nogil:
     void rf_barrier()
+    int rf_team_size()
     int rf_have_openmp()
     void rft_lstm_fwd_f(int j0, int j1, int H, int u0, int u1, float *xg, int ldx, const float *hg, int ldg,
                         const float *bx, const float *bh, const float *cp, int ldcp, float *c, int ldc,
@@ -273,7 +274,7 @@ def pgemm(A, B, C, double beta=0.0, int nthreads=1):
         nthr = 1
     with nogil, parallel(num_threads=nthr):
         tid = threadid()
-        part = nthr
+        part = rf_team_size()
         if by_rows:
             s0 = 16 * ((((m + 15) // 16) * tid) // part)
             s1 = 16 * ((((m + 15) // 16) * (tid + 1)) // part)
@@ -518,7 +519,7 @@ def forward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
-            _fwd_worker(tid, nthr, code, ndir, cpd, rev0, T, N, B, H, Hout, GS, &bsz[0], &offs[0],
+            _fwd_worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, H, Hout, GS, &bsz[0], &offs[0],
                         &xg[0, 0, 0], w_hh, bx, bh, w_hr, &h0[0, 0, 0], &c0[0, 0, 0], &y[0, 0],
                         &cb[0, 0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz)
 
@@ -758,7 +759,7 @@ def backward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, in
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
-            _bwd_worker(tid, nthr, code, ndir, cpd, rev0, T, N, B, H, Hout, GS, GSb, &bsz[0], &offs[0],
+            _bwd_worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, H, Hout, GS, GSb, &bsz[0], &offs[0],
                         &xg[0, 0, 0], &cb[0, 0, 0], &y[0, 0], &h0[0, 0, 0], &c0[0, 0, 0], w_hh, w_hr,
                         &dy[0, 0], &dh[0, 0, 0], &dc[0, 0, 0], &dg[0, 0, 0], &aux[0, 0, 0],
                         &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0])

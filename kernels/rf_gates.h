@@ -10,7 +10,9 @@
  * Loops are written for `#pragma omp simd`; exp and tanh are declared with glibc's
  * vector variants (libmvec) so that they vectorise without -ffast-math.
  * rf_barrier() is an orphaned OpenMP barrier: called from inside a parallel region it
- * synchronises that region's team; without OpenMP it does nothing.
+ * synchronises that region's team; without OpenMP it does nothing. rf_team_size() is
+ * the size of the team OpenMP actually gave a region (fewer threads than asked for under
+ * OMP_THREAD_LIMIT or inside another parallel region): work is split by it.
  */
 #ifndef RF_GATES_H
 #define RF_GATES_H
@@ -32,6 +34,7 @@ extern double tanh(double) __attribute__((__simd__("notinbranch")));
 #define RF_SIMD _Pragma("omp simd")
 static inline void rf_barrier(void) { _Pragma("omp barrier") }
 static inline int rf_have_openmp(void) { return 1; }
+static inline int rf_team_size(void) { return omp_get_num_threads(); }
 #else
 #if defined(__GNUC__)
 #define RF_SIMD _Pragma("GCC ivdep")
@@ -40,6 +43,7 @@ static inline int rf_have_openmp(void) { return 1; }
 #endif
 static inline void rf_barrier(void) {}
 static inline int rf_have_openmp(void) { return 0; }
+static inline int rf_team_size(void) { return 1; }
 #endif
 
 #define RF_DEFINE_GATES(T, SFX, EXP, TANH)                                                   \

@@ -151,3 +151,44 @@ def test_thread_count_applies_to_calls_from_other_threads(be):
             other = ex.submit(work).result()
         for u, v in zip(other, main):
             np.testing.assert_array_equal(u, v)
+
+
+_FEWER_THREADS_SCRIPT = """
+import numpy as np, rnnfast
+rnnfast.set_num_threads(4)
+rng = np.random.default_rng(0)
+worst = 0.0
+for cls in (rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN):
+    for kw, T in ((dict(num_layers=2, bidirectional=True), 7), ({}, 1), ({}, 12)):
+        lay = cls(24, 48, dtype=np.float64, seed=1, **kw)
+        x = rng.standard_normal((T, 9, 24))
+        with rnnfast.backend("cython"):
+            y, _ = lay.forward(x, train=True)
+            dx, _ = lay.backward(np.ones_like(y))
+            g = dict(lay.grads)
+        with rnnfast.backend("reference"):
+            yr, _ = lay.forward(x, train=True)
+            dxr, _ = lay.backward(np.ones_like(yr))
+        errs = [np.abs(y - yr).max(), np.abs(dx - dxr).max()]
+        errs += [np.abs(g[k] - lay.grads[k]).max() for k in g]
+        worst = max(worst, *errs)
+print(worst)
+"""
+
+
+@pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
+def test_cython_kernels_correct_when_openmp_gives_fewer_threads():
+    """OpenMP may give a parallel region fewer threads than asked for (OMP_THREAD_LIMIT,
+    nested regions); the kernels split the work by the team they get. Regression: the
+    layer kernels once split it by the count asked for and skipped the work of the
+    missing threads (LSTM outputs off by 1e35 under OMP_THREAD_LIMIT=1)."""
+    import os
+    import subprocess
+    import sys
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(rnnfast.__file__)))
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    env["PYTHONPATH"] = os.pathsep.join([p for p in [pkg_parent, env.get("PYTHONPATH", "")] if p])
+    out = subprocess.run([sys.executable, "-c", _FEWER_THREADS_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) < 1e-9, out.stdout
