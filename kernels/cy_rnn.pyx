@@ -38,6 +38,10 @@ include "rf_fused_decl.pxi"
 cdef extern from "rf_gates.h" nogil:
     void rf_barrier()
     int rf_team_size()
+    ctypedef struct rf_sync_t:
+        pass
+    void rf_sync_init(rf_sync_t *b, int n)
+    void rf_sync(rf_sync_t *b, int team)
     int rf_have_openmp()
     void rf_lstm_gates_f(int n, int H, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg, int sg,
                          const float *bx, const float *bh, float *c, int ldc, float *h1, int ld1, float *h2, int ld2)
@@ -165,7 +169,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                   const floating **bh, const floating **w_hr,
                   floating *xg, floating *hbuf, floating *cst, floating *y,
                   floating *hg, floating *s2, floating *wpk, int npk, int xrows, int chunk,
-                  bint rec_rowdot, bint bsplit) noexcept nogil:
+                  bint rec_rowdot, bint bsplit, rf_sync_t *bar) noexcept nogil:
     cdef int G = _gates(code)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
@@ -236,7 +240,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                     for j in range(tlo, T - 1 - s):
                         lo[d] = lo[d] - <int>bsz[j]
                 if bsplit and s > 0:
-                    rf_barrier()    # every thread is done with the previous chunk
+                    rf_sync(bar, nthr)    # every thread is done with the previous chunk
                 it = tid
                 while it < nitems:
                     if it // cpd == d:
@@ -245,7 +249,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                                  xg + <size_t>d * xrows * GH)
                     it = it + nthr
             if bsplit:
-                rf_barrier()        # all units' projections (and packed panels) are ready
+                rf_sync(bar, nthr)  # all units' projections (and packed panels) are ready
         for phase in range(2):
             if phase == 1 and code != LSTM_PROJ and code != GRU_NOLBR:
                 break
@@ -345,7 +349,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                         rf_gru_n_d(n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, hw, ldh, yt, ldyy)
                 it = it + nthr
             if sync and (s + 1 < T or (phase == 0 and (code == LSTM_PROJ or code == GRU_NOLBR))):
-                rf_barrier()    # (the end of the parallel region synchronises the last step)
+                rf_sync(bar, nthr)  # (the end of the parallel region synchronises the last step)
         # advance every direction's row offset (each thread keeps its own copy)
         for d in range(ndir):
             rev = rev0 if d == 0 else True
@@ -396,6 +400,7 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
     cdef int B = hbuf.shape[2]
     cdef int H = s2.shape[2]
     cdef int cpd, nitems, nthr, tid, npk = 0, maxchunks
+    cdef rf_sync_t bar
     cdef floating *wp = NULL
     cdef int G = _gates(code)
     cdef const floating *w_ih[MAX_DIRS]
@@ -430,19 +435,20 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
         nthr = 1
     if cpd < 2:
         batch_split = False
+    rf_sync_init(&bar, nthr)
     if nthr == 1:
         with nogil:
             _worker(0, 1, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
                     &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot,
-                    batch_split)
+                    batch_split, &bar)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
                     &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot,
-                    batch_split)
+                    batch_split, &bar)
 
 
 cdef inline void* _data(object a) noexcept:
@@ -468,6 +474,7 @@ cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w
     cdef floating *s2p = <floating*>_data(s2)
     cdef size_t hbytes = <size_t>B * Hout * sizeof(floating)
     cdef int G = _gates(code), cpd, nthr, tid
+    cdef rf_sync_t bar
     wi[0] = wi[1] = <const floating*>_data(w_ih)
     wh[0] = wh[1] = <const floating*>_data(w_hh)
     bx[0] = bx[1] = <const floating*>_data(b_ih)
@@ -485,15 +492,16 @@ cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w
             memcpy(cst, _data(c0), <size_t>B * H * sizeof(floating))
     cpd = _imin(nthreads if nthreads > 0 else 1, (H + UNIT_BLOCK - 1) // UNIT_BLOCK)
     nthr = cpd if rf_have_openmp() else 1
+    rf_sync_init(&bar, nthr)
     if nthr == 1:
         with nogil:
             _worker(0, 1, code, 1, 1, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, rf_team_size(), code, 1, cpd, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar)
     memcpy(_data(hn), hb + <size_t>(T % 2) * B * Hout, hbytes)
 
 

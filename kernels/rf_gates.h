@@ -19,6 +19,12 @@
 
 #include <math.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <sched.h>
+#define RF_YIELD() sched_yield()
+#else
+#define RF_YIELD() ((void)0)
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -45,6 +51,39 @@ static inline void rf_barrier(void) {}
 static inline int rf_have_openmp(void) { return 0; }
 static inline int rf_team_size(void) { return 1; }
 #endif
+
+/* rf_sync: the per-step barrier of a team of threads, a centralised spin barrier
+ * (measured on the project's two cores: 0.2 us against 0.45 for GOMP's barrier, once per
+ * step of a batch-1 layer). Initialise it before the parallel region with the team size
+ * asked for; a team of another size (OpenMP gave fewer threads) takes the OpenMP barrier
+ * instead. A waiter spins with pause, then yields its core (an oversubscribed machine). */
+typedef struct { int count, gen, n; } __attribute__((aligned(64))) rf_sync_t;
+
+static inline void rf_sync_init(rf_sync_t *b, int n) { b->count = 0; b->gen = 0; b->n = n; }
+
+static inline void rf_sync(rf_sync_t *b, int team) {
+#if defined(_OPENMP)
+    if (team != b->n) { rf_barrier(); return; }
+    if (team <= 1) return;
+    int g = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == team) {
+        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->gen, g + 1, __ATOMIC_RELEASE);
+        return;
+    }
+    for (unsigned spins = 0; __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE) == g; ++spins) {
+        if (spins < 4096u) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        } else {
+            RF_YIELD();
+        }
+    }
+#else
+    (void)b; (void)team;
+#endif
+}
 
 #define RF_DEFINE_GATES(T, SFX, EXP, TANH)                                                   \
 static inline T rf_sigmoid_##SFX(T v) { return (T)1 / ((T)1 + EXP(-v)); }                    \
