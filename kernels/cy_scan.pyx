@@ -248,6 +248,23 @@ cdef extern from *:
      * numerator and denominator scaled by exp(-m), m = max(-pf, -pi, 0), so that nothing
      * overflows and the denominator stays >= 1 (exact where f and i both underflow).
      * minGRU's exponent is clamped (80 / 700): z then underflows to a normal tiny value. */
+    /* The coefficients (a, b) of one unit from its projections (no bias yet): the one
+     * definition of the gate math, used by the gate pass and the fused gate-scan pass. */
+    #define RFS_GRU_COEF(DT, EXP, CL, pz, bz, ph, bh, A, BB) {                                 \
+        DT v_ = -((pz) + (bz));                                                                 \
+        v_ = v_ < (DT)CL ? v_ : (DT)CL;                                                         \
+        DT e_ = EXP(v_);                                                                        \
+        DT z_ = (DT)1 / ((DT)1 + e_);                                                           \
+        A = e_ * z_; BB = z_ * ((ph) + (bh));                                                   \
+    }
+    #define RFS_LSTM_COEF(DT, EXP, pf, bf, pi, bi, ph, bh, A, BB) {                            \
+        DT vf_ = -((pf) + (bf)), vi_ = -((pi) + (bi));                                          \
+        DT m_ = vf_ > vi_ ? vf_ : vi_;                                                          \
+        m_ = m_ > (DT)0 ? m_ : (DT)0;                                                           \
+        DT e0_ = EXP(-m_), ef_ = EXP(vf_ - m_), ei_ = EXP(vi_ - m_);                            \
+        DT r2_ = (DT)1 / ((DT)2 * e0_ + ef_ + ei_);                                             \
+        A = (e0_ + ei_) * r2_; BB = (e0_ + ef_) * r2_ * ((ph) + (bh));                          \
+    }
     #define RFS_GATES(DT, S, EXP, CL)                                                           \
     /* units [0, nu) of n rows; gate stride gs in p and q, bs in bias */                       \
     static void rfs_gates_gru_s_##S(int64_t n, int64_t nu, int64_t gs, int64_t bs, const DT *p,  \
@@ -257,12 +274,9 @@ cdef extern from *:
             const DT *pr = p + r * lds, *p1 = pr + gs; DT *qr = q + r * ldd, *q1 = qr + gs;     \
             RFS_SIMD                                                                            \
             for (int64_t u = 0; u < nu; ++u) {                                                  \
-                DT v = -(pr[u] + bias[u]);                                                      \
-                v = v < (DT)CL ? v : (DT)CL;                                                    \
-                DT e = EXP(v);                                                                  \
-                DT z = (DT)1 / ((DT)1 + e);                                                     \
-                DT ht = p1[u] + b1[u];                                                          \
-                qr[u] = e * z; q1[u] = z * ht;                                                  \
+                DT A, BB;                                                                       \
+                RFS_GRU_COEF(DT, EXP, CL, pr[u], bias[u], p1[u], b1[u], A, BB)                  \
+                qr[u] = A; q1[u] = BB;                                                          \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
@@ -274,15 +288,52 @@ cdef extern from *:
             DT *qr = q + r * ldd, *q1 = qr + gs;                                                \
             RFS_SIMD                                                                            \
             for (int64_t u = 0; u < nu; ++u) {                                                  \
-                DT vf = -(pr[u] + bias[u]), vi = -(p1[u] + b1[u]);                              \
-                DT m = vf > vi ? vf : vi;                                                       \
-                m = m > (DT)0 ? m : (DT)0;                                                      \
-                DT e0 = EXP(-m), ef = EXP(vf - m), ei = EXP(vi - m);                            \
-                DT r2 = (DT)1 / ((DT)2 * e0 + ef + ei);                                         \
-                DT ht = p2[u] + b2[u];                                                          \
-                qr[u] = (e0 + ei) * r2; q1[u] = (e0 + ef) * r2 * ht;                            \
+                DT A, BB;                                                                       \
+                RFS_LSTM_COEF(DT, EXP, pr[u], bias[u], p1[u], b1[u], p2[u], b2[u], A, BB)       \
+                qr[u] = A; q1[u] = BB;                                                          \
             }                                                                                   \
         }                                                                                       \
+    }                                                                                           \
+    /* Gates and scan in one pass over nt steps of B time-major rows (row t*B + b at        \
+     * p + (t*B + b)*ldp, gates H apart; units [0, nu)), from and into the float64 state hc  \
+     * (B*nu): y row = h_t, or 0 and the state kept from step t0 + t = lens[b] on. */         \
+    static void rfs_gscan_gru_##S(int64_t nt, int64_t B, int64_t nu, int64_t H, const DT *p,      \
+            int64_t ldp, const DT *bias, const int64_t *lens, int64_t t0, DT *y, int64_t ldy,    \
+            double *hc) {                                                                       \
+        const DT *b1 = bias + H;                                                                \
+        for (int64_t t = 0; t < nt; ++t)                                                        \
+            for (int64_t b = 0; b < B; ++b) {                                                   \
+                const DT *pr = p + (t * B + b) * ldp, *p1 = pr + H;                             \
+                DT *yr = y + (t * B + b) * ldy;                                                 \
+                double *h = hc + b * nu;                                                        \
+                if (t0 + t >= lens[b]) { memset(yr, 0, (size_t)nu * sizeof(DT)); continue; }    \
+                RFS_SIMD                                                                        \
+                for (int64_t u = 0; u < nu; ++u) {                                              \
+                    DT A, BB;                                                                   \
+                    RFS_GRU_COEF(DT, EXP, CL, pr[u], bias[u], p1[u], b1[u], A, BB)              \
+                    double hv = (double)A * h[u] + (double)BB;                                  \
+                    h[u] = hv; yr[u] = (DT)hv;                                                  \
+                }                                                                               \
+            }                                                                                   \
+    }                                                                                           \
+    static void rfs_gscan_lstm_##S(int64_t nt, int64_t B, int64_t nu, int64_t H, const DT *p,     \
+            int64_t ldp, const DT *bias, const int64_t *lens, int64_t t0, DT *y, int64_t ldy,    \
+            double *hc) {                                                                       \
+        const DT *b1 = bias + H, *b2 = bias + 2 * H;                                            \
+        for (int64_t t = 0; t < nt; ++t)                                                        \
+            for (int64_t b = 0; b < B; ++b) {                                                   \
+                const DT *pr = p + (t * B + b) * ldp, *p1 = pr + H, *p2 = pr + 2 * H;           \
+                DT *yr = y + (t * B + b) * ldy;                                                 \
+                double *h = hc + b * nu;                                                        \
+                if (t0 + t >= lens[b]) { memset(yr, 0, (size_t)nu * sizeof(DT)); continue; }    \
+                RFS_SIMD                                                                        \
+                for (int64_t u = 0; u < nu; ++u) {                                              \
+                    DT A, BB;                                                                   \
+                    RFS_LSTM_COEF(DT, EXP, pr[u], bias[u], p1[u], b1[u], p2[u], b2[u], A, BB)   \
+                    double hv = (double)A * h[u] + (double)BB;                                  \
+                    h[u] = hv; yr[u] = (DT)hv;                                                  \
+                }                                                                               \
+            }                                                                                   \
     }                                                                                           \
     static void rfs_gates_gru_##S(int64_t n, int64_t H, const DT *p, int64_t lds,                \
             const DT *bias, DT *q, int64_t ldd) {                                               \
@@ -322,6 +373,18 @@ cdef extern from *:
                             const float *bias, float *q, int64_t ldd) nogil
     void rfs_gates_lstm_s_d(int64_t n, int64_t nu, int64_t gs, int64_t bs, const double *p, int64_t lds,
                             const double *bias, double *q, int64_t ldd) nogil
+    void rfs_gscan_gru_f(int64_t nt, int64_t B, int64_t nu, int64_t H, const float *p, int64_t ldp,
+                         const float *bias, const int64_t *lens, int64_t t0, float *y, int64_t ldy,
+                         double *hc) nogil
+    void rfs_gscan_gru_d(int64_t nt, int64_t B, int64_t nu, int64_t H, const double *p, int64_t ldp,
+                         const double *bias, const int64_t *lens, int64_t t0, double *y, int64_t ldy,
+                         double *hc) nogil
+    void rfs_gscan_lstm_f(int64_t nt, int64_t B, int64_t nu, int64_t H, const float *p, int64_t ldp,
+                          const float *bias, const int64_t *lens, int64_t t0, float *y, int64_t ldy,
+                          double *hc) nogil
+    void rfs_gscan_lstm_d(int64_t nt, int64_t B, int64_t nu, int64_t H, const double *p, int64_t ldp,
+                          const double *bias, const int64_t *lens, int64_t t0, double *y, int64_t ldy,
+                          double *hc) nogil
 
 
 DEF MAXC = 8            # chains per kernel call
@@ -990,12 +1053,30 @@ cdef inline void _gates_units(int kind, int64_t n, int64_t nu, int64_t H, const 
             rfs_gates_lstm_s_d(n, nu, H, H, p, lds, bias, q, ldd)
 
 
+cdef inline void _gate_scan_units(int kind, int64_t nt, int64_t B, int64_t nu, int64_t H,
+                                  const floating *p, int64_t ldp, const floating *bias,
+                                  const int64_t *lens, int64_t t0, floating *y, int64_t ldy,
+                                  double *hc) noexcept nogil:
+    """Gates and scan of units [0, nu) over nt time-major steps of B rows in one pass
+    (pointers at the first unit): the coefficients never go through memory."""
+    if floating is float:
+        if kind == 0:
+            rfs_gscan_gru_f(nt, B, nu, H, p, ldp, bias, lens, t0, y, ldy, hc)
+        else:
+            rfs_gscan_lstm_f(nt, B, nu, H, p, ldp, bias, lens, t0, y, ldy, hc)
+    else:
+        if kind == 0:
+            rfs_gscan_gru_d(nt, B, nu, H, p, ldp, bias, lens, t0, y, ldy, hc)
+        else:
+            rfs_gscan_lstm_d(nt, B, nu, H, p, ldp, bias, lens, t0, y, ldy, hc)
+
+
 cdef void _min_worker_units(int tid, int nt, const MinJob *jb, const floating *x, const floating *w,
                             const floating *bias, floating *proj, floating *y, double *carry,
                             double *tmpc, int64_t tmax) noexcept nogil:
     """minGRU / minLSTM with the *units* split across threads (inference, time-major):
     each thread packs its panels of w (G gates of UP units each), then block by block of
-    steps projects its units, applies the gates in place and scans them over the whole
+    steps projects its units and runs gates and scan over them in one pass, for the whole
     batch. No thread reads another's data: no barrier, no second pass, no reduction."""
     cdef int G = 3 if jb.kind else 2
     cdef int UP = rf_panel_units(G, floating is double)
@@ -1004,7 +1085,6 @@ cdef void _min_worker_units(int tid, int nt, const MinJob *jb, const floating *x
     cdef int64_t u1 = <int64_t>p1 * UP
     cdef int64_t B = jb.B, H = jb.H, GH = jb.GH, I = jb.nin
     cdef int64_t nu, s0, s1, bb, u, rows
-    cdef Layout ly
     cdef floating *pb
     if u1 > H:
         u1 = H
@@ -1018,17 +1098,14 @@ cdef void _min_worker_units(int tid, int nt, const MinJob *jb, const floating *x
     for bb in range(B):
         for u in range(nu):
             tmpc[bb * nu + u] = carry[bb * H + u0 + u]
-    ly.NB = B; ly.NU = nu; ly.lens = jb.lens
-    ly.ldt = B * GH; ly.ldb = GH; ly.oldt = B * H; ly.oldb = H
     s0 = 0
     while s0 < tmax:
         s1 = s0 + jb.Tsub if s0 + jb.Tsub < tmax else tmax
         rows = (s1 - s0) * B
         pb = proj + s0 * B * GH
         _panels(G, H, I, rows, p0, p1, x + s0 * B * I, jb.wpk, pb, GH)
-        _gates_units(jb.kind, rows, nu, H, pb + u0, GH, bias + u0, pb + u0, GH)
-        ly.tg = s0
-        _scan_range(&ly, pb + u0, pb + H + u0, y + s0 * B * H + u0, 0, s1 - s0, tmpc)
+        _gate_scan_units(jb.kind, s1 - s0, B, nu, H, pb + u0, GH, bias + u0, jb.lens, s0,
+                         y + s0 * B * H + u0, H, tmpc)
         s0 = s1
     for bb in range(B):
         for u in range(nu):

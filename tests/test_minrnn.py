@@ -152,6 +152,24 @@ def test_forward_units_split_against_torch(kind, lengths, H, nthreads, dtype, pa
             assert not np.any(got[0][L:, bb])
 
 
+@pytest.mark.skipif("cython" not in BACKENDS, reason="cython kernels not built")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_forward_units_split_over_several_blocks(kind, parallel_small):
+    """The unit-split mode carries each unit's float64 state from one block of steps to
+    the next (the fused gate-scan pass): 1500 steps are three blocks of 682 here, lengths
+    end inside the later blocks."""
+    T, B, I, H = 1500, 3, 8, 64
+    rnnfast.set_num_threads(2)
+    x, params, h0 = make_case(kind, T, B, I, H, dtype=np.float32, seed=4)
+    ln = np.array([1500, 700, 1400])
+    want = torch_forward(kind, x, params, h0, ln)
+    with rnnfast.backend("cython"):
+        got = call_functional(kind, x, params, h0, ln)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
+    assert not np.any(got[0][700:, 1]) and not np.any(got[0][1400:, 2])
+
+
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("T,B,I,H", [(1, 1, 1, 1), (2, 3, 4, 5), (5, 2, 3, 8), (300, 3, 7, 13),
