@@ -265,6 +265,28 @@ cdef extern from *:
         DT r2_ = (DT)1 / ((DT)2 * e0_ + ef_ + ei_);                                             \
         A = (e0_ + ei_) * r2_; BB = (e0_ + ef_) * r2_ * ((ph) + (bh));                          \
     }
+    #define RFS_GSCAN(DT, S, KIND, COEF)                                                        \
+    static void rfs_gscan_##KIND##_##S(int64_t nt, int64_t B, int64_t nu, int64_t H, const DT *p, \
+            int64_t ldp, const DT *bias, const int64_t *lens, int64_t t0, DT *y, int64_t ldy,    \
+            double *hc) {                                                                       \
+        const DT *b1 = bias + H, *b2 = bias + 2 * H;                                            \
+        (void)b2;                                                                               \
+        for (int64_t t = 0; t < nt; ++t)                                                        \
+            for (int64_t b = 0; b < B; ++b) {                                                   \
+                const DT *pr = p + (t * B + b) * ldp, *p1 = pr + H, *p2 = p1 + H;               \
+                DT *yr = y + (t * B + b) * ldy;                                                 \
+                double *h = hc + b * nu;                                                        \
+                (void)p2;                                                                       \
+                if (t0 + t >= lens[b]) { memset(yr, 0, (size_t)nu * sizeof(DT)); continue; }    \
+                RFS_SIMD                                                                        \
+                for (int64_t u = 0; u < nu; ++u) {                                              \
+                    DT A, BB;                                                                   \
+                    COEF                                                                        \
+                    double hv = (double)A * h[u] + (double)BB;                                  \
+                    h[u] = hv; yr[u] = (DT)hv;                                                  \
+                }                                                                               \
+            }                                                                                   \
+    }
     #define RFS_GATES(DT, S, EXP, CL)                                                           \
     /* units [0, nu) of n rows; gate stride gs in p and q, bs in bias */                       \
     static void rfs_gates_gru_s_##S(int64_t n, int64_t nu, int64_t gs, int64_t bs, const DT *p,  \
@@ -297,44 +319,8 @@ cdef extern from *:
     /* Gates and scan in one pass over nt steps of B time-major rows (row t*B + b at        \
      * p + (t*B + b)*ldp, gates H apart; units [0, nu)), from and into the float64 state hc  \
      * (B*nu): y row = h_t, or 0 and the state kept from step t0 + t = lens[b] on. */         \
-    static void rfs_gscan_gru_##S(int64_t nt, int64_t B, int64_t nu, int64_t H, const DT *p,      \
-            int64_t ldp, const DT *bias, const int64_t *lens, int64_t t0, DT *y, int64_t ldy,    \
-            double *hc) {                                                                       \
-        const DT *b1 = bias + H;                                                                \
-        for (int64_t t = 0; t < nt; ++t)                                                        \
-            for (int64_t b = 0; b < B; ++b) {                                                   \
-                const DT *pr = p + (t * B + b) * ldp, *p1 = pr + H;                             \
-                DT *yr = y + (t * B + b) * ldy;                                                 \
-                double *h = hc + b * nu;                                                        \
-                if (t0 + t >= lens[b]) { memset(yr, 0, (size_t)nu * sizeof(DT)); continue; }    \
-                RFS_SIMD                                                                        \
-                for (int64_t u = 0; u < nu; ++u) {                                              \
-                    DT A, BB;                                                                   \
-                    RFS_GRU_COEF(DT, EXP, CL, pr[u], bias[u], p1[u], b1[u], A, BB)              \
-                    double hv = (double)A * h[u] + (double)BB;                                  \
-                    h[u] = hv; yr[u] = (DT)hv;                                                  \
-                }                                                                               \
-            }                                                                                   \
-    }                                                                                           \
-    static void rfs_gscan_lstm_##S(int64_t nt, int64_t B, int64_t nu, int64_t H, const DT *p,     \
-            int64_t ldp, const DT *bias, const int64_t *lens, int64_t t0, DT *y, int64_t ldy,    \
-            double *hc) {                                                                       \
-        const DT *b1 = bias + H, *b2 = bias + 2 * H;                                            \
-        for (int64_t t = 0; t < nt; ++t)                                                        \
-            for (int64_t b = 0; b < B; ++b) {                                                   \
-                const DT *pr = p + (t * B + b) * ldp, *p1 = pr + H, *p2 = pr + 2 * H;           \
-                DT *yr = y + (t * B + b) * ldy;                                                 \
-                double *h = hc + b * nu;                                                        \
-                if (t0 + t >= lens[b]) { memset(yr, 0, (size_t)nu * sizeof(DT)); continue; }    \
-                RFS_SIMD                                                                        \
-                for (int64_t u = 0; u < nu; ++u) {                                              \
-                    DT A, BB;                                                                   \
-                    RFS_LSTM_COEF(DT, EXP, pr[u], bias[u], p1[u], b1[u], p2[u], b2[u], A, BB)   \
-                    double hv = (double)A * h[u] + (double)BB;                                  \
-                    h[u] = hv; yr[u] = (DT)hv;                                                  \
-                }                                                                               \
-            }                                                                                   \
-    }                                                                                           \
+    RFS_GSCAN(DT, S, gru, RFS_GRU_COEF(DT, EXP, CL, pr[u], bias[u], p1[u], b1[u], A, BB))     \
+    RFS_GSCAN(DT, S, lstm, RFS_LSTM_COEF(DT, EXP, pr[u], bias[u], p1[u], b1[u], p2[u], b2[u], A, BB)) \
     static void rfs_gates_gru_##S(int64_t n, int64_t H, const DT *p, int64_t lds,                \
             const DT *bias, DT *q, int64_t ldd) {                                               \
         rfs_gates_gru_s_##S(n, H, H, H, p, lds, bias, q, ldd);                                  \
