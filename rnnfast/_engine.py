@@ -77,6 +77,11 @@ _CHUNK_ABOVE = 64 << 20
 # recurrent weights fit a core's L2 next to the rest (each thread reads all of them).
 _BSPLIT_MIN_ROWS = 8
 _BSPLIT_MAX_WBYTES = 1280 << 10
+# ... except when a thread's rows leave a block of one row for the micro-kernel (its
+# blocks are RF_MR = 6 rows, kernels/rf_fused.h): 7 rows per thread read the weights
+# twice for 6 + 1 rows (B=14, T=100, H=256 or 512: 9-13 % slower than the unit split
+# for LSTM, GRU and RNN, two runs each)
+_MK_MR = 6
 _REC_ROWDOT_ROWS = 2   # live rows <= this: recurrent product by rf_rowdot (B=2: 1.35 vs 1.42 ms, B=1 equal)
 _CHUNK_BYTES = 8 << 20
 _CHUNK_MIN_ROWS = 96
@@ -237,8 +242,10 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout)
         if n_el:
             extra["wpk"] = scratch("wpk", (D * n_el,), dtype)
             extra["rec_rowdot"] = int(pk.bsz[0]) <= _REC_ROWDOT_ROWS
+            cpd = nthreads // D
+            rows_pt = -(-int(pk.bsz[0]) // max(1, cpd))      # a thread's rows, rounded up
             extra["batch_split"] = (nthreads >= 2 * D and int(pk.bsz[0]) >= _BSPLIT_MIN_ROWS
-                                    and not extra["rec_rowdot"]
+                                    and not extra["rec_rowdot"] and rows_pt % _MK_MR != 1
                                     and G * H * Hout * dtype.itemsize <= _BSPLIT_MAX_WBYTES)
     for layer, dirs in enumerate(weights):
         sl = slice(layer * D, (layer + 1) * D)

@@ -189,7 +189,8 @@ def test_batch_split_steps_match_reference(variant, nthreads, bidirectional, mon
 
 
 def test_batch_split_rule(monkeypatch):
-    """Which calls split the batch: >= 8 rows, recurrent weights <= 1.25 MB, 2 threads per direction."""
+    """Which calls split the batch: >= 8 rows, recurrent weights <= 1.25 MB, 2 threads per
+    direction, and not 7 (13) rows a thread (a 6-row micro-kernel block and a 1-row one)."""
     from rnnfast import _engine
     seen = []
     real = _engine.backends.kernel_module
@@ -209,7 +210,8 @@ def test_batch_split_rule(monkeypatch):
     rnnfast.set_num_threads(2)
     with rnnfast.backend("cython"):
         for B, H, bidir, want in ((8, 256, False, True), (7, 256, False, False), (8, 512, False, False),
-                                  (8, 256, True, False)):
+                                  (8, 256, True, False), (13, 256, False, False), (14, 256, False, False),
+                                  (12, 256, False, True), (16, 256, False, True), (26, 256, False, False)):
             seen.clear()
             lay = rnnfast.LSTM(16, H, bidirectional=bidir)
             lay(np.zeros((6, B, 16), np.float32))
