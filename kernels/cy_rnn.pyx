@@ -7,8 +7,8 @@ slice of the weights, projects the inputs of its slice (all steps at once, or a 
 of steps at a time right before they are needed), then steps through time: recurrent
 product of its slice fused with the gate math (kernels/rf_fused_tmpl.h, rf_gates.h),
 one barrier per step (two for LSTM with projection and GRU with
-linear_before_reset=False; rf_sync, a spin barrier) when threads share a direction, none
-when each thread owns whole directions. The weights of a slice stay in that core's cache. The previous state
+linear_before_reset=False) when threads share a direction, none when each thread owns
+whole directions. The weights of a slice stay in that core's cache. The previous state
 is read from one half of a ping-pong buffer and the new one written to the other, so no
 thread overwrites what another is reading.
 
@@ -17,9 +17,7 @@ interleaved batch rows with every unit: no barrier per step, for batches of seve
 rows whose recurrent weights fit in L2), ``rec_rowdot`` (a step's recurrent product by
 rf_rowdot from the row-major weights, for one or two live rows), no packing at all for
 sequences shorter than FUSED_MIN_T steps (rf_rowdot or BLAS per gate), and
-``run_small``, the lean entry of the serving path, which runs the same worker on the
-persistent thread pool of rf_pool.h (no OpenMP region to open per served token) when the
-pool is free.
+``run_small``, the lean entry of the serving path.
 
 Data layout (prepared by rnnfast._engine, which also validates and allocates):
 packed rows, step-major: step t holds rows [off_t, off_t + bsz[t]) of ``x`` and ``y``,
@@ -453,46 +451,6 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
                     batch_split, &bar)
 
 
-cdef extern from "rf_pool.h" nogil:
-    ctypedef void (*rf_task_fn)(int tid, int nthr, void *arg) noexcept nogil
-    int rf_pool_run(rf_task_fn fn, void *arg, int nthr)
-
-
-cdef struct SmallJob:
-    # the arguments of _worker for one serving call (element type: the task function's)
-    int code, T, B, nin, H, Hout, cpd    # (not `I`: complex.h's macro)
-    const int64_t *bs
-    const void *x
-    const void *wi[MAX_DIRS]
-    const void *wh[MAX_DIRS]
-    const void *bx[MAX_DIRS]
-    const void *bh[MAX_DIRS]
-    const void *wr[MAX_DIRS]
-    void *xg
-    void *hb
-    void *cst
-    void *y
-    void *hg
-    void *s2
-    rf_sync_t *bar
-
-
-cdef inline void _small_task_t(floating *dummy, int tid, int nthr, SmallJob *j) noexcept nogil:
-    _worker(tid, nthr, j.code, 1, j.cpd, False, j.T, j.T * j.B, j.B, j.nin, j.H, j.Hout, j.bs,
-            <const floating*>j.x, <const floating**>j.wi, <const floating**>j.wh, <const floating**>j.bx,
-            <const floating**>j.bh, <const floating**>j.wr, <floating*>j.xg, <floating*>j.hb,
-            <floating*>j.cst, <floating*>j.y, <floating*>j.hg, <floating*>j.s2, NULL, 0, j.T * j.B, j.T,
-            False, False, j.bar)
-
-
-cdef void _small_task_f(int tid, int nthr, void *arg) noexcept nogil:
-    _small_task_t(<float*>NULL, tid, nthr, <SmallJob*>arg)
-
-
-cdef void _small_task_d(int tid, int nthr, void *arg) noexcept nogil:
-    _small_task_t(<double*>NULL, tid, nthr, <SmallJob*>arg)
-
-
 cdef inline void* _data(object a) noexcept:
     return cnp.PyArray_DATA(<cnp.ndarray>a)
 
@@ -535,22 +493,7 @@ cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w
     cpd = _imin(nthreads if nthreads > 0 else 1, (H + UNIT_BLOCK - 1) // UNIT_BLOCK)
     nthr = cpd if rf_have_openmp() else 1
     rf_sync_init(&bar, nthr)
-    cdef SmallJob job
-    cdef int d, pooled = 0
-    if nthr > 1:    # the persistent pool (rf_pool.h) when it is free, else an OpenMP region
-        job.code = code; job.T = T; job.B = B; job.nin = I; job.H = H; job.Hout = Hout; job.cpd = cpd
-        job.bs = bs; job.x = xp
-        for d in range(MAX_DIRS):
-            job.wi[d] = wi[d]; job.wh[d] = wh[d]; job.bx[d] = bx[d]; job.bh[d] = bh[d]; job.wr[d] = wr[d]
-        job.xg = xgp; job.hb = hb; job.cst = cst; job.y = yp; job.hg = hgp; job.s2 = s2p; job.bar = &bar
-        with nogil:
-            if floating is float:
-                pooled = rf_pool_run(_small_task_f, &job, nthr)
-            else:
-                pooled = rf_pool_run(_small_task_d, &job, nthr)
-    if pooled:
-        pass
-    elif nthr == 1:
+    if nthr == 1:
         with nogil:
             _worker(0, 1, code, 1, 1, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
                     xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar)

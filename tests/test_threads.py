@@ -9,7 +9,7 @@ import pytest
 
 import rnnfast
 
-from conftest import (BACKENDS, VARIANT_IDS, VARIANTS, flat_states, make_layer, random_hx, ref_stack, rng_for,
+from conftest import (BACKENDS, VARIANT_IDS, VARIANTS, flat_states, make_layer, random_hx, rng_for,
                       tol_for)
 
 
@@ -192,40 +192,3 @@ def test_cython_kernels_correct_when_openmp_gives_fewer_threads():
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) < 1e-9, out.stdout
-
-
-@pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
-def test_serving_pool_survives_fork():
-    """One-token calls run on a persistent worker pool (kernels/rf_pool.h); a child forked
-    after the parent used it starts with an empty pool and gets the same answers (its
-    workers are not inherited: waiting on them would hang)."""
-    import multiprocessing as mp
-    rnnfast.set_num_threads(2)
-    lay = make_layer("lstm", {}, 32, 64, dtype=np.float32, seed=3)
-    x = rng_for("fork").standard_normal((1, 2, 32)).astype(np.float32)
-    want = lay(x)[0]
-    ctx = mp.get_context("fork")
-    with ctx.Pool(1) as pool:
-        got = pool.apply_async(_serve_once, (lay, x)).get(timeout=60)
-    np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(lay(x)[0], want)       # and the parent's pool still works
-
-
-def _serve_once(lay, x):
-    rnnfast.set_num_threads(2)
-    return [lay(x)[0] for _ in range(50)][-1]
-
-
-@pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
-def test_serving_pool_after_idle_and_other_team_sizes():
-    """The pool's workers fall asleep after ~100 us without work and wake for the next
-    call; a smaller team than the pool holds leaves the extra workers idle."""
-    import time
-    lay = make_layer("gru", {}, 48, 96, dtype=np.float64, seed=5)
-    x = rng_for("idle").standard_normal((1, 3, 48))
-    want = ref_stack(lay, x)[0]
-    for n in (2, 4, 3, 2, 1, 4):
-        rnnfast.set_num_threads(n)
-        for _ in range(3):
-            np.testing.assert_allclose(lay(x)[0], want, rtol=1e-10, atol=1e-12)
-            time.sleep(0.005)
