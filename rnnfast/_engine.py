@@ -363,5 +363,5 @@ def run_small(plan: SmallPlan, x: np.ndarray, B: int, h0, c0):
     if threads._blas["current"] != 1:
         threads.set_blas_threads(1)   # BLAS (more than 8 rows) runs inside the parallel region
     plan.kernel(plan.code, x, bufs[0], plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh, plan.w_hr,
-                h0, c0, y, hn, cn, bufs[1], bufs[2], bufs[3], bufs[4], threads._num_threads)
+                h0, c0, y, hn, cn, bufs[1], bufs[2], bufs[3], bufs[4], threads.get_num_threads())
     return y, hn, cn

@@ -5,15 +5,36 @@ are process-global, so every kernel entry applies the count itself (``apply_*``)
 never once at start-up. BLAS runs single-threaded inside rnnfast's own parallel
 regions (OpenMP threads each call BLAS on their slice) and with the rnnfast count
 when it is called from one thread only.
+
+After ``fork()``: GNU OpenMP (libgomp) cannot open a parallel region in a child forked
+after the parent ran one (the child waits forever on threads it does not have). A child
+forked after rnnfast ran kernels on several threads therefore runs them on one thread,
+and asking it for more warns and keeps one. Processes started with the "spawn" or
+"forkserver" methods of multiprocessing have no such limit.
 """
 from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 _lock = threading.Lock()
 _num_threads: int = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 _blas = {"libs": None, "current": None}
+_parallel_ran = False     # a kernel was given more than one thread in this process
+_forked_after_parallel = False
+
+
+def _after_fork_in_child() -> None:
+    global _num_threads, _forked_after_parallel
+    if _parallel_ran:
+        _forked_after_parallel = True
+        _num_threads = 1
+    _blas["current"] = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def set_num_threads(n: int) -> None:
@@ -30,11 +51,19 @@ def set_num_threads(n: int) -> None:
     n = int(n)
     if n < 1:
         raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    if n > 1 and _forked_after_parallel:
+        warnings.warn("rnnfast runs on one thread in a process forked after its parent ran parallel "
+                      "kernels (GNU OpenMP cannot start threads there); start workers with the "
+                      "'spawn' or 'forkserver' method to use several", RuntimeWarning, stacklevel=2)
+        n = 1
     _num_threads = n
 
 
 def get_num_threads() -> int:
     """Return the process-wide thread count used by rnnfast kernels."""
+    global _parallel_ran
+    if _num_threads > 1:
+        _parallel_ran = True      # the caller is about to run kernels on several threads
     return _num_threads
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import rnnfast
 
-from conftest import (BACKENDS, VARIANT_IDS, VARIANTS, flat_states, make_layer, random_hx, rng_for,
+from conftest import (BACKENDS, VARIANT_IDS, VARIANTS, flat_states, make_layer, random_hx, ref_stack, rng_for,
                       tol_for)
 
 
@@ -192,3 +192,51 @@ def test_cython_kernels_correct_when_openmp_gives_fewer_threads():
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) < 1e-9, out.stdout
+
+
+@pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
+def test_forked_child_after_parallel_kernels_runs_on_one_thread():
+    """GNU OpenMP cannot open parallel regions in a child forked after the parent ran
+    some: the child would wait forever. Regression: a pre-fork server (model loaded and
+    warmed up, then workers forked) hung on its first call. Such a child runs on one
+    thread, gets the same answers, and is warned when it asks for more threads."""
+    import multiprocessing as mp
+    rnnfast.set_num_threads(2)
+    lay = make_layer("lstm", {}, 32, 64, dtype=np.float32, seed=3)
+    x = rng_for("fork").standard_normal((1, 2, 32)).astype(np.float32)
+    xl = rng_for("fork-long").standard_normal((50, 9, 32)).astype(np.float32)
+    want, want_long = lay(x)[0], lay(xl)[0]          # the parent runs parallel kernels
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        nthreads, warned, got, got_long = pool.apply_async(_child_calls, (lay, x, xl)).get(timeout=60)
+    assert nthreads == 1 and warned
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got_long, want_long, rtol=1e-5, atol=1e-6)
+    assert rnnfast.get_num_threads() == 2                # the parent keeps its threads
+    np.testing.assert_array_equal(lay(x)[0], want)
+
+
+def _child_calls(lay, x, xl):
+    import warnings
+    n = rnnfast.get_num_threads()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rnnfast.set_num_threads(2)
+    warned = any(issubclass(i.category, RuntimeWarning) and "spawn" in str(i.message) for i in w)
+    ys = [lay(x)[0] for _ in range(20)]
+    return n, warned and rnnfast.get_num_threads() == 1, ys[-1], lay(xl)[0]
+
+
+@pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
+def test_serving_calls_after_idle_and_other_team_sizes():
+    """Serving calls after the kernels' threads have gone idle (asleep), and with the
+    team size changing between calls, give the oracle's answers."""
+    import time
+    lay = make_layer("gru", {}, 48, 96, dtype=np.float64, seed=5)
+    x = rng_for("idle").standard_normal((1, 3, 48))
+    want = ref_stack(lay, x)[0]
+    for n in (2, 4, 3, 2, 1, 4):
+        rnnfast.set_num_threads(n)
+        for _ in range(3):
+            np.testing.assert_allclose(lay(x)[0], want, rtol=1e-10, atol=1e-12)
+            time.sleep(0.005)
