@@ -198,7 +198,7 @@ static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, in
         const RF_T *nxt = P + (size_t)(p + 1 < p1 ? p + 1 : p0) * K * PW;
         int ua = p * UP, ub = ua + UP < H ? ua + UP : H;
         for (int b = 0; b < nblk; ++b) {
-            int r0 = (n * b) / nblk, r1 = (n * (b + 1)) / nblk;
+            int r0 = rf_row_block(n, b), r1 = rf_row_block(n, b + 1);
             size_t l0 = lines * b / nblk, l1 = lines * (b + 1) / nblk;
             RF_FN(rf_mk)(r1 - r0, NV, K, hp + (size_t)r0 * ldp, ldp, Pp, tile,
                          nxt + l0 * (64 / sizeof(RF_T)), pfon ? (int)(l1 - l0) : 0);

@@ -72,11 +72,16 @@ _USE_FUSED = True     # private switch for measurements: False = BLAS per gate i
 # direction (lstm-b64: 52 MB), and longer or wider inputs go in chunks of _CHUNK_BYTES,
 # at least _CHUNK_MIN_ROWS rows per GEMM.
 _CHUNK_ABOVE = 64 << 20
-# Threads of a direction split the batch rows of each step (no barrier per step) rather
-# than the units when there are at least _BSPLIT_MIN_ROWS rows and one direction's
-# recurrent weights fit a core's L2 next to the rest (each thread reads all of them).
+# Threads of a direction can split the batch rows of each step (no barrier per step)
+# rather than the units when there are at least _BSPLIT_MIN_ROWS rows and one direction's
+# recurrent weights are at most _BSPLIT_MAX_WBYTES (each thread reads all of them). On the
+# Xeon (2 MB L2) that the rule was tuned on, it won 1.5-10 % at 8 rows with weights up to
+# 1.25 MB; on the Zen 5 host (1 MB L2) with the micro-kernel's 6 + 2 row blocks it lost
+# on every shape measured (same-process alternations, T=100: LSTM b8 H256 2.30 vs 2.01 ms,
+# GRU b8 H256 1.70 vs 1.50, LSTM b16 H256 4.16 vs 3.92, LSTM b8 H128 0.615 vs 0.580,
+# RNN b8 H512 2.11 vs 1.86), so it is off (0 bytes); tests still force it.
 _BSPLIT_MIN_ROWS = 8
-_BSPLIT_MAX_WBYTES = 1280 << 10
+_BSPLIT_MAX_WBYTES = 0
 # ... except when a thread's rows leave a block of one row for the micro-kernel (its
 # blocks are RF_MR = 6 rows, kernels/rf_fused.h): 7 rows per thread read the weights
 # twice for 6 + 1 rows (B=14, T=100, H=256 or 512: 9-13 % slower than the unit split

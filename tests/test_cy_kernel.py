@@ -165,6 +165,23 @@ def test_recurrent_rowdot_and_packed_steps_match_reference(variant, rows, dtype,
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_live_row_count_matches_reference(variant, dtype, monkeypatch):
+    """Steps of 1 to 20 live rows (the micro-kernel's row blocks: 6-row blocks, a
+    remainder of 1 or 4 taking a row from the block before: 5 + 2, 5 + 5) from packed
+    panels, each sequence one step shorter than the one before."""
+    from rnnfast import _engine
+    _, kind, opts = variant
+    monkeypatch.setattr(_engine, "_REC_ROWDOT_ROWS", 0)
+    T, B, I, H = 21, 20, 7, 20
+    lay = make_layer(kind, opts, I, H, dtype=dtype, seed=14)
+    rng = rng_for("liverows", kind, str(opts), np.dtype(dtype).name)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    ln = rng.permutation(np.arange(2, B + 2))
+    _assert_cython_matches_reference(lay, x, ln, dtype)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("nthreads", [2, 3, 4])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_batch_split_steps_match_reference(variant, nthreads, bidirectional, monkeypatch):
@@ -207,6 +224,7 @@ def test_batch_split_rule(monkeypatch):
             return self._mod.run_layer(*a, **k)
 
     monkeypatch.setattr(_engine.backends, "kernel_module", lambda name: Spy(real(name)))
+    monkeypatch.setattr(_engine, "_BSPLIT_MAX_WBYTES", 1280 << 10)     # the rule itself (off by default)
     rnnfast.set_num_threads(2)
     with rnnfast.backend("cython"):
         for B, H, bidir, want in ((8, 256, False, True), (7, 256, False, False), (8, 512, False, False),
