@@ -87,7 +87,13 @@ _BSPLIT_MAX_WBYTES = 0
 # twice for 6 + 1 rows (B=14, T=100, H=256 or 512: 9-13 % slower than the unit split
 # for LSTM, GRU and RNN, two runs each)
 _MK_MR = 6
-_REC_ROWDOT_ROWS = 2   # live rows <= this: recurrent product by rf_rowdot (B=2: 1.35 vs 1.42 ms, B=1 equal)
+# Live rows <= this: recurrent product by rf_rowdot from the row-major weights, only the
+# input weights packed. It won on the Xeon (B=2: 1.35 vs 1.42 ms, B=1 equal) but loses on
+# the Zen 5 host, where the packed panels stream from L2 at ~250 GB/s against ~135 for
+# rf_rowdot's eight row streams (same-process alternations, T=100, H=256: LSTM B=1 0.584
+# vs 0.425 ms, GRU B=1 0.447 vs 0.380, LSTM B=2 0.758 vs 0.625; T=10 B=1 0.091 vs 0.088),
+# so every step now takes the packed panels (0); tests still force the rowdot form.
+_REC_ROWDOT_ROWS = 0
 _CHUNK_BYTES = 8 << 20
 _CHUNK_MIN_ROWS = 96
 
