@@ -44,6 +44,8 @@ from typing import Callable
 
 import numpy as np
 
+from .bench_roofline import ROOFLINE_N, ROOFLINE_WORKLOADS, format_roofline, run_roofline
+
 # name: (kind, T, B, I, H, extra) -- identical to the referee's WORKLOADS
 WORKLOADS: dict[str, tuple] = {
     "lstm-b1":        ("lstm", 100, 1, 256, 256, {}),
@@ -798,6 +800,17 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             out["meta"]["wall_s"] = time.perf_counter() - t_start
             _write_json(args.json, out)
+    if any(n in ROOFLINE_WORKLOADS for n in names):
+        try:
+            out["roofline"] = run_roofline(opt.threads, rounds=1 if opt.quick else 5,
+                                           n=512 if opt.quick else ROOFLINE_N)
+        except Exception as e:  # noqa: BLE001 - report, keep the table
+            out["roofline"] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"# roofline: error: {_short(out['roofline']['error'])}")
+            status = 1
+        else:
+            for line in format_roofline(out["roofline"], records):
+                print(line)
     if not args.only and not getattr(args, "no_scans", False):
         from .bench_scan import format_scans, run_scans
         try:

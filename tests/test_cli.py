@@ -223,3 +223,17 @@ def test_bench_accepts_no_scans():
     p = _run("bench", "--quick", "--only", "lstm-b1", "--no-scans", "--no-reference")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "linear_scan" not in p.stdout
+
+
+def test_roofline_section_measures_both_gemms():
+    """The bench's roofline: both GEMMs timed (positive, finite GF/s), the roofline the
+    higher one, and a large-batch workload's share computed from its own GF/s."""
+    import math
+    from rnnfast.bench_roofline import format_roofline, run_roofline
+    roof = run_roofline(2, rounds=1, n=256)
+    assert roof["numpy_gflops"] > 0 and math.isfinite(roof["numpy_gflops"])
+    assert roof["rnnfast_gflops"] > 0 and math.isfinite(roof["rnnfast_gflops"])
+    assert roof["roofline_gflops"] == max(roof["numpy_gflops"], roof["rnnfast_gflops"])
+    rec = {"name": "lstm-b64", "results": {"rnnfast:auto": {"gflops": roof["roofline_gflops"] / 2}}}
+    lines = format_roofline(roof, [rec, {"name": "lstm-b1", "results": {}}])
+    assert len(lines) == 2 and "lstm-b64 50%" in lines[1] and "lstm-b1" not in lines[1]

@@ -1,0 +1,73 @@
+"""The GEMM roofline section of ``python -m rnnfast bench``: a square float32 product on
+the bench's threads by NumPy's BLAS and by rnnfast's own GEMM (``kernels/rf_gemm.h``,
+the training GEMMs), and each large-batch workload's GF/s as a share of the faster.
+
+BENCHMARKS.md states the roofline as NumPy's OpenBLAS on 2048-3072 squares; the BLAS
+that NumPy ships may run below the CPU's vector width (``OPENBLAS_CORETYPE`` pinned to an
+older core), so both are measured in the same run and the higher one is the roofline.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import threads
+
+ROOFLINE_N = 2048
+ROOFLINE_WORKLOADS = ("lstm-b64", "gru-b64", "rnn-b64", "lstm-2l-bidir", "lstm-train-b64", "gru-train-b64")
+
+
+def _best_gflops(fn, n: int, rounds: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def run_roofline(nthreads: int, rounds: int = 5, n: int = ROOFLINE_N) -> dict:
+    """GF/s of an n x n x n float32 product: NumPy's BLAS and rnnfast's GEMM."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((n, n)).astype(np.float32)
+    b = rng.standard_normal((n, n)).astype(np.float32)
+    c = np.empty((n, n), np.float32)
+    out = {"n": n, "threads": nthreads}
+    threads.set_blas_threads(nthreads)
+    try:
+        out["numpy_gflops"] = _best_gflops(lambda: np.matmul(a, b, out=c), n, rounds)
+        arch = [lib.get("architecture") for lib in threads.blas_info() if lib.get("architecture")]
+        libs = dict.fromkeys(f"{lib.get('internal_api')} {lib.get('architecture') or ''}".strip()
+                             for lib in threads.blas_info())
+        out["numpy_blas"] = ", ".join(libs) or "unknown"
+        out["numpy_arch"] = arch[0] if arch else None
+    finally:
+        threads.set_blas_threads(1)
+    try:
+        from .kernels import cy_train
+    except ImportError:
+        out["rnnfast_gflops"] = None
+    else:
+        out["rnnfast_gflops"] = _best_gflops(lambda: cy_train.pgemm(a, b, c, 0.0, nthreads), n, rounds)
+    out["roofline_gflops"] = max(v for v in (out["numpy_gflops"], out["rnnfast_gflops"]) if v is not None)
+    return out
+
+
+def format_roofline(roof: dict, records: list) -> list[str]:
+    """Lines for the bench output: the two GEMMs, then each large workload's share."""
+    lines = [f"# GEMM roofline ({roof['n']}^3 float32, {roof['threads']} threads): NumPy's BLAS "
+             f"({roof['numpy_blas']}) {roof['numpy_gflops']:.0f} GF/s"
+             + ("" if roof["rnnfast_gflops"] is None else f", rnnfast's GEMM {roof['rnnfast_gflops']:.0f} GF/s")]
+    shares = []
+    for rec in records:
+        if rec.get("name") not in ROOFLINE_WORKLOADS:
+            continue
+        for key, r in rec.get("results", {}).items():
+            if key.startswith("rnnfast:") and r.get("gflops"):
+                shares.append(f"{rec['name']} {100.0 * r['gflops'] / roof['roofline_gflops']:.0f}%")
+                break
+    if shares:
+        lines.append(f"#   share of the higher ({roof['roofline_gflops']:.0f} GF/s): " + ", ".join(shares))
+    return lines
