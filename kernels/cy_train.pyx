@@ -11,7 +11,9 @@ initial state: no state is ever copied.
 
 One persistent OpenMP parallel region per call, as in cy_rnn: work items are (direction,
 slice of hidden units); each step is a recurrent GEMM of the item's slice with
-single-threaded BLAS plus fused gate math (kernels/rf_train.h), then a barrier.
+the packed micro-kernel (kernels/rf_train.h; single-threaded BLAS for large batches)
+plus fused gate math, then a barrier (rf_sync, the spin barrier of rf_gates.h: a GOMP
+barrier per step had cost ~7 % of an LSTM b8 training forward).
 Backward per step: fused gate gradients for the item's units (their column sums, the
 bias gradients, accumulated on the way), a barrier, then dh_prev[:, slice] = dG_t @
 W_hh[:, slice] (and the dy of the next step added). The weight gradients are not
@@ -29,6 +31,10 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 cdef extern from "rf_train.h" nogil:
     void rf_barrier()
+    ctypedef struct rf_sync_t:
+        pass
+    void rf_sync_init(rf_sync_t *b, int n)
+    void rf_sync(rf_sync_t *b, int team)
     int rf_team_size()
     int rf_have_openmp()
     void rft_lstm_fwd_f(int j0, int j1, int H, int u0, int u1, float *xg, int ldx, const float *hg, int ldg,
@@ -329,7 +335,7 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                       const floating **w_hh, const floating **bx, const floating **bh,
                       const floating **w_hr, const floating *h0, const floating *c0,
                       floating *y, floating *cb, floating *hg, floating *s2,
-                      floating *wpk, size_t wsz) noexcept nogil:
+                      floating *wpk, size_t wsz, rf_sync_t *bar) noexcept nogil:
     cdef int G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
@@ -364,7 +370,7 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
                 _pack(H, Hout, p0, p1, w_hr[d], H, 1, WT + <size_t>G * nbH * bs)
             it = it + nthr
-        rf_barrier()
+        rf_sync(bar, nthr)
     for s in range(T):
         for phase in range(2):
             if phase == 1 and code != LSTM_PROJ and code != GRU_NOLBR:
@@ -460,7 +466,7 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                         rft_gru_n_fwd_d(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, yt, ldy)
                         rft_gru_n_fwd_d(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, yt, ldy)
                 it = it + nthr
-            rf_barrier()
+            rf_sync(bar, nthr)
 
 
 cdef int _items(int nthreads, int ndir, int H, int *cpd) noexcept nogil:
@@ -516,6 +522,7 @@ def forward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int
     cdef int Hout = h0.shape[2]
     cdef int H = s2.shape[2]
     cdef int cpd = 1, nthr, tid
+    cdef rf_sync_t bar
     cdef const floating *w_hh[MAX_DIRS]
     cdef const floating *bx[MAX_DIRS]
     cdef const floating *bh[MAX_DIRS]
@@ -525,17 +532,18 @@ def forward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int
     w_hh[0] = &w_hh0[0, 0]; bx[0] = &bx0[0]; bh[0] = &bh0[0]; w_hr[0] = &w_hr0[0, 0]
     w_hh[1] = &w_hh1[0, 0]; bx[1] = &bx1[0]; bh[1] = &bh1[0]; w_hr[1] = &w_hr1[0, 0]
     nthr = _items(nthreads, ndir, H, &cpd)
+    rf_sync_init(&bar, nthr)
     if nthr == 1:
         with nogil:
             _fwd_worker(0, 1, code, ndir, cpd, rev0, T, N, B, H, Hout, GS, &bsz[0], &offs[0], &xg[0, 0, 0],
                         w_hh, bx, bh, w_hr, &h0[0, 0, 0], &c0[0, 0, 0], &y[0, 0], &cb[0, 0, 0],
-                        &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz)
+                        &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz, &bar)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _fwd_worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, H, Hout, GS, &bsz[0], &offs[0],
                         &xg[0, 0, 0], w_hh, bx, bh, w_hr, &h0[0, 0, 0], &c0[0, 0, 0], &y[0, 0],
-                        &cb[0, 0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz)
+                        &cb[0, 0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz, &bar)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -545,7 +553,7 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                       const floating *cb, const floating *y, const floating *h0, const floating *c0,
                       const floating **w_hh, const floating **w_hr, const floating *dy,
                       floating *dh, floating *dc, floating *dg, floating *aux, floating *dhs,
-                      floating *scr, floating *wpk, size_t wsz, double *db) noexcept nogil:
+                      floating *scr, floating *wpk, size_t wsz, double *db, rf_sync_t *bar) noexcept nogil:
     cdef int G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
@@ -583,7 +591,7 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
             if code == LSTM_PROJ:
                 _pack(Hout, H, u0, u1, w_hr[d], 1, H, Wb + <size_t>nbO * bs)
             it = it + nthr
-        rf_barrier()
+        rf_sync(bar, nthr)
     # the dy of the first step each direction processes
     it = tid
     while it < nitems:
@@ -599,7 +607,7 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
             rft_add_dy_d(<int>bsz[t], p0, p1, dh + <size_t>d * B * Hout, Hout,
                          dy + <size_t>offs[t] * ldy + d * Hout, ldy, dhsn, Hout)
         it = it + nthr
-    rf_barrier()
+    rf_sync(bar, nthr)
     nphase = 3 if code == GRU_NOLBR else 2
     for s in range(T):
         for phase in range(nphase):
@@ -719,7 +727,7 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
             # barriers: after the gate phases always (the GEMMs read every unit of dG);
             # after the dh phase only with projection (its next GEMM reads every column of dh)
             if phase < nphase - 1 or code == LSTM_PROJ:
-                rf_barrier()
+                rf_sync(bar, nthr)
 
 
 def backward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int ndir, bint rev0,
@@ -757,6 +765,7 @@ def backward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, in
     cdef int Hout = h0.shape[2]
     cdef int H = scr.shape[2]
     cdef int cpd = 1, nthr, tid
+    cdef rf_sync_t bar
     cdef const floating *w_hh[MAX_DIRS]
     cdef const floating *w_hr[MAX_DIRS]
     if T == 0 or N == 0:
@@ -764,16 +773,17 @@ def backward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, in
     w_hh[0] = &w_hh0[0, 0]; w_hr[0] = &w_hr0[0, 0]
     w_hh[1] = &w_hh1[0, 0]; w_hr[1] = &w_hr1[0, 0]
     nthr = _items(nthreads, ndir, H, &cpd)
+    rf_sync_init(&bar, nthr)
     if nthr == 1:
         with nogil:
             _bwd_worker(0, 1, code, ndir, cpd, rev0, T, N, B, H, Hout, GS, GSb, &bsz[0], &offs[0],
                         &xg[0, 0, 0], &cb[0, 0, 0], &y[0, 0], &h0[0, 0, 0], &c0[0, 0, 0], w_hh, w_hr,
                         &dy[0, 0], &dh[0, 0, 0], &dc[0, 0, 0], &dg[0, 0, 0], &aux[0, 0, 0],
-                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0])
+                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0], &bar)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _bwd_worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, H, Hout, GS, GSb, &bsz[0], &offs[0],
                         &xg[0, 0, 0], &cb[0, 0, 0], &y[0, 0], &h0[0, 0, 0], &c0[0, 0, 0], w_hh, w_hr,
                         &dy[0, 0], &dh[0, 0, 0], &dc[0, 0, 0], &dg[0, 0, 0], &aux[0, 0, 0],
-                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0])
+                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0], &bar)

@@ -19,8 +19,10 @@
 #include <stdlib.h>
 #include "rf_fused.h"
 
-#define RF_GEMM_KC 256          /* k per packed block (a B panel row is 256 bytes) */
-#define RF_GEMM_NP 8            /* panels per packed B block: KC x NC = 512 KB */
+#define RF_GEMM_KC 256          /* k per packed block (a B panel row is 256 bytes)... */
+#define RF_GEMM_NP 8            /* ...for blocks of 8 panels: KC x NC = 512 KB */
+#define RF_GEMM_BBYTES (512u << 10)   /* narrower blocks take more k, up to this size */
+#define RF_GEMM_KCMAX 1024
 #define RF_GEMM_MC 96           /* rows per copied block of a transposed A */
 
 #define RF_T float

@@ -123,7 +123,12 @@ static int RF_FN(rf_gemm)(int ta, int tb, int M, int N, int K, const RF_T *A, in
         return 0;
     }
     const int NC = RF_GEMM_NP * RF_GNR, MC = RF_GEMM_MC;
-    const int nk = (K + RF_GEMM_KC - 1) / RF_GEMM_KC;
+    /* k per block: RF_GEMM_KC, more when the B block is narrower than RF_GEMM_NP panels
+     * (up to RF_GEMM_BBYTES of packed B), so that C is revisited fewer times */
+    const int npw = ((N < NC ? N : NC) + RF_GNR - 1) / RF_GNR;
+    int kcl = (int)(RF_GEMM_BBYTES / ((size_t)npw * RF_GNR * sizeof(RF_T)));
+    kcl = kcl < RF_GEMM_KC ? RF_GEMM_KC : (kcl > RF_GEMM_KCMAX ? RF_GEMM_KCMAX : kcl);
+    const int nk = (K + kcl - 1) / kcl;
     const int kcmax = (K + nk - 1) / nk;
     RF_T *P = RF_FN(rf_gemm_scratch)((size_t)kcmax * NC + (ta ? (size_t)kcmax * MC : 0));
     if (!P) return -1;
