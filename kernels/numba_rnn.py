@@ -336,7 +336,7 @@ def _gates_chunk(code, phase, H, u0, u1, xr, gr, bx, bh, hp, hw, yr, cr, sr):
         zero = hw.dtype.type(0.0)
         for u in range(a, b):
             v = xr[u] + gr[u] + bx[u] + bh[u]
-            hw[u] = v if v > zero else zero
+            hw[u] = zero if v < zero else v     # NaN stays NaN (np.maximum, torch.relu)
     if code != LSTM_PROJ and (code != GRU_NOLBR or phase == 1):
         for u in range(a, b):
             yr[u] = hw[u]

@@ -112,7 +112,7 @@ static __attribute__((noinline)) void rft_rnn_fwd_##SFX(int j0, int j1, int relu
             RF_SIMD                                                                          \
             for (size_t u = (size_t)u0; u < (size_t)u1; ++u) { \
                 T a = xr[u] + gr[u] + bx[u] + bh[u];                                         \
-                hr[u] = a > (T)0 ? a : (T)0;                                                 \
+                hr[u] = a < (T)0 ? (T)0 : a;     /* NaN stays NaN */              \
             }                                                                                \
         } else {                                                                             \
             RF_SIMD                                                                          \
@@ -247,7 +247,7 @@ static __attribute__((noinline)) void rft_add_dy_##SFX(int n, int p0, int p1, T 
     }                                                                                        \
 }
 
-RFT_DEFINE(float, f, expf, tanhf)
+RFT_DEFINE(float, f, rf_expf, tanhf)
 RFT_DEFINE(double, d, exp, tanh)
 
 /* ------------------------------------------------------------------------------------

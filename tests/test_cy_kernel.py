@@ -234,3 +234,39 @@ def test_batch_split_rule(monkeypatch):
             lay = rnnfast.LSTM(16, H, bidirectional=bidir)
             lay(np.zeros((6, B, 16), np.float32))
             assert seen == [want], (B, H, bidir, seen)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+def test_float32_gates_saturate_and_propagate_nan(variant, train, backend):
+    """The float gates' inline exp (rf_gates.h rf_expf, clamped to [-87.3, 88.3]): gate
+    pre-activations far outside that range (|x| up to ~1e3) saturate like the reference,
+    and a NaN in one sequence's input makes that sequence's outputs NaN from that step on
+    while the other sequences stay exact; inference and the training forward alike.
+    Regression: relu RNNs turned NaN into 0 (``a > 0 ? a : 0``; np.maximum and
+    torch.relu keep NaN)."""
+    if backend not in rnnfast.available_backends():
+        pytest.skip(f"{backend} backend not available")
+    _, kind, opts = variant
+    T, B, I, H = 7, 5, 6, 16
+    lay = make_layer(kind, opts, I, H, dtype=np.float32, seed=21)
+    rng = rng_for("saturate", kind, str(opts), train)
+    x = (rng.standard_normal((T, B, I)) * 300).astype(np.float32)
+    x[:, 0] *= 1e-3                                   # one sequence in the ordinary range
+    want = ref_stack(lay, x.astype(np.float64))[0]
+
+    def run(inp):
+        with rnnfast.backend(backend):
+            return lay.forward(inp, train=train)[0]
+
+    got = run(x)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+    xn = x.copy()
+    xn[3, 2, 1] = np.nan
+    got = np.asarray(run(xn))
+    assert np.isnan(got[3:, 2]).all()
+    ok = np.ones(B, bool)
+    ok[2] = False
+    np.testing.assert_allclose(got[:, ok], want[:, ok], rtol=2e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+    np.testing.assert_allclose(got[:3, 2], want[:3, 2], rtol=2e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
