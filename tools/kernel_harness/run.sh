@@ -11,7 +11,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${TMPDIR:-/tmp}/rnnfast_kernel_harness"
 mkdir -p "$out"
-FL="-O3 -fwrapv -fno-math-errno -fno-trapping-math -fopenmp -march=${RNNFAST_MARCH:-native} -mprefer-vector-width=512"
+FL="-O3 -falign-loops=64 -fwrapv -fno-math-errno -fno-trapping-math -fopenmp -march=${RNNFAST_MARCH:-native} -mprefer-vector-width=512"
 for p in step_proj layer_2threads rowdot; do
     gcc $FL -I"$here/../../kernels" "$here/$p.c" -o "$out/$p" -lmvec -lm
 done
