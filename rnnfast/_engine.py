@@ -192,7 +192,11 @@ def run_stack(kind: str, code: int, x: np.ndarray, weights: list[list[DirWeights
     name = backends.resolve(kind, B, H, dtype, threads.get_num_threads())
     if name == "reference":
         return _run_reference(kind, code, x, weights, h0, c0, lengths, rev0)
-    return _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout)
+    nthreads = threads.enter_call()
+    try:
+        return _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout, nthreads)
+    finally:
+        threads.leave_call()
 
 
 def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0):
@@ -216,7 +220,7 @@ def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0):
     return out, hn, cn
 
 
-def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout):
+def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout, nthreads):
     T, B, I = x.shape
     L, D = len(weights), len(weights[0])
     dtype = x.dtype
@@ -232,7 +236,6 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout)
         h0s = h0[:, pk.perm]
         c0s = None if c0 is None else c0[:, pk.perm]
     mod = backends.kernel_module(name)
-    nthreads = threads.get_num_threads()
     threads.set_blas_threads(1)     # both backends call BLAS from inside their own parallel regions
     zeros_b = _zeros(G * H, dtype)
     dummy_hr = _zeros(1, dtype).reshape(1, 1)
@@ -373,6 +376,10 @@ def run_small(plan: SmallPlan, x: np.ndarray, B: int, h0, c0):
         cn = np.empty((1, B, plan.H), plan.dtype) if plan.G == 4 else None
     if threads._blas["current"] != 1:
         threads.set_blas_threads(1)   # BLAS (more than 8 rows) runs inside the parallel region
-    plan.kernel(plan.code, x, bufs[0], plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh, plan.w_hr,
-                h0, c0, y, hn, cn, bufs[1], bufs[2], bufs[3], bufs[4], threads.get_num_threads())
+    nthreads = threads.enter_call()
+    try:
+        plan.kernel(plan.code, x, bufs[0], plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh, plan.w_hr,
+                    h0, c0, y, hn, cn, bufs[1], bufs[2], bufs[3], bufs[4], nthreads)
+    finally:
+        threads.leave_call()
     return y, hn, cn

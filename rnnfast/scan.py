@@ -129,8 +129,12 @@ def _scan2d(a2: np.ndarray, b2: np.ndarray, carry: np.ndarray, reverse: bool,
     if name == "reference":
         return _scan_reference(a2, b2, carry, reverse).astype(a2.dtype, copy=False)
     out = np.empty(a2.shape, a2.dtype)
-    _kernel(name).linear_scan(a2, b2, out, carry, bool(reverse), threads.get_num_threads(),
-                              _TUNE["ls_rho"][name], _TUNE["ls_min_steps"], _TUNE["ls_min_work"])
+    nthreads = threads.enter_call()
+    try:
+        _kernel(name).linear_scan(a2, b2, out, carry, bool(reverse), nthreads,
+                                  _TUNE["ls_rho"][name], _TUNE["ls_min_steps"], _TUNE["ls_min_work"])
+    finally:
+        threads.leave_call()
     return out
 
 

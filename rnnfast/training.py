@@ -292,7 +292,11 @@ def stack_forward_train(kind: str, code: int, xs: np.ndarray, weights, h0, c0, l
     if name == "reference":
         y, hn, cn = _ref_forward(ctx, xs, weights, h0, c0)
     else:
-        y, hn, cn = _fast_forward(ctx, _train_kernels(name), xs, weights, h0, c0)
+        nthreads = threads.enter_call()
+        try:
+            y, hn, cn = _fast_forward(ctx, _train_kernels(name), xs, weights, h0, c0, nthreads)
+        finally:
+            threads.leave_call()
     return y, hn, cn, ctx
 
 
@@ -313,7 +317,11 @@ def stack_backward(ctx: TrainContext, dy: np.ndarray, dhn, dcn, weights):
     """
     if ctx.backend == "reference":
         return _ref_backward(ctx, dy, dhn, dcn, weights)
-    return _fast_backward(ctx, _train_kernels(ctx.backend), dy, dhn, dcn, weights)
+    nthreads = threads.enter_call()
+    try:
+        return _fast_backward(ctx, _train_kernels(ctx.backend), dy, dhn, dcn, weights, nthreads)
+    finally:
+        threads.leave_call()
 
 
 # ============================================================================ reference backend
@@ -385,7 +393,7 @@ def _kernel_blas_threads(name: str, nthreads: int) -> None:
     threads.set_blas_threads(1)
 
 
-def _fast_forward(ctx, mod, xs, weights, h0, c0):
+def _fast_forward(ctx, mod, xs, weights, h0, c0, nthreads):
     T, B, I = xs.shape
     kind, code, L, D, H, Hout, dtype = ctx.kind, ctx.code, ctx.L, ctx.D, ctx.H, ctx.Hout, ctx.dtype
     pk = _engine.make_packing(T, B, ctx.lengths)
@@ -409,7 +417,6 @@ def _fast_forward(ctx, mod, xs, weights, h0, c0):
     ctx.masks_packed = [None if m is None else (m.reshape(T * B, -1) if pk.perm is None
                                                 else np.ascontiguousarray(m[pk.rows_t, pk.rows_b]))
                         for m in ctx.masks]
-    nthreads = threads.get_num_threads()
     G, GS, _ = _widths(code, H)
     GH = G * H
     zeros_b = np.zeros(GH, dtype)
@@ -537,7 +544,7 @@ def _grad_hh(gemm, dgp, yd, h0d, segs, g_rows, h_rows, out, use_h0: bool) -> Non
         out[...] = 0
 
 
-def _fast_backward(ctx, mod, dy, dhn, dcn, weights):
+def _fast_backward(ctx, mod, dy, dhn, dcn, weights, nthreads):
     T, B, I = ctx.T, ctx.B, ctx.I
     kind, code, L, D, H, Hout, dtype = ctx.kind, ctx.code, ctx.L, ctx.D, ctx.H, ctx.Hout, ctx.dtype
     G, GS, GSb = _widths(code, H)
@@ -556,7 +563,6 @@ def _fast_backward(ctx, mod, dy, dhn, dcn, weights):
             dc0 = np.zeros((L * D, B, H), dtype) if dcn is None else np.array(dcn, dtype)
         return np.zeros((T, B, I), dtype), dh0, dc0, grads
     bsz, offs = ctx.bsz, ctx.offs
-    nthreads = threads.get_num_threads()
     if pk.perm is None:
         dyl = np.ascontiguousarray(dy.reshape(T * B, D * Hout))
     else:

@@ -240,3 +240,67 @@ def test_serving_calls_after_idle_and_other_team_sizes():
         for _ in range(3):
             np.testing.assert_allclose(lay(x)[0], want, rtol=1e-10, atol=1e-12)
             time.sleep(0.005)
+
+
+@pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
+def test_calls_in_flight_share_the_thread_count(monkeypatch):
+    """A kernel call that starts while others run gets the set count divided among the
+    calls in flight (max(1, n // k)), so that several serving threads do not oversubscribe
+    the cores; the count comes back when they end, also after a call that raised."""
+    from rnnfast import _engine, threads
+    seen = []
+    real = _engine.backends.kernel_module
+    fail = []
+
+    class Spy:
+        def __init__(self, mod):
+            self._mod = mod
+
+        def __getattr__(self, name):
+            return getattr(self._mod, name)
+
+        def run_layer(self, *a, **k):
+            seen.append(a[-1])
+            if fail:
+                raise RuntimeError("kernel failed")
+            return self._mod.run_layer(*a, **k)
+
+    monkeypatch.setattr(_engine.backends, "kernel_module", lambda name: Spy(real(name)))
+    prev = rnnfast.get_num_threads()
+    lay = rnnfast.LSTM(8, 16, seed=0)
+    x = np.random.default_rng(0).standard_normal((6, 3, 8)).astype(np.float32)
+    try:
+        rnnfast.set_num_threads(4)
+        with rnnfast.backend("cython"):
+            want = lay(x)[0]
+            assert seen[-1] == 4
+            threads.enter_call()                 # another call in flight
+            try:
+                np.testing.assert_array_equal(lay(x)[0], want)
+                assert seen[-1] == 2
+                threads.enter_call()             # two others
+                try:
+                    lay(x)
+                    assert seen[-1] == 1
+                finally:
+                    threads.leave_call()
+            finally:
+                threads.leave_call()
+            fail.append(True)
+            with pytest.raises(RuntimeError, match="kernel failed"):
+                lay(x)
+            fail.clear()
+            assert threads._inflight == 0
+            lay(x)
+            assert seen[-1] == 4
+    finally:
+        rnnfast.set_num_threads(prev)
+    # the lean serving path and training take part too
+    counts = []
+    real_enter = threads.enter_call
+    monkeypatch.setattr(threads, "enter_call", lambda: counts.append(threads._inflight) or real_enter())
+    with rnnfast.backend("cython"):
+        lay(x[:1])
+        y, _ = lay.forward(x, train=True)
+        lay.backward(np.ones_like(y))
+    assert len(counts) == 3 and threads._inflight == 0
