@@ -52,39 +52,20 @@ static inline int rf_have_openmp(void) { return 0; }
 static inline int rf_team_size(void) { return 1; }
 #endif
 
-/* rf_sync: the per-step barrier of a team of threads, a centralised barrier that spins
- * first and then blocks (measured on the project's two cores: 0.1-0.2 us a step against
- * 0.23-0.45 for GOMP's barrier, once per step of a batch-1 layer). Initialise it before
- * the parallel region with the team size asked for; a team of another size (OpenMP gave
- * fewer threads) takes the OpenMP barrier instead.
- * A waiter spins with pause for RF_SYNC_SPINS rounds (~23 us on Zen 5, where a pause is
- * ~22 ns), then sleeps on a futex until the last thread arrives (Linux; elsewhere it
- * yields). Spinning without end made an oversubscribed machine collapse: two Python
- * threads each running a 2-thread GRU(256) call of 100 steps on 2 cores took 10.3 ms a
- * call instead of 0.4 (a spinning waiter holds the core its partner needs, and a guest
- * sched_yield does not hand a virtual CPU back to the host). */
-#ifndef RF_SYNC_SPINS
-#define RF_SYNC_SPINS 1024u
-#endif
-#if defined(__linux__)
-#include <linux/futex.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#include <limits.h>
-static inline void rf_futex_wait(int *addr, int val) {
-    syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
-}
-static inline void rf_futex_wake_all(int *addr) {
-    syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
-}
-#define RF_HAVE_FUTEX 1
-#else
-#define RF_HAVE_FUTEX 0
-#endif
+/* rf_sync: the per-step barrier of a team of threads, a centralised spin barrier
+ * (measured on the project's two cores: 0.2 us against 0.45 for GOMP's barrier, once per
+ * step of a batch-1 layer). Initialise it before the parallel region with the team size
+ * asked for; a team of another size (OpenMP gave fewer threads) takes the OpenMP barrier
+ * instead. A waiter spins with pause (4096 rounds, ~92 us on Zen 5), then yields its core
+ * (an oversubscribed machine: another process's threads get the CPU).
+ * Measured and dropped: blocking on a futex after the spin. Two virtual CPUs woken after
+ * an idle pause seem to share a host core for a while; waiters that slept there made
+ * every step pay a wake-up (LSTM b8 calls after a 0.25 s pause: 9-14 ms against 2.5
+ * with spinning), and with two processes of 2-thread calls on 2 cores a 1.5 ms spin
+ * before the futex made calls 10x slower than spinning and yielding (156 vs 15 ms). */
+typedef struct { int count, gen, n; } __attribute__((aligned(64))) rf_sync_t;
 
-typedef struct { int count, gen, n, sleepers; } __attribute__((aligned(64))) rf_sync_t;
-
-static inline void rf_sync_init(rf_sync_t *b, int n) { b->count = 0; b->gen = 0; b->n = n; b->sleepers = 0; }
+static inline void rf_sync_init(rf_sync_t *b, int n) { b->count = 0; b->gen = 0; b->n = n; }
 
 static inline void rf_sync(rf_sync_t *b, int team) {
 #if defined(_OPENMP)
@@ -93,28 +74,17 @@ static inline void rf_sync(rf_sync_t *b, int team) {
     int g = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == team) {
         __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
-        /* seq_cst store then load: either a sleeper's increment is seen here, or its
-         * futex_wait sees the new generation and does not sleep */
-        __atomic_store_n(&b->gen, g + 1, __ATOMIC_SEQ_CST);
-#if RF_HAVE_FUTEX
-        if (__atomic_load_n(&b->sleepers, __ATOMIC_SEQ_CST) > 0) rf_futex_wake_all(&b->gen);
-#endif
+        __atomic_store_n(&b->gen, g + 1, __ATOMIC_RELEASE);
         return;
     }
     for (unsigned spins = 0; __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE) == g; ++spins) {
-        if (spins < RF_SYNC_SPINS) {
+        if (spins < 4096u) {
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
 #endif
-            continue;
+        } else {
+            RF_YIELD();
         }
-#if RF_HAVE_FUTEX
-        __atomic_add_fetch(&b->sleepers, 1, __ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&b->gen, __ATOMIC_SEQ_CST) == g) rf_futex_wait(&b->gen, g);
-        __atomic_sub_fetch(&b->sleepers, 1, __ATOMIC_SEQ_CST);
-#else
-        RF_YIELD();
-#endif
     }
 #else
     (void)b; (void)team;
