@@ -52,31 +52,35 @@ static inline __attribute__((always_inline)) void RF_FN(rf_transpose)(RF_VT *v) 
 #undef RF_TSTAGE
 }
 
+/* dst[k * ldd + v] = src[v * lds + k] for k < K, v < RF_VL, rows v >= nv of src read as
+ * zeros: RF_VL rows transposed into K rows of one vector, RF_VL x RF_VL tiles in registers. */
+static inline void RF_FN(rf_pack_cols)(int nv, int K, const RF_T *src, size_t lds, RF_T *dst, size_t ldd) {
+    const int Kv = K - K % RF_VL;
+    for (int k = 0; k < Kv; k += RF_VL) {
+        RF_VT t[RF_VL];
+        for (int i = 0; i < RF_VL; ++i) {
+            if (i < nv) memcpy(&t[i], src + (size_t)i * lds + k, sizeof(RF_VT));
+            else t[i] = (RF_VT){0};
+        }
+        RF_FN(rf_transpose)(t);
+        for (int j = 0; j < RF_VL; ++j) memcpy(dst + (size_t)(k + j) * ldd, &t[j], sizeof(RF_VT));
+    }
+    for (int k = Kv; k < K; ++k)
+        for (int v = 0; v < RF_VL; ++v)
+            dst[(size_t)k * ldd + v] = v < nv ? src[(size_t)v * lds + k] : (RF_T)0;
+}
+
 /* Pack panels [p0, p1) of W (G*H x K, gate-major rows) as P[p][k][g*UP + v] (units past
- * H are zeros): RF_VL x RF_VL tiles transposed in registers. */
+ * H are zeros). */
 static inline void RF_FN(rf_pack)(int G, int H, int K, int p0, int p1, const RF_T *W, RF_T *P) {
     const int UP = rf_panel_units(G, sizeof(RF_T) == 8), PW = G * UP;
-    const int Kv = K - K % RF_VL;
     for (int p = p0; p < p1; ++p) {
         RF_T *dst = P + (size_t)p * K * PW;
         for (int g = 0; g < G; ++g) {
             for (int v0 = 0; v0 < UP; v0 += RF_VL) {
                 const int u0 = p * UP + v0;
                 const int nv = H - u0 < RF_VL ? (H - u0 > 0 ? H - u0 : 0) : RF_VL;
-                const RF_T *sb = W + (size_t)(g * H + u0) * K;
-                RF_T *db = dst + g * UP + v0;
-                for (int k = 0; k < Kv; k += RF_VL) {
-                    RF_VT t[RF_VL];
-                    for (int i = 0; i < RF_VL; ++i) {
-                        if (i < nv) memcpy(&t[i], sb + (size_t)i * K + k, sizeof(RF_VT));
-                        else t[i] = (RF_VT){0};
-                    }
-                    RF_FN(rf_transpose)(t);
-                    for (int j = 0; j < RF_VL; ++j) memcpy(db + (size_t)(k + j) * PW, &t[j], sizeof(RF_VT));
-                }
-                for (int k = Kv; k < K; ++k)
-                    for (int v = 0; v < RF_VL; ++v)
-                        db[(size_t)k * PW + v] = v < nv ? sb[(size_t)v * K + k] : (RF_T)0;
+                RF_FN(rf_pack_cols)(nv, K, W + (size_t)(g * H + u0) * K, K, dst + g * UP + v0, PW);
             }
         }
     }

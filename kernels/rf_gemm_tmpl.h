@@ -6,7 +6,7 @@
 /* Pack the kc x nc block of op(B) at B (tb: B stored as N x K, so element (k, j) is
  * B[j * ldb + k]) as panels P[jp][k][0:RF_GNR], columns past nc zero. */
 static void RF_FN(rf_gemm_packb)(int tb, int kc, int nc, const RF_T *B, int ldb, RF_T *P) {
-    const int np = (nc + RF_GNR - 1) / RF_GNR, kv = kc - kc % RF_VL;
+    const int np = (nc + RF_GNR - 1) / RF_GNR;
     for (int jp = 0; jp < np; ++jp) {
         RF_T *dst = P + (size_t)jp * kc * RF_GNR;
         const int j0 = jp * RF_GNR, nj = nc - j0 < RF_GNR ? nc - j0 : RF_GNR;
@@ -23,21 +23,9 @@ static void RF_FN(rf_gemm_packb)(int tb, int kc, int nc, const RF_T *B, int ldb,
             }
             continue;
         }
-        for (int c0 = 0; c0 < RF_GNR; c0 += RF_VL) {     /* RF_VL x RF_VL tiles, transposed in registers */
+        for (int c0 = 0; c0 < RF_GNR; c0 += RF_VL) {     /* B stored N x K: transposed tiles */
             const int nv = nj - c0 >= RF_VL ? RF_VL : (nj - c0 > 0 ? nj - c0 : 0);
-            const RF_T *sb = B + (size_t)(j0 + c0) * ldb;
-            for (int k = 0; k < kv; k += RF_VL) {
-                RF_VT t[RF_VL];
-                for (int i = 0; i < RF_VL; ++i) {
-                    if (i < nv) memcpy(&t[i], sb + (size_t)i * ldb + k, sizeof(RF_VT));
-                    else t[i] = (RF_VT){0};
-                }
-                RF_FN(rf_transpose)(t);
-                for (int j = 0; j < RF_VL; ++j) memcpy(dst + (size_t)(k + j) * RF_GNR + c0, &t[j], sizeof(RF_VT));
-            }
-            for (int k = kv; k < kc; ++k)
-                for (int v = 0; v < RF_VL; ++v)
-                    dst[(size_t)k * RF_GNR + c0 + v] = v < nv ? sb[(size_t)v * ldb + k] : (RF_T)0;
+            RF_FN(rf_pack_cols)(nv, kc, B + (size_t)(j0 + c0) * ldb, ldb, dst + c0, RF_GNR);
         }
     }
 }

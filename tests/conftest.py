@@ -64,6 +64,26 @@ def parallel_small():
 
 
 # ---------------------------------------------------------------------------- helpers
+def spy_run_layer(monkeypatch, on_call):
+    """Route the engine's kernel modules through a wrapper whose ``run_layer`` first calls
+    ``on_call(args, kwargs)`` (it may raise), then the real kernel."""
+    from rnnfast import _engine
+    real = _engine.backends.kernel_module
+
+    class Spy:
+        def __init__(self, mod):
+            self._mod = mod
+
+        def __getattr__(self, name):
+            return getattr(self._mod, name)
+
+        def run_layer(self, *a, **k):
+            on_call(a, k)
+            return self._mod.run_layer(*a, **k)
+
+    monkeypatch.setattr(_engine.backends, "kernel_module", lambda name: Spy(real(name)))
+
+
 def rng_for(*key) -> np.random.Generator:
     """A generator seeded from a test's parameters (deterministic across runs and processes)."""
     return np.random.default_rng(zlib.crc32(repr(key).encode()))

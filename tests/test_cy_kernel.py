@@ -15,7 +15,7 @@ import pytest
 import rnnfast
 from rnnfast import _engine
 
-from conftest import VARIANT_IDS, VARIANTS, make_layer, ref_stack, rng_for  # noqa: E402
+from conftest import VARIANT_IDS, VARIANTS, make_layer, ref_stack, rng_for, spy_run_layer  # noqa: E402
 
 pytestmark = pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
 
@@ -210,20 +210,7 @@ def test_batch_split_rule(monkeypatch):
     direction, and not 7 (13) rows a thread (a 6-row micro-kernel block and a 1-row one)."""
     from rnnfast import _engine
     seen = []
-    real = _engine.backends.kernel_module
-
-    class Spy:
-        def __init__(self, mod):
-            self._mod = mod
-
-        def __getattr__(self, name):
-            return getattr(self._mod, name)
-
-        def run_layer(self, *a, **k):
-            seen.append(k.get("batch_split"))
-            return self._mod.run_layer(*a, **k)
-
-    monkeypatch.setattr(_engine.backends, "kernel_module", lambda name: Spy(real(name)))
+    spy_run_layer(monkeypatch, lambda a, k: seen.append(k.get("batch_split")))
     monkeypatch.setattr(_engine, "_BSPLIT_MAX_WBYTES", 1280 << 10)     # the rule itself (off by default)
     rnnfast.set_num_threads(2)
     with rnnfast.backend("cython"):

@@ -10,7 +10,7 @@ import pytest
 import rnnfast
 
 from conftest import (BACKENDS, VARIANT_IDS, VARIANTS, flat_states, make_layer, random_hx, ref_stack, rng_for,
-                      tol_for)
+                      spy_run_layer, tol_for)
 
 
 def test_thread_count_set_get():
@@ -247,25 +247,16 @@ def test_calls_in_flight_share_the_thread_count(monkeypatch):
     """A kernel call that starts while others run gets the set count divided among the
     calls in flight (max(1, n // k)), so that several serving threads do not oversubscribe
     the cores; the count comes back when they end, also after a call that raised."""
-    from rnnfast import _engine, threads
+    from rnnfast import threads
     seen = []
-    real = _engine.backends.kernel_module
     fail = []
 
-    class Spy:
-        def __init__(self, mod):
-            self._mod = mod
+    def on_call(a, k):
+        seen.append(a[-1])          # the thread count, run_layer's last positional argument
+        if fail:
+            raise RuntimeError("kernel failed")
 
-        def __getattr__(self, name):
-            return getattr(self._mod, name)
-
-        def run_layer(self, *a, **k):
-            seen.append(a[-1])
-            if fail:
-                raise RuntimeError("kernel failed")
-            return self._mod.run_layer(*a, **k)
-
-    monkeypatch.setattr(_engine.backends, "kernel_module", lambda name: Spy(real(name)))
+    spy_run_layer(monkeypatch, on_call)
     prev = rnnfast.get_num_threads()
     lay = rnnfast.LSTM(8, 16, seed=0)
     x = np.random.default_rng(0).standard_normal((6, 3, 8)).astype(np.float32)
