@@ -26,7 +26,10 @@ _forked_after_parallel = False
 
 
 def _after_fork_in_child() -> None:
-    global _num_threads, _forked_after_parallel
+    global _num_threads, _forked_after_parallel, _inflight, _inflight_lock
+    # calls that were running in other threads of the parent do not exist here
+    _inflight = 0
+    _inflight_lock = threading.Lock()
     if _parallel_ran:
         _forked_after_parallel = True
         _num_threads = 1

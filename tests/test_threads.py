@@ -295,3 +295,22 @@ def test_calls_in_flight_share_the_thread_count(monkeypatch):
         y, _ = lay.forward(x, train=True)
         lay.backward(np.ones_like(y))
     assert len(counts) == 3 and threads._inflight == 0
+
+
+def test_forked_child_starts_with_no_calls_in_flight():
+    """A child forked while the parent had a kernel call running (another thread) starts
+    with none in flight: it does not share its thread count with calls it does not have."""
+    import multiprocessing as mp
+    from rnnfast import threads
+    threads.enter_call()
+    try:
+        with mp.get_context("fork").Pool(1) as pool:
+            assert pool.apply_async(_child_inflight).get(timeout=60) == 0
+        assert threads._inflight == 1
+    finally:
+        threads.leave_call()
+
+
+def _child_inflight():
+    from rnnfast import threads
+    return threads._inflight
