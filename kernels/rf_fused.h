@@ -53,26 +53,8 @@ static inline int rf_row_block(int n, int b) {
     return RF_MR * b;
 }
 
-#define RF_T float
-#define RF_VT rf_vf
-#define RF_VL (RF_VBYTES / 4)
-#define RF_FN(name) name##_f
-#define RF_FLOAT_BODY
-#include "rf_fused_tmpl.h"
-#undef RF_FLOAT_BODY
-#undef RF_T
-#undef RF_VT
-#undef RF_VL
-#undef RF_FN
-
-#define RF_T double
-#define RF_VT rf_vd
-#define RF_VL (RF_VBYTES / 8)
-#define RF_FN(name) name##_d
-#include "rf_fused_tmpl.h"
-#undef RF_T
-#undef RF_VT
-#undef RF_VL
-#undef RF_FN
+#define RF_TMPL "rf_fused_tmpl.h"
+#include "rf_each_type.h"
+#undef RF_TMPL
 
 #endif /* RF_FUSED_H */

@@ -25,24 +25,8 @@
 #define RF_GEMM_KCMAX 1024
 #define RF_GEMM_MC 96           /* rows per copied block of a transposed A */
 
-#define RF_T float
-#define RF_VT rf_vf
-#define RF_VL (RF_VBYTES / 4)
-#define RF_FN(name) name##_f
-#include "rf_gemm_tmpl.h"
-#undef RF_T
-#undef RF_VT
-#undef RF_VL
-#undef RF_FN
-
-#define RF_T double
-#define RF_VT rf_vd
-#define RF_VL (RF_VBYTES / 8)
-#define RF_FN(name) name##_d
-#include "rf_gemm_tmpl.h"
-#undef RF_T
-#undef RF_VT
-#undef RF_VL
-#undef RF_FN
+#define RF_TMPL "rf_gemm_tmpl.h"
+#include "rf_each_type.h"
+#undef RF_TMPL
 
 #endif /* RF_GEMM_H */
