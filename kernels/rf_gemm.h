@@ -18,6 +18,12 @@
 
 #include <stdlib.h>
 #include "rf_fused.h"
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define RF_GEMM_HAVE_PTHREAD 1      /* per-thread scratch freed at thread exit */
+#else
+#define RF_GEMM_HAVE_PTHREAD 0
+#endif
 
 #define RF_GEMM_KC 256          /* k per packed block (a B panel row is 256 bytes)... */
 #define RF_GEMM_NP 8            /* ...for blocks of 8 panels: KC x NC = 512 KB */

@@ -85,7 +85,14 @@ static void RF_FN(rf_gemm_rows)(int mr, int ta, int kc, const RF_T *A, int lda, 
 #undef RF_GEMM_CASES
 }
 
-/* This thread's packing scratch (kept between calls; NULL if it cannot be had). */
+#if RF_GEMM_HAVE_PTHREAD
+static pthread_key_t RF_FN(rf_gemm_key);
+static pthread_once_t RF_FN(rf_gemm_once) = PTHREAD_ONCE_INIT;
+static void RF_FN(rf_gemm_make_key)(void) { (void)pthread_key_create(&RF_FN(rf_gemm_key), free); }
+#endif
+
+/* This thread's packing scratch (kept between calls, freed when the thread exits; NULL
+ * if it cannot be had). */
 static RF_T *RF_FN(rf_gemm_scratch)(size_t n) {
     static __thread RF_T *buf = NULL;
     static __thread size_t cap = 0;
@@ -94,6 +101,10 @@ static RF_T *RF_FN(rf_gemm_scratch)(size_t n) {
         size_t bytes = (n * sizeof(RF_T) + 63) / 64 * 64;
         buf = (RF_T *)aligned_alloc(64, bytes);
         cap = buf ? n : 0;
+#if RF_GEMM_HAVE_PTHREAD
+        (void)pthread_once(&RF_FN(rf_gemm_once), RF_FN(rf_gemm_make_key));
+        (void)pthread_setspecific(RF_FN(rf_gemm_key), buf);   /* its destructor frees buf */
+#endif
     }
     return buf;
 }

@@ -59,3 +59,28 @@ def test_pgemm_empty_inner_dimension(beta):
     C = np.ones((4, 3), np.float32)
     cy_train.pgemm(A, B, C, beta, 2)
     np.testing.assert_array_equal(C, np.full((4, 3), beta, np.float32))
+
+
+def test_pgemm_from_short_lived_threads():
+    """Each calling thread has its own packing scratch (freed when it exits): products
+    from many short-lived Python threads, at the same time, stay exact."""
+    import threading
+    rng = np.random.default_rng(7)
+    A = rng.standard_normal((70, 300)).astype(np.float32)
+    B = rng.standard_normal((300, 90)).astype(np.float32)
+    want = A.astype(np.float64) @ B.astype(np.float64)
+    errs = []
+
+    def work():
+        C = np.empty((70, 90), np.float32)
+        for _ in range(5):
+            cy_train.pgemm(A, B, C, 0.0, 1)
+            errs.append(float(np.abs(C - want).max()))
+
+    for _ in range(4):
+        ts = [threading.Thread(target=work) for _ in range(6)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert len(errs) == 4 * 6 * 5 and max(errs) < 3e-5 * np.sqrt(300)
