@@ -26,10 +26,8 @@ _forked_after_parallel = False
 
 
 def _after_fork_in_child() -> None:
-    global _num_threads, _forked_after_parallel, _inflight, _inflight_lock
-    # calls that were running in other threads of the parent do not exist here
-    _inflight = 0
-    _inflight_lock = threading.Lock()
+    global _num_threads, _forked_after_parallel
+    _inflight.clear()       # calls that were running in other threads of the parent do not exist here
     if _parallel_ran:
         _forked_after_parallel = True
         _num_threads = 1
@@ -62,8 +60,10 @@ def set_num_threads(n: int) -> None:
     _num_threads = n
 
 
-_inflight = 0             # kernel calls running now, from any Python thread
-_inflight_lock = threading.Lock()
+# One entry per kernel call running now, from any Python thread: list.append / pop are
+# atomic (one C call each, also on free-threaded builds), so no lock is taken (a
+# lock-protected counter cost 0.35 us a call, 2 % of serving one token).
+_inflight: list = []
 
 
 def enter_call() -> int:
@@ -76,10 +76,9 @@ def enter_call() -> int:
     running 2-thread GRU(256) calls of 100 steps on 2 cores took 10.3 ms a call against
     0.4 for one caller alone; sharing the count, 0.7 ms a call (one thread each).
     """
-    global _inflight, _parallel_ran
-    with _inflight_lock:
-        _inflight += 1
-        k = _inflight
+    global _parallel_ran
+    _inflight.append(None)
+    k = len(_inflight)
     n = _num_threads if k == 1 else max(1, _num_threads // k)
     if n > 1:
         _parallel_ran = True
@@ -88,9 +87,7 @@ def enter_call() -> int:
 
 def leave_call() -> None:
     """End a kernel call started with :func:`enter_call`."""
-    global _inflight
-    with _inflight_lock:
-        _inflight -= 1
+    _inflight.pop()
 
 
 def get_num_threads() -> int:

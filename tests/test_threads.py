@@ -281,7 +281,7 @@ def test_calls_in_flight_share_the_thread_count(monkeypatch):
             with pytest.raises(RuntimeError, match="kernel failed"):
                 lay(x)
             fail.clear()
-            assert threads._inflight == 0
+            assert len(threads._inflight) == 0
             lay(x)
             assert seen[-1] == 4
     finally:
@@ -289,12 +289,12 @@ def test_calls_in_flight_share_the_thread_count(monkeypatch):
     # the lean serving path and training take part too
     counts = []
     real_enter = threads.enter_call
-    monkeypatch.setattr(threads, "enter_call", lambda: counts.append(threads._inflight) or real_enter())
+    monkeypatch.setattr(threads, "enter_call", lambda: counts.append(len(threads._inflight)) or real_enter())
     with rnnfast.backend("cython"):
         lay(x[:1])
         y, _ = lay.forward(x, train=True)
         lay.backward(np.ones_like(y))
-    assert len(counts) == 3 and threads._inflight == 0
+    assert len(counts) == 3 and len(threads._inflight) == 0
 
 
 def test_forked_child_starts_with_no_calls_in_flight():
@@ -306,11 +306,11 @@ def test_forked_child_starts_with_no_calls_in_flight():
     try:
         with mp.get_context("fork").Pool(1) as pool:
             assert pool.apply_async(_child_inflight).get(timeout=60) == 0
-        assert threads._inflight == 1
+        assert len(threads._inflight) == 1
     finally:
         threads.leave_call()
 
 
 def _child_inflight():
     from rnnfast import threads
-    return threads._inflight
+    return len(threads._inflight)
