@@ -29,9 +29,7 @@ typedef double rf_vd __attribute__((vector_size(RF_VBYTES)));
 #define RF_MR 6          /* rows per micro-kernel block */
 #define RF_MAXNV 4       /* vectors per panel row */
 #define RF_STREAM_MIN_BYTES (16u << 20)  /* projections this large are stored streaming */
-#ifndef RF_L2_KEEP_BYTES
 #define RF_L2_KEEP_BYTES (1u << 20)      /* a thread's weight slice above this is prefetched */
-#endif
 
 /* Units per panel: a panel row holds G*UP values in NV = G*UP/VL vectors (NV = 3 or 4). */
 static inline int rf_panel_units(int G, int is_double) {

@@ -192,11 +192,8 @@ def run_stack(kind: str, code: int, x: np.ndarray, weights: list[list[DirWeights
     name = backends.resolve(kind, B, H, dtype, threads.get_num_threads())
     if name == "reference":
         return _run_reference(kind, code, x, weights, h0, c0, lengths, rev0)
-    nthreads = threads.enter_call()
-    try:
-        return _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout, nthreads)
-    finally:
-        threads.leave_call()
+    return threads.call_with_threads(_run_packed, name, kind, code, x, weights, h0, c0, lengths, rev0,
+                                     G, H, Hout)
 
 
 def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0):
@@ -376,10 +373,6 @@ def run_small(plan: SmallPlan, x: np.ndarray, B: int, h0, c0):
         cn = np.empty((1, B, plan.H), plan.dtype) if plan.G == 4 else None
     if threads._blas["current"] != 1:
         threads.set_blas_threads(1)   # BLAS (more than 8 rows) runs inside the parallel region
-    nthreads = threads.enter_call()
-    try:
-        plan.kernel(plan.code, x, bufs[0], plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh, plan.w_hr,
-                    h0, c0, y, hn, cn, bufs[1], bufs[2], bufs[3], bufs[4], nthreads)
-    finally:
-        threads.leave_call()
+    threads.call_with_threads(plan.kernel, plan.code, x, bufs[0], plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh,
+                              plan.w_hr, h0, c0, y, hn, cn, bufs[1], bufs[2], bufs[3], bufs[4])
     return y, hn, cn

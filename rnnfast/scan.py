@@ -129,12 +129,9 @@ def _scan2d(a2: np.ndarray, b2: np.ndarray, carry: np.ndarray, reverse: bool,
     if name == "reference":
         return _scan_reference(a2, b2, carry, reverse).astype(a2.dtype, copy=False)
     out = np.empty(a2.shape, a2.dtype)
-    nthreads = threads.enter_call()
-    try:
-        _kernel(name).linear_scan(a2, b2, out, carry, bool(reverse), nthreads,
-                                  _TUNE["ls_rho"][name], _TUNE["ls_min_steps"], _TUNE["ls_min_work"])
-    finally:
-        threads.leave_call()
+    kernel = _kernel(name).linear_scan
+    threads.call_with_threads(lambda n: kernel(a2, b2, out, carry, bool(reverse), n, _TUNE["ls_rho"][name],
+                                               _TUNE["ls_min_steps"], _TUNE["ls_min_work"]))
     return out
 
 

@@ -90,6 +90,15 @@ def leave_call() -> None:
     _inflight.pop()
 
 
+def call_with_threads(fn, *args):
+    """``fn(*args, n)`` with n from :func:`enter_call`, the call ended however fn returns."""
+    n = enter_call()
+    try:
+        return fn(*args, n)
+    finally:
+        leave_call()
+
+
 def get_num_threads() -> int:
     """Return the process-wide thread count used by rnnfast kernels."""
     global _parallel_ran

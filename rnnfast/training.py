@@ -292,11 +292,7 @@ def stack_forward_train(kind: str, code: int, xs: np.ndarray, weights, h0, c0, l
     if name == "reference":
         y, hn, cn = _ref_forward(ctx, xs, weights, h0, c0)
     else:
-        nthreads = threads.enter_call()
-        try:
-            y, hn, cn = _fast_forward(ctx, _train_kernels(name), xs, weights, h0, c0, nthreads)
-        finally:
-            threads.leave_call()
+        y, hn, cn = threads.call_with_threads(_fast_forward, ctx, _train_kernels(name), xs, weights, h0, c0)
     return y, hn, cn, ctx
 
 
@@ -317,11 +313,7 @@ def stack_backward(ctx: TrainContext, dy: np.ndarray, dhn, dcn, weights):
     """
     if ctx.backend == "reference":
         return _ref_backward(ctx, dy, dhn, dcn, weights)
-    nthreads = threads.enter_call()
-    try:
-        return _fast_backward(ctx, _train_kernels(ctx.backend), dy, dhn, dcn, weights, nthreads)
-    finally:
-        threads.leave_call()
+    return threads.call_with_threads(_fast_backward, ctx, _train_kernels(ctx.backend), dy, dhn, dcn, weights)
 
 
 # ============================================================================ reference backend
