@@ -131,6 +131,15 @@ cdef inline void _gemm_nt(int n, int m, int k, const floating *A, int lda, const
             dgemm(&tr, &nt, &m, &n, &k, &one, <double*>W, &ldw, <double*>A, &lda, &beta, C, &ldc)
 
 
+cdef inline void _rowdot1(int m, int k, const floating *a, const floating *W, int ldw, floating *C,
+                          bint rev) noexcept nogil:
+    """C[:m] = W[:m, :k] @ a, one input row, the weight rows first to last or (rev) last to first."""
+    if floating is float:
+        rf_rowdot1_f(m, k, a, W, ldw, C, rev)
+    else:
+        rf_rowdot1_d(m, k, a, W, ldw, C, rev)
+
+
 cdef inline int _imin(int a, int b) noexcept nogil:
     return a if a < b else b
 
@@ -169,7 +178,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                   const floating **bh, const floating **w_hr,
                   floating *xg, floating *hbuf, floating *cst, floating *y,
                   floating *hg, floating *s2, floating *wpk, int npk, int xrows, int chunk,
-                  bint rec_rowdot, bint bsplit, rf_sync_t *bar) noexcept nogil:
+                  bint rec_rowdot, bint bsplit, rf_sync_t *bar, bint flip) noexcept nogil:
     cdef int G = _gates(code)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
@@ -199,6 +208,9 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     cdef bint sync = not bsplit and cpd > 1     # threads share a direction's units: a barrier per step
     cdef int rs = cpd if bsplit else 1          # row stride multiplier
     cdef int ldx = GH * rs, ldg = GH * rs, ldh = Hout * rs, ldH = H * rs, ldyy = ndir * Hout * rs
+    # flip (one step of one row, no packing: run_small): this item's weights are read in
+    # reverse, the recurrent ones first (its projection waits for phase 0), so that a
+    # call after a forward one starts on the lines that one left in L2 (rf_rowdot1)
 
     # 1. pack this thread's panels of the weights (fused path)
     it = tid
@@ -242,7 +254,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 if bsplit and s > 0:
                     rf_sync(bar, nthr)    # every thread is done with the previous chunk
                 it = tid
-                while it < nitems:
+                while it < nitems and not flip:
                     if it // cpd == d:
                         _project(it % cpd, cpd, fused, G, H, I, Hout, UP, npan, hi - lo[d],
                                  x + <size_t>lo[d] * I, w_ih[d], wpk + <size_t>d * npk if fused else NULL,
@@ -297,7 +309,13 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                             rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, bx[d], bh[d], hr, ldh,
                                             cd, ldH, hw, ldh, yt, ldyy)
                 elif phase == 0:
-                    if code == GRU_NOLBR:
+                    if flip:
+                        for g in range((2 if code == GRU_NOLBR else G) - 1, -1, -1):
+                            _rowdot1(u1 - u0, Hout, hr, w_hh[d] + <size_t>(g * H + u0) * Hout, Hout,
+                                     hgd + g * H + u0, True)
+                        for g in range(G - 1, -1, -1):
+                            _rowdot1(u1 - u0, I, x, w_ih[d] + <size_t>(g * H + u0) * I, I, xgd + g * H + u0, True)
+                    elif code == GRU_NOLBR:
                         for g in range(2):
                             _gemm_nt(n, u1 - u0, Hout, hr, ldh, w_hh[d] + <size_t>(g * H + u0) * Hout, Hout,
                                      hgd + g * H + u0, ldg, zero)
@@ -441,14 +459,14 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
             _worker(0, 1, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
                     &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot,
-                    batch_split, &bar)
+                    batch_split, &bar, False)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
                     &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot,
-                    batch_split, &bar)
+                    batch_split, &bar, False)
 
 
 cdef inline void* _data(object a) noexcept:
@@ -457,7 +475,7 @@ cdef inline void* _data(object a) noexcept:
 
 cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w_ih, object w_hh,
                        object b_ih, object b_hh, object w_hr, object h0, object c0, object y,
-                       object hn, object cn, object xg, object hbuf, object hg, object s2,
+                       object hn, object cn, object xg, object hbuf, object hg, object s2, object state,
                        int T, int B, int I, int H, int Hout, int nthreads):
     cdef const floating *wi[MAX_DIRS]
     cdef const floating *wh[MAX_DIRS]
@@ -475,6 +493,11 @@ cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w
     cdef size_t hbytes = <size_t>B * Hout * sizeof(floating)
     cdef int G = _gates(code), cpd, nthr, tid
     cdef rf_sync_t bar
+    cdef int64_t *calls = <int64_t*>_data(state)
+    # every other single-token call reads its weights in reverse (_worker's flip); the
+    # count is the layer's, shared by its callers (a lost update only costs speed)
+    cdef bint flip = T == 1 and B == 1 and (calls[0] & 1)
+    calls[0] += 1
     wi[0] = wi[1] = <const floating*>_data(w_ih)
     wh[0] = wh[1] = <const floating*>_data(w_hh)
     bx[0] = bx[1] = <const floating*>_data(b_ih)
@@ -496,24 +519,24 @@ cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w
     if nthr == 1:
         with nogil:
             _worker(0, 1, code, 1, 1, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, flip)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, rf_team_size(), code, 1, cpd, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, flip)
     memcpy(_data(hn), hb + <size_t>(T % 2) * B * Hout, hbytes)
 
 
 def run_small(int code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
-              xg, hbuf, hg, s2, int nthreads):
+              xg, hbuf, hg, s2, state, int nthreads):
     """One layer, one forward direction, a few steps (T < 4: no weight packing), for
     serving one token at a time with little overhead. Every argument is an ndarray
     prepared by rnnfast._engine.run_small (C-contiguous, the compute dtype, shapes
     checked there): x (T, B, I) or (T*B, I), bsz (T,) int64 all B, weights and biases
     (zeros when absent; w_hr any when unused), h0 (B, Hout) and c0 (B, H) or None for zeros;
     outputs y (T*B, Hout), hn (B, Hout), cn (B, H) or None; scratch xg (T*B, G*H),
-    hbuf (2, B, Hout), hg (B, G*H), s2 (B, H).
+    hbuf (2, B, Hout), hg (B, G*H), s2 (B, H); state (1,) int64, the layer's count of calls.
     """
     cdef int T = cnp.PyArray_DIM(<cnp.ndarray>bsz, 0)
     cdef int B = cnp.PyArray_DIM(<cnp.ndarray>hbuf, 1)
@@ -522,7 +545,7 @@ def run_small(int code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
     cdef int H = cnp.PyArray_DIM(<cnp.ndarray>s2, 1)
     if cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_FLOAT32:
         _run_small_t(<float*>NULL, code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
-                     xg, hbuf, hg, s2, T, B, I, H, Hout, nthreads)
+                     xg, hbuf, hg, s2, state, T, B, I, H, Hout, nthreads)
     else:
         _run_small_t(<double*>NULL, code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
-                     xg, hbuf, hg, s2, T, B, I, H, Hout, nthreads)
+                     xg, hbuf, hg, s2, state, T, B, I, H, Hout, nthreads)

@@ -52,38 +52,49 @@ static inline int rf_have_openmp(void) { return 0; }
 static inline int rf_team_size(void) { return 1; }
 #endif
 
-/* rf_sync: the per-step barrier of a team of threads, a centralised spin barrier
- * (measured on the project's two cores: 0.2 us against 0.45 for GOMP's barrier, once per
- * step of a batch-1 layer). Initialise it before the parallel region with the team size
- * asked for; a team of another size (OpenMP gave fewer threads) takes the OpenMP barrier
- * instead. A waiter spins with pause (4096 rounds, ~92 us on Zen 5), then yields its core
- * (an oversubscribed machine: another process's threads get the CPU).
+/* rf_sync: the per-step barrier of a team of threads. Each thread counts the barriers
+ * it has reached in a cache line of its own and waits until every other thread's count
+ * has reached its own: a crossing costs one line transfer each way, in parallel (the
+ * project's two cores: 0.36 us a round trip between them). It replaced a centralised
+ * barrier (one counter that every thread incremented, then a generation flag: two
+ * transfers in a row, 0.2 us, itself 0.45 for GOMP's barrier).
+ * Initialise it before the parallel region with the team size asked for; a team of
+ * another size (OpenMP gave fewer threads), or more than RF_SYNC_MAX threads, takes the
+ * OpenMP barrier instead. A waiter spins with pause (4096 rounds, ~92 us on Zen 5), then
+ * yields its core (an oversubscribed machine: another process's threads get the CPU).
  * Measured and dropped: blocking on a futex after the spin. Two virtual CPUs woken after
  * an idle pause seem to share a host core for a while; waiters that slept there made
  * every step pay a wake-up (LSTM b8 calls after a 0.25 s pause: 9-14 ms against 2.5
  * with spinning), and with two processes of 2-thread calls on 2 cores a 1.5 ms spin
  * before the futex made calls 10x slower than spinning and yielding (156 vs 15 ms). */
-typedef struct { int count, gen, n; } __attribute__((aligned(64))) rf_sync_t;
+#define RF_SYNC_MAX 32
+typedef struct { unsigned count; char pad[60]; } __attribute__((aligned(64))) rf_sync_slot_t;
+typedef struct { int n; rf_sync_slot_t slot[RF_SYNC_MAX]; } __attribute__((aligned(64))) rf_sync_t;
 
-static inline void rf_sync_init(rf_sync_t *b, int n) { b->count = 0; b->gen = 0; b->n = n; }
+static inline void rf_sync_init(rf_sync_t *b, int n) {
+    b->n = n;
+    for (int i = 0; i < n && i < RF_SYNC_MAX; ++i) b->slot[i].count = 0;
+}
 
 static inline void rf_sync(rf_sync_t *b, int team) {
 #if defined(_OPENMP)
-    if (team != b->n) { rf_barrier(); return; }
+    if (team != b->n || team > RF_SYNC_MAX) { rf_barrier(); return; }
     if (team <= 1) return;
-    int g = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
-    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == team) {
-        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&b->gen, g + 1, __ATOMIC_RELEASE);
-        return;
-    }
-    for (unsigned spins = 0; __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE) == g; ++spins) {
-        if (spins < 4096u) {
+    const int me = omp_get_thread_num();
+    const unsigned c = b->slot[me].count + 1u;  /* only this thread writes its slot */
+    __atomic_store_n(&b->slot[me].count, c, __ATOMIC_RELEASE);
+    unsigned spins = 0;
+    for (int j = 0; j < team; ++j) {
+        if (j == me) continue;
+        /* (a thread that went on to the next barrier has counted one more: >= holds) */
+        while ((int)(__atomic_load_n(&b->slot[j].count, __ATOMIC_ACQUIRE) - c) < 0) {
+            if (spins++ < 4096u) {
 #if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
+                __builtin_ia32_pause();
 #endif
-        } else {
-            RF_YIELD();
+            } else {
+                RF_YIELD();
+            }
         }
     }
 #else

@@ -313,8 +313,9 @@ _small = threading.local()
 @dataclass(frozen=True)
 class SmallPlan:
     """What the lean path needs of a layer, built once per layer (its parameter arrays are
-    never replaced): the weights with zeros for missing biases, the kernel and the
-    buffer-cache key."""
+    never replaced): the weights with zeros for missing biases, the kernel, the
+    buffer-cache key and the layer's count of calls (`calls`, which the kernel reads to
+    take every other single-token call's weights in reverse, and updates)."""
 
     kind: str
     code: int
@@ -330,6 +331,7 @@ class SmallPlan:
     w_hr: np.ndarray
     key: tuple
     kernel: object
+    calls: np.ndarray
 
 
 def small_plan(kind: str, code: int, w: DirWeights, H: int, Hout: int) -> SmallPlan:
@@ -339,7 +341,8 @@ def small_plan(kind: str, code: int, w: DirWeights, H: int, Hout: int) -> SmallP
     I = w.w_ih.shape[1]
     return SmallPlan(kind, code, G, I, H, Hout, dtype, w.w_ih, w.w_hh, zb if w.b_ih is None else w.b_ih,
                      zb if w.b_hh is None else w.b_hh, w.w_hr if w.w_hr is not None else _zeros(1, dtype),
-                     (code, I, H, Hout, dtype.char), backends.kernel_module("cython").run_small)
+                     (code, I, H, Hout, dtype.char), backends.kernel_module("cython").run_small,
+                     np.zeros(1, np.int64))
 
 
 def run_small(plan: SmallPlan, x: np.ndarray, B: int, h0, c0):
@@ -374,5 +377,5 @@ def run_small(plan: SmallPlan, x: np.ndarray, B: int, h0, c0):
     if threads._blas["current"] != 1:
         threads.set_blas_threads(1)   # BLAS (more than 8 rows) runs inside the parallel region
     threads.call_with_threads(plan.kernel, plan.code, x, bufs[0], plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh,
-                              plan.w_hr, h0, c0, y, hn, cn, bufs[1], bufs[2], bufs[3], bufs[4])
+                              plan.w_hr, h0, c0, y, hn, cn, bufs[1], bufs[2], bufs[3], bufs[4], plan.calls)
     return y, hn, cn

@@ -427,6 +427,30 @@ def test_small_calls_carry_state_like_one_long_call():
     np.testing.assert_allclose(hx[1], c_all, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not v[2].get("proj")], ids=lambda v: v[0])
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_single_token_calls_in_both_weight_orders(variant, nthreads, dtype):
+    """Every other one-token call of one row reads its weights in reverse (for L2 reuse,
+    kernels/rf_fused_tmpl.h rf_rowdot1). Consecutive calls on the same input and state
+    give the same bits, and each call of a served sequence matches the oracle. 70 units
+    split into uneven slices; 37 and 70 are no multiple of the vector length."""
+    _, kind, opts = variant
+    rnnfast.set_num_threads(nthreads)
+    lay = make_layer(kind, opts, 37, 70, dtype=dtype, seed=5)
+    rng = rng_for("flip", kind, str(opts), nthreads, np.dtype(dtype).name)
+    x = rng.standard_normal((6, 1, 37)).astype(dtype)
+    hx = random_hx(lay, 1, rng, dtype)
+    first, second = lay(x[:1], hx), lay(x[:1], hx)
+    for a, b in zip([first[0], *flat_states(first[1])], [second[0], *flat_states(second[1])]):
+        np.testing.assert_array_equal(a, b)
+    state = hx
+    for t in range(6):
+        got = lay(x[t:t + 1], state)
+        assert_result_close(got, ref_stack(lay, x[t:t + 1], state), dtype)
+        state = got[1]
+
+
 def test_small_call_results_are_fresh_arrays():
     """Outputs of the lean path never alias its reused scratch or each other."""
     lay = make_layer("gru", {}, 8, 16, dtype=np.float32, seed=4)
