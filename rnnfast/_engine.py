@@ -307,6 +307,15 @@ def unpack(pk: Packing, y: np.ndarray, hn_s: np.ndarray, cn_s: np.ndarray | None
 
 # ---------------------------------------------------------------- lean path for serving
 SMALL_MAX_T = 3       # below the fused kernel's FUSED_MIN_T: no weight packing
+# Calls of at most _SMALL_1T_ROWS rows (rf_rowdot's products) whose weights (input and
+# recurrent) are at most _SMALL_1T_WBYTES run on one thread: a second one costs more in
+# starting the region and moving the state between cores than it saves once one core's L2
+# holds the weights. Measured here (Zen 5, 1 MB L2; a served token, 1 vs 2 threads, best
+# of 5 x 5000 calls): LSTM H=64 (128 KB) 3.3 vs 4.9 us, GRU 128 (384 KB) 4.3 vs 5.8, LSTM
+# 128 (512 KB) 5.6 vs 7.1 and at B=4 10.3 vs 11.4; GRU 192 (864 KB) 8.2 vs 7.2, LSTM 192
+# (1152 KB) 11.6 vs 8.9.
+_SMALL_1T_WBYTES = 640 << 10
+_SMALL_1T_ROWS = 8
 _small = threading.local()
 
 
@@ -332,6 +341,7 @@ class SmallPlan:
     key: str
     kernel: object
     calls: np.ndarray
+    one_thread: bool      # weights small enough for one core (_SMALL_1T_WBYTES)
 
 
 def small_plan(kind: str, code: int, w: DirWeights, H: int, Hout: int) -> SmallPlan:
@@ -342,7 +352,7 @@ def small_plan(kind: str, code: int, w: DirWeights, H: int, Hout: int) -> SmallP
     return SmallPlan(kind, code, G, I, H, Hout, dtype, w.w_ih, w.w_hh, zb if w.b_ih is None else w.b_ih,
                      zb if w.b_hh is None else w.b_hh, w.w_hr if w.w_hr is not None else _zeros(1, dtype),
                      f"{code}:{I}:{H}:{Hout}:{dtype.char}", backends.kernel_module("cython").run_small,
-                     np.zeros(1, np.int64))
+                     np.zeros(1, np.int64), (w.w_ih.nbytes + w.w_hh.nbytes) <= _SMALL_1T_WBYTES)
 
 
 def _small_bufs(plan: SmallPlan, T: int, B: int) -> tuple:
@@ -385,6 +395,8 @@ def run_small(plan: SmallPlan, x: np.ndarray, B: int, h0, c0):
     if threads._blas["current"] != 1:
         threads.set_blas_threads(1)   # BLAS (more than 8 rows) runs inside the parallel region
     n = threads.enter_call()
+    if plan.one_thread and B <= _SMALL_1T_ROWS:
+        n = 1
     try:
         plan.kernel(plan.code, x, bsz, plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh, plan.w_hr, h0, c0, y, hn, cn,
                     xg, hbuf, hg, s2, plan.calls, n)

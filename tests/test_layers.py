@@ -2,12 +2,14 @@
 reference oracle (conftest.ref_stack) and PyTorch; parameters, state_dict, load_state_dict."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
 import pytest
 
 import rnnfast
+from rnnfast import _engine
 
 from conftest import (ALL_BACKENDS, BACKENDS, F64_TORCH_TOL, VARIANT_IDS, VARIANTS, assert_result_close,
                       flat_states, lengths_case, make_layer, random_hx, ref_stack, rng_for, torch_module,
@@ -430,12 +432,14 @@ def test_small_calls_carry_state_like_one_long_call():
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if not v[2].get("proj")], ids=lambda v: v[0])
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_single_token_calls_in_both_weight_orders(variant, nthreads, dtype):
+def test_single_token_calls_in_both_weight_orders(variant, nthreads, dtype, monkeypatch):
     """Every other one-token call of one row reads its weights in reverse (for L2 reuse,
     kernels/rf_fused_tmpl.h rf_rowdot1). Consecutive calls on the same input and state
     give the same bits, and each call of a served sequence matches the oracle. 70 units
-    split into uneven slices; 37 and 70 are no multiple of the vector length."""
+    split into uneven slices (2 threads, which weights this small would not get unless
+    forced); 37 and 70 are no multiple of the vector length."""
     _, kind, opts = variant
+    monkeypatch.setattr(_engine, "_SMALL_1T_WBYTES", 0)
     rnnfast.set_num_threads(nthreads)
     lay = make_layer(kind, opts, 37, 70, dtype=dtype, seed=5)
     rng = rng_for("flip", kind, str(opts), nthreads, np.dtype(dtype).name)
@@ -482,6 +486,22 @@ def test_small_call_odd_states_take_the_checked_path(hx_kind):
     assert_result_close(lay(x, hx), ref_stack(lay, x, tuple(np.asarray(a, np.float64) for a in hx)), np.float32)
 
 
+@pytest.mark.parametrize("H,B,want", [(64, 1, 1), (64, 8, 1), (64, 9, 2), (256, 1, 2)])
+def test_small_calls_thread_count_by_weight_size(H, B, want, monkeypatch):
+    """A served call of at most 8 rows whose weights fit one core's cache runs on one
+    thread (_engine._SMALL_1T_WBYTES); larger weights or more rows take the set count."""
+    rnnfast.set_num_threads(2)
+    lay = make_layer("lstm", {}, H, H, dtype=np.float32, seed=3)
+    x = rng_for("nthreads", H, B).standard_normal((1, B, H)).astype(np.float32)
+    lay(x)
+    plan = lay._splan
+    seen = []
+    lay._splan = dataclasses.replace(plan, kernel=lambda *a: seen.append(a[-1]) or plan.kernel(*a))
+    got = lay(x)
+    assert seen == [want]
+    assert_result_close(got, ref_stack(lay, x, None), np.float32)
+
+
 def test_small_calls_from_several_threads():
     """The lean path's scratch is per thread: concurrent serving calls give each caller its answer."""
     import threading
@@ -510,7 +530,6 @@ def test_small_calls_from_several_threads():
 @pytest.mark.parametrize("be", ALL_BACKENDS)
 def test_small_path_taken_only_for_plain_cython_calls(be, monkeypatch):
     """The lean path serves plain calls when the Cython backend is in force, and only then."""
-    from rnnfast import _engine
     calls = []
     real = _engine.run_small
     monkeypatch.setattr(_engine, "run_small", lambda *a, **k: calls.append(1) or real(*a, **k))
