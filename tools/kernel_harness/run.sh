@@ -6,7 +6,7 @@
 #   bash tools/kernel_harness/run.sh            # all three, default shapes
 #   step_proj H n N        pack, projection of N rows, fused step of n rows (1 thread, all panels)
 #   layer_2threads H B T P I   a whole LSTM layer: pack + projection + T fused steps on P threads
-#   rowdot m K             rf_rowdot (one input row, m weight rows of K) vs a 16-row variant
+#   rowdot m K             one input row x m weight rows of K: rf_rowdot1 (forward, alternating) vs rf_rowdot_blk
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${TMPDIR:-/tmp}/rnnfast_kernel_harness"
@@ -18,4 +18,5 @@ done
 "$out/step_proj" 256 8 800
 "$out/step_proj" 512 64 6400
 "$out/layer_2threads" 256 8 100 2 256 | tail -2
+"$out/rowdot" 512 256
 "$out/rowdot" 1024 256
