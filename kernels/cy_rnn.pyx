@@ -35,6 +35,10 @@ cnp.import_array()
 
 include "rf_fused_decl.pxi"
 
+cdef extern from "rf_pool.h" nogil:
+    ctypedef void (*rf_pool_fn)(void *arg, int tid) noexcept nogil
+    int rf_pool_run(rf_pool_fn fn, void *arg)
+
 cdef extern from "rf_gates.h" nogil:
     void rf_barrier()
     int rf_team_size()
@@ -473,10 +477,46 @@ cdef inline void* _data(object a) noexcept:
     return cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
-cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w_ih, object w_hh,
+cdef struct _SmallJob:
+    # _worker's arguments for one token on two threads (rf_pool_run); (`I` is taken: complex.h)
+    int code, cpd, nt, nb, ni, nh, nho
+    bint flip
+    const int64_t *bs
+    const void *xp
+    const void **wi
+    const void **wh
+    const void **bx
+    const void **bh
+    const void **wr
+    void *xgp
+    void *hb
+    void *cst
+    void *yp
+    void *hgp
+    void *s2p
+    rf_sync_t *bar
+
+
+cdef inline void _small_job_t(floating *dummy, _SmallJob *j, int tid) noexcept nogil:
+    _worker(tid, 2, j.code, 1, j.cpd, False, j.nt, j.nt * j.nb, j.nb, j.ni, j.nh, j.nho, j.bs,
+            <const floating*>j.xp, <const floating**>j.wi, <const floating**>j.wh, <const floating**>j.bx,
+            <const floating**>j.bh, <const floating**>j.wr, <floating*>j.xgp, <floating*>j.hb, <floating*>j.cst,
+            <floating*>j.yp, <floating*>j.hgp, <floating*>j.s2p, NULL, 0, j.nt * j.nb, j.nt, False, False,
+            j.bar, j.flip)
+
+
+cdef void _small_job_f(void *arg, int tid) noexcept nogil:
+    _small_job_t(<float*>NULL, <_SmallJob*>arg, tid)
+
+
+cdef void _small_job_d(void *arg, int tid) noexcept nogil:
+    _small_job_t(<double*>NULL, <_SmallJob*>arg, tid)
+
+
+cdef bint _run_small_t(floating *dummy, int code, object x, object bsz, object w_ih, object w_hh,
                        object b_ih, object b_hh, object w_hr, object h0, object c0, object y,
                        object hn, object cn, object xg, object hbuf, object hg, object s2, object state,
-                       int T, int B, int I, int H, int Hout, int nthreads):
+                       int T, int B, int I, int H, int Hout, bint pool, int nthreads):
     cdef const floating *wi[MAX_DIRS]
     cdef const floating *wh[MAX_DIRS]
     cdef const floating *bx[MAX_DIRS]
@@ -493,6 +533,8 @@ cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w
     cdef size_t hbytes = <size_t>B * Hout * sizeof(floating)
     cdef int G = _gates(code), cpd, nthr, tid
     cdef rf_sync_t bar
+    cdef _SmallJob job
+    cdef int pooled = 0
     cdef int64_t *calls = <int64_t*>_data(state)
     # every other single-token call reads its weights in reverse (_worker's flip); the
     # count is the layer's, shared by its callers (a lost update only costs speed)
@@ -516,7 +558,23 @@ cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w
     cpd = _imin(nthreads if nthreads > 0 else 1, (H + UNIT_BLOCK - 1) // UNIT_BLOCK)
     nthr = cpd if rf_have_openmp() else 1
     rf_sync_init(&bar, nthr)
-    if nthr == 1:
+    if pool and nthr == 2 and T == 1 and code != GRU_NOLBR and code != LSTM_PROJ:
+        # one token on two threads: the other half goes to rf_pool's helper thread, not
+        # to an OpenMP region (one step of these cells has no barrier inside: rf_sync
+        # would need OpenMP's thread numbers); 0: the pool is in use, take the region
+        job.code = code; job.cpd = cpd; job.nt = T; job.nb = B; job.ni = I; job.nh = H; job.nho = Hout
+        job.flip = flip; job.bs = bs; job.xp = xp
+        job.wi = <const void**>wi; job.wh = <const void**>wh; job.bx = <const void**>bx
+        job.bh = <const void**>bh; job.wr = <const void**>wr
+        job.xgp = xgp; job.hb = hb; job.cst = cst; job.yp = yp; job.hgp = hgp; job.s2p = s2p; job.bar = &bar
+        with nogil:
+            if floating is float:
+                pooled = rf_pool_run(_small_job_f, &job)
+            else:
+                pooled = rf_pool_run(_small_job_d, &job)
+    if pooled:
+        pass
+    elif nthr == 1:
         with nogil:
             _worker(0, 1, code, 1, 1, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
                     xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, flip)
@@ -526,10 +584,11 @@ cdef void _run_small_t(floating *dummy, int code, object x, object bsz, object w
             _worker(tid, rf_team_size(), code, 1, cpd, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
                     xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, flip)
     memcpy(_data(hn), hb + <size_t>(T % 2) * B * Hout, hbytes)
+    return pooled
 
 
 def run_small(int code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
-              xg, hbuf, hg, s2, state, int nthreads):
+              xg, hbuf, hg, s2, state, bint pool, int nthreads) -> bool:
     """One layer, one forward direction, a few steps (T < 4: no weight packing), for
     serving one token at a time with little overhead. Every argument is an ndarray
     prepared by rnnfast._engine.run_small (C-contiguous, the compute dtype, shapes
@@ -537,6 +596,8 @@ def run_small(int code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
     (zeros when absent; w_hr any when unused), h0 (B, Hout) and c0 (B, H) or None for zeros;
     outputs y (T*B, Hout), hn (B, Hout), cn (B, H) or None; scratch xg (T*B, G*H),
     hbuf (2, B, Hout), hg (B, G*H), s2 (B, H); state (1,) int64, the layer's count of calls.
+    pool: a token on two threads may go to rf_pool's helper thread (rnnfast.threads.pool_ok:
+    not while OpenMP's threads still spin after a recent region). Returns whether it did.
     """
     cdef int T = cnp.PyArray_DIM(<cnp.ndarray>bsz, 0)
     cdef int B = cnp.PyArray_DIM(<cnp.ndarray>hbuf, 1)
@@ -544,8 +605,7 @@ def run_small(int code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
     cdef int I = cnp.PyArray_DIM(<cnp.ndarray>x, cnp.PyArray_NDIM(<cnp.ndarray>x) - 1)
     cdef int H = cnp.PyArray_DIM(<cnp.ndarray>s2, 1)
     if cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_FLOAT32:
-        _run_small_t(<float*>NULL, code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
-                     xg, hbuf, hg, s2, state, T, B, I, H, Hout, nthreads)
-    else:
-        _run_small_t(<double*>NULL, code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
-                     xg, hbuf, hg, s2, state, T, B, I, H, Hout, nthreads)
+        return _run_small_t(<float*>NULL, code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
+                            xg, hbuf, hg, s2, state, T, B, I, H, Hout, pool, nthreads)
+    return _run_small_t(<double*>NULL, code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
+                        xg, hbuf, hg, s2, state, T, B, I, H, Hout, pool, nthreads)

@@ -412,9 +412,10 @@ def run_small(plan: SmallPlan, x: np.ndarray, B: int, h0, c0):
     n = threads.enter_call()
     if plan.one_thread and B <= _SMALL_1T_ROWS:
         n = 1
+    pooled = False
     try:
-        plan.kernel(plan.code, x, bsz, plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh, plan.w_hr, h0, c0, y, hn, cn,
-                    xg, hbuf, hg, s2, plan.calls, n)
+        pooled = plan.kernel(plan.code, x, bsz, plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh, plan.w_hr, h0, c0, y,
+                             hn, cn, xg, hbuf, hg, s2, plan.calls, threads.pool_ok(), n)
     finally:
-        threads.leave_call()
+        threads.leave_call(n > 1 and not pooled)
     return y, hn, cn

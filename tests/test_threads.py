@@ -314,3 +314,124 @@ def test_forked_child_starts_with_no_calls_in_flight():
 def _child_inflight():
     from rnnfast import threads
     return len(threads._inflight)
+
+
+# ------------------------------------------------- served tokens on the helper thread
+def _pool_forced(monkeypatch):
+    """Let every served token of 2 threads go to kernels/rf_pool.h's helper (the suite's
+    other calls run OpenMP regions all the time, which keep it off: threads.pool_ok)."""
+    from rnnfast import _engine, threads
+    monkeypatch.setattr(threads, "POOL_QUIET_NS", -1)
+    monkeypatch.setattr(_engine, "_SMALL_1T_WBYTES", 0)
+    rnnfast.set_num_threads(2)
+
+
+def _spy_pooled(lay):
+    """Wrap the layer's lean-path kernel; returns the list of its results (pooled or not)."""
+    import dataclasses
+    plan = lay._splan
+    seen = []
+    lay._splan = dataclasses.replace(plan, kernel=lambda *a: seen.append(bool(plan.kernel(*a))) or seen[-1])
+    return seen
+
+
+@pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not v[2].get("proj")], ids=lambda v: v[0])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_served_tokens_on_the_pool_match_reference(variant, dtype, monkeypatch):
+    """One token on two threads, the second half on the helper thread (or on the caller
+    when the helper is late): every token of a served sequence matches the oracle and
+    gives the bits of the same call through an OpenMP region. GRU without
+    linear_before_reset has a barrier inside its step and never takes the pool."""
+    _pool_forced(monkeypatch)
+    _, kind, opts = variant
+    lay = make_layer(kind, opts, 37, 70, dtype=dtype, seed=6)
+    rng = rng_for("pool", kind, str(opts), np.dtype(dtype).name)
+    x = rng.standard_normal((8, 1, 37)).astype(dtype)
+    lay(x[:1])
+    seen = _spy_pooled(lay)
+    state, outs = None, []
+    for t in range(8):
+        got = lay(x[t:t + 1], state)
+        want = ref_stack(lay, x[t:t + 1], state)
+        np.testing.assert_allclose(got[0], want[0], **tol_for(dtype))
+        outs.append(got)
+        state = got[1]
+    assert any(seen) == (opts.get("linear_before_reset") is not False)
+    from rnnfast import threads
+    monkeypatch.setattr(threads, "POOL_QUIET_NS", 1 << 62)      # now OpenMP regions only
+    state = None
+    for t in range(8):
+        got = lay(x[t:t + 1], state)
+        for a, b in zip([got[0], *flat_states(got[1])], [outs[t][0], *flat_states(outs[t][1])]):
+            np.testing.assert_array_equal(a, b)
+        state = got[1]
+    assert not any(seen[8:])
+
+
+@pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
+def test_pool_shared_by_concurrent_servers(monkeypatch):
+    """Four Python threads serving tokens at once: one holds the helper at a time, the
+    others take OpenMP regions; every caller gets its own sequence's bits."""
+    _pool_forced(monkeypatch)
+    lays = [make_layer("lstm", {}, 48, 96, dtype=np.float32, seed=20 + i) for i in range(4)]
+    xs = [rng_for("pool-conc", i).standard_normal((30, 1, 48)).astype(np.float32) for i in range(4)]
+
+    def serve(i):
+        hx, ys = None, []
+        for t in range(30):
+            y, hx = lays[i](xs[i][t:t + 1], hx)
+            ys.append(y)
+        return np.concatenate(ys)
+
+    want = [serve(i) for i in range(4)]
+    with ThreadPoolExecutor(4) as ex:
+        for _ in range(5):
+            got = list(ex.map(serve, range(4)))
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+
+
+def test_pool_kept_off_after_openmp_regions(monkeypatch):
+    """A call that ran an OpenMP region keeps served tokens off the helper thread for
+    POOL_QUIET_NS (OpenMP's threads still spin); single-threaded calls do not."""
+    from rnnfast import threads
+    monkeypatch.setattr(threads, "POOL_QUIET_NS", 10 ** 9)
+    rnnfast.set_num_threads(2)
+    lay = make_layer("lstm", {}, 16, 64, dtype=np.float32, seed=1)
+    monkeypatch.setattr(threads, "_region_end_ns", 0)
+    assert threads.pool_ok()
+    rnnfast.set_num_threads(1)
+    lay(np.zeros((20, 2, 16), np.float32))
+    assert threads.pool_ok()
+    rnnfast.set_num_threads(2)
+    lay(np.zeros((20, 2, 16), np.float32))
+    assert not threads.pool_ok()
+    monkeypatch.setattr(threads, "POOL_QUIET_NS", -1)
+    assert threads.pool_ok()
+
+
+@pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
+def test_forked_child_after_pooled_tokens(monkeypatch):
+    """A child forked after the parent served tokens on the helper thread (which the
+    child does not have) serves the same tokens."""
+    import multiprocessing as mp
+    _pool_forced(monkeypatch)
+    lay = make_layer("gru", {}, 32, 80, dtype=np.float32, seed=4)
+    x = rng_for("pool-fork").standard_normal((10, 1, 32)).astype(np.float32)
+    lay(x[:1])
+    seen = _spy_pooled(lay)
+    want = _serve_tokens(lay, x)
+    assert any(seen)
+    del lay._splan          # (the spy does not pickle; the child builds its own plan)
+    with mp.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_serve_tokens, (lay, x)).get(timeout=60)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _serve_tokens(lay, x):
+    hx, ys = None, []
+    for t in range(x.shape[0]):
+        y, hx = lay(x[t:t + 1], hx)
+        ys.append(y)
+    return np.concatenate(ys)
