@@ -96,11 +96,14 @@ _AUTO_ORDER = ("cython", "numba", "reference")
 
 
 def resolve_fast() -> str:
-    """The concrete backend "auto" or the current setting names (no shape-based choice)."""
-    name = get_backend()
+    """The concrete backend "auto" or the current setting names (no shape-based choice).
+    (get_backend and _auto_first written out: this runs once per served token.)"""
+    scoped = _scoped.get()
+    name = scoped if scoped is not None else _global["name"]
     if name != "auto":
         return name
-    return _auto_first()
+    best = _global.get("auto_first")
+    return best if best is not None else _auto_first()
 
 
 def _auto_first() -> str:
