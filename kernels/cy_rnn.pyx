@@ -135,13 +135,15 @@ cdef inline void _gemm_nt(int n, int m, int k, const floating *A, int lda, const
             dgemm(&tr, &nt, &m, &n, &k, &one, <double*>W, &ldw, <double*>A, &lda, &beta, C, &ldc)
 
 
-cdef inline void _rowdot1(int m, int k, const floating *a, const floating *W, int ldw, floating *C,
-                          bint rev) noexcept nogil:
-    """C[:m] = W[:m, :k] @ a, one input row, the weight rows first to last or (rev) last to first."""
+cdef inline void _rowdot1_gates(int ng, int m, int k, const floating *a, const floating *W, int H,
+                                floating *C, bint rev) noexcept nogil:
+    """C[g*H : g*H + m] = W[g*H : g*H + m, :k] @ a for the ng gates g of a slice of units
+    (W and C at the slice's first unit), one input row, in one pass: first to last or
+    (rev) last to first."""
     if floating is float:
-        rf_rowdot1_f(m, k, a, W, ldw, C, rev)
+        rf_rowdot1_segs_f(ng, m, k, a, W, k, <size_t>H * k, C, H, rev)
     else:
-        rf_rowdot1_d(m, k, a, W, ldw, C, rev)
+        rf_rowdot1_segs_d(ng, m, k, a, W, k, <size_t>H * k, C, H, rev)
 
 
 cdef inline int _imin(int a, int b) noexcept nogil:
@@ -182,7 +184,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                   const floating **bh, const floating **w_hr,
                   floating *xg, floating *hbuf, floating *cst, floating *y,
                   floating *hg, floating *s2, floating *wpk, int npk, int xrows, int chunk,
-                  bint rec_rowdot, bint bsplit, rf_sync_t *bar, bint flip) noexcept nogil:
+                  bint rec_rowdot, bint bsplit, rf_sync_t *bar, int onerow) noexcept nogil:
     cdef int G = _gates(code)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
@@ -212,9 +214,10 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     cdef bint sync = not bsplit and cpd > 1     # threads share a direction's units: a barrier per step
     cdef int rs = cpd if bsplit else 1          # row stride multiplier
     cdef int ldx = GH * rs, ldg = GH * rs, ldh = Hout * rs, ldH = H * rs, ldyy = ndir * Hout * rs
-    # flip (one step of one row, no packing: run_small): this item's weights are read in
-    # reverse, the recurrent ones first (its projection waits for phase 0), so that a
-    # call after a forward one starts on the lines that one left in L2 (rf_rowdot1)
+    # onerow (one step of one row, no packing: run_small): the projection waits for phase
+    # 0, and each product takes all the gates of the item's units in one rf_rowdot1_segs
+    # pass; 2: the weights in reverse, the recurrent ones first, so that a call after a
+    # forward one (1) starts on the lines that one left in L2
 
     # 1. pack this thread's panels of the weights (fused path)
     it = tid
@@ -258,7 +261,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 if bsplit and s > 0:
                     rf_sync(bar, nthr)    # every thread is done with the previous chunk
                 it = tid
-                while it < nitems and not flip:
+                while it < nitems and not onerow:
                     if it // cpd == d:
                         _project(it % cpd, cpd, fused, G, H, I, Hout, UP, npan, hi - lo[d],
                                  x + <size_t>lo[d] * I, w_ih[d], wpk + <size_t>d * npk if fused else NULL,
@@ -313,12 +316,14 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                             rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, bx[d], bh[d], hr, ldh,
                                             cd, ldH, hw, ldh, yt, ldyy)
                 elif phase == 0:
-                    if flip:
-                        for g in range((2 if code == GRU_NOLBR else G) - 1, -1, -1):
-                            _rowdot1(u1 - u0, Hout, hr, w_hh[d] + <size_t>(g * H + u0) * Hout, Hout,
-                                     hgd + g * H + u0, True)
-                        for g in range(G - 1, -1, -1):
-                            _rowdot1(u1 - u0, I, x, w_ih[d] + <size_t>(g * H + u0) * I, I, xgd + g * H + u0, True)
+                    if onerow == 1:
+                        _rowdot1_gates(G, u1 - u0, I, x, w_ih[d] + <size_t>u0 * I, H, xgd + u0, False)
+                        _rowdot1_gates(2 if code == GRU_NOLBR else G, u1 - u0, Hout, hr,
+                                       w_hh[d] + <size_t>u0 * Hout, H, hgd + u0, False)
+                    elif onerow == 2:
+                        _rowdot1_gates(2 if code == GRU_NOLBR else G, u1 - u0, Hout, hr,
+                                       w_hh[d] + <size_t>u0 * Hout, H, hgd + u0, True)
+                        _rowdot1_gates(G, u1 - u0, I, x, w_ih[d] + <size_t>u0 * I, H, xgd + u0, True)
                     elif code == GRU_NOLBR:
                         for g in range(2):
                             _gemm_nt(n, u1 - u0, Hout, hr, ldh, w_hh[d] + <size_t>(g * H + u0) * Hout, Hout,
@@ -463,14 +468,14 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
             _worker(0, 1, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
                     &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot,
-                    batch_split, &bar, False)
+                    batch_split, &bar, 0)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
                     &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot,
-                    batch_split, &bar, False)
+                    batch_split, &bar, 0)
 
 
 cdef inline void* _data(object a) noexcept:
@@ -480,7 +485,7 @@ cdef inline void* _data(object a) noexcept:
 cdef struct _SmallJob:
     # _worker's arguments for one token on two threads (rf_pool_run); (`I` is taken: complex.h)
     int code, cpd, nt, nb, ni, nh, nho
-    bint flip
+    int onerow
     const int64_t *bs
     const void *xp
     const void **wi
@@ -502,7 +507,7 @@ cdef inline void _small_job_t(floating *dummy, _SmallJob *j, int tid) noexcept n
             <const floating*>j.xp, <const floating**>j.wi, <const floating**>j.wh, <const floating**>j.bx,
             <const floating**>j.bh, <const floating**>j.wr, <floating*>j.xgp, <floating*>j.hb, <floating*>j.cst,
             <floating*>j.yp, <floating*>j.hgp, <floating*>j.s2p, NULL, 0, j.nt * j.nb, j.nt, False, False,
-            j.bar, j.flip)
+            j.bar, j.onerow)
 
 
 cdef void _small_job_f(void *arg, int tid) noexcept nogil:
@@ -536,9 +541,9 @@ cdef bint _run_small_t(floating *dummy, int code, object x, object bsz, object w
     cdef _SmallJob job
     cdef int pooled = 0
     cdef int64_t *calls = <int64_t*>_data(state)
-    # every other single-token call reads its weights in reverse (_worker's flip); the
-    # count is the layer's, shared by its callers (a lost update only costs speed)
-    cdef bint flip = T == 1 and B == 1 and (calls[0] & 1)
+    # a single-token call of one row takes _worker's onerow products, every other one in
+    # reverse; the count is the layer's, shared by its callers (a lost update only costs speed)
+    cdef int onerow = (1 + <int>(calls[0] & 1)) if (T == 1 and B == 1) else 0
     calls[0] += 1
     wi[0] = wi[1] = <const floating*>_data(w_ih)
     wh[0] = wh[1] = <const floating*>_data(w_hh)
@@ -563,7 +568,7 @@ cdef bint _run_small_t(floating *dummy, int code, object x, object bsz, object w
         # to an OpenMP region (one step of these cells has no barrier inside: rf_sync
         # would need OpenMP's thread numbers); 0: the pool is in use, take the region
         job.code = code; job.cpd = cpd; job.nt = T; job.nb = B; job.ni = I; job.nh = H; job.nho = Hout
-        job.flip = flip; job.bs = bs; job.xp = xp
+        job.onerow = onerow; job.bs = bs; job.xp = xp
         job.wi = <const void**>wi; job.wh = <const void**>wh; job.bx = <const void**>bx
         job.bh = <const void**>bh; job.wr = <const void**>wr
         job.xgp = xgp; job.hb = hb; job.cst = cst; job.yp = yp; job.hgp = hgp; job.s2p = s2p; job.bar = &bar
@@ -577,12 +582,12 @@ cdef bint _run_small_t(floating *dummy, int code, object x, object bsz, object w
     elif nthr == 1:
         with nogil:
             _worker(0, 1, code, 1, 1, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, flip)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, onerow)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, rf_team_size(), code, 1, cpd, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, flip)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, onerow)
     memcpy(_data(hn), hb + <size_t>(T % 2) * B * Hout, hbytes)
     return pooled
 

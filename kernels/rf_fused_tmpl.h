@@ -314,17 +314,19 @@ static inline __attribute__((always_inline)) void RF_FN(rf_rowdot_blk)(const int
         for (int i = 0; i < nr; ++i) C[(size_t)q * ldc + i] = out[q * NR + i];
 }
 
-/* rf_rowdot1's body: NKV (a constant, <= 16) whole vectors of `a` held in registers, or
- * NKV < 0: `a` read from memory with each row (any K). */
-static inline __attribute__((always_inline)) void RF_FN(rf_rowdot1_body)(const int NKV, int m, int K,
-        const RF_T *a, const RF_T *W, int ldw, RF_T *C, int rev) {
+/* rf_rowdot1_segs' body: NKV (a constant, <= 16) whole vectors of `a` held in
+ * registers, or NKV < 0: `a` read from memory with each row (any K). */
+static inline __attribute__((always_inline)) void RF_FN(rf_rowdot1_body)(const int NKV, int nseg, int m, int K,
+        const RF_T *a, const RF_T *W0, int ldw, size_t wseg, RF_T *C0, size_t cseg, int rev) {
     const int KS = 2 * RF_VL, ng = (m + RF_VL - 1) / RF_VL;
     const int kt = (NKV >= 0 ? NKV : K / RF_VL) * RF_VL;    /* the masked tail starts here */
     RF_VT xv[16], xt = {0};
     for (int c = 0; c < NKV; ++c) memcpy(&xv[c], a + c * RF_VL, sizeof(RF_VT));
     if (kt < K) xt = RF_FN(rf_load_head)(a + kt, K - kt);
-    for (int gi = 0; gi < ng; ++gi) {
-        const int g = rev ? ng - 1 - gi : gi, r0 = g * RF_VL;
+    for (int gi = 0; gi < ng * nseg; ++gi) {
+        const int q = rev ? ng * nseg - 1 - gi : gi, sg = q / ng, g = q % ng, r0 = g * RF_VL;
+        const RF_T *W = W0 + (size_t)sg * wseg;
+        RF_T *C = C0 + (size_t)sg * cseg;
         const int nr = m - r0 < RF_VL ? m - r0 : RF_VL;
         RF_VT red[RF_VL];
         for (int r = 0; r < nr; ++r) {
@@ -379,14 +381,22 @@ static inline __attribute__((always_inline)) void RF_FN(rf_rowdot1_body)(const i
  * more than its L2 holds and takes every other call in reverse finds the lines it read
  * last still cached, where LRU would otherwise evict each line just before it is read
  * again. Harness (tools/kernel_harness/rowdot.c, one Zen 5 core, K = 256): 512 KB
- * 3.62 us by rf_rowdot_blk, 2.57 forward, 2.30 alternating; 1 MB 7.85, 6.45, 5.58. */
-static inline void RF_FN(rf_rowdot1)(int m, int K, const RF_T *a, const RF_T *W, int ldw, RF_T *C, int rev) {
+ * 3.62 us by rf_rowdot_blk, 2.57 forward, 2.30 alternating; 1 MB 7.85, 6.45, 5.58.
+ * rf_rowdot1_segs: nseg such products of m rows each, segment s at W + s * wseg and
+ * C + s * cseg (the gates of a slice of units), in one pass with `a` loaded once; rev
+ * takes the segments last to first too. */
+static inline void RF_FN(rf_rowdot1_segs)(int nseg, int m, int K, const RF_T *a, const RF_T *W, int ldw,
+                                          size_t wseg, RF_T *C, size_t cseg, int rev) {
     switch (K / RF_VL) {
-#define RF_R1(N) case N: RF_FN(rf_rowdot1_body)(N, m, K, a, W, ldw, C, rev); break;
+#define RF_R1(N) case N: RF_FN(rf_rowdot1_body)(N, nseg, m, K, a, W, ldw, wseg, C, cseg, rev); break;
     RF_R1(2) RF_R1(4) RF_R1(6) RF_R1(8) RF_R1(10) RF_R1(12) RF_R1(14) RF_R1(16)
 #undef RF_R1
-    default: RF_FN(rf_rowdot1_body)(-1, m, K, a, W, ldw, C, rev);
+    default: RF_FN(rf_rowdot1_body)(-1, nseg, m, K, a, W, ldw, wseg, C, cseg, rev);
     }
+}
+
+static inline void RF_FN(rf_rowdot1)(int m, int K, const RF_T *a, const RF_T *W, int ldw, RF_T *C, int rev) {
+    RF_FN(rf_rowdot1_segs)(1, m, K, a, W, ldw, 0, C, 0, rev);
 }
 
 /* C[j, r] (row stride ldc) = A[j, :K] . W[r, :K] for j < n, r < m: a product with a
