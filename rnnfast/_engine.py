@@ -28,8 +28,8 @@ def scratch(key: str, shape: tuple, dtype) -> np.ndarray:
     Only for buffers that never leave the engine: each Python thread has its own, so
     concurrent calls never share one. The largest buffer of each kind stays allocated;
     the view of each (kind, shape) asked for is kept too (0.59 -> 0.12 us a call, five
-    calls a layer), so a buffer outgrown by a larger shape lives on in the views of
-    smaller ones (at most _SCRATCH_VIEWS of them; their memory is this thread's alone).
+    calls a layer, at most _SCRATCH_VIEWS of them), and a kind's views go when its
+    buffer is outgrown, so that the old buffer is freed.
     """
     views = _workspace.__dict__.get("views")
     if views is None:
@@ -44,6 +44,9 @@ def scratch(key: str, shape: tuple, dtype) -> np.ndarray:
     dt = np.dtype(dtype)
     buf = cache.get((key, dt))
     if buf is None or buf.shape[0] < n:
+        if buf is not None:         # views of the outgrown buffer would keep it alive
+            for k in [k for k in views if k[0] == key and np.dtype(k[2]) == dt]:
+                del views[k]
         buf = aligned_empty(max(n, 16), dt)
         cache[(key, dt)] = buf
     if len(views) >= _SCRATCH_VIEWS:

@@ -76,6 +76,28 @@ def test_scratch_is_cache_line_aligned():
             assert a.dtype == np.dtype(dt) and a.shape == (n,)
 
 
+def test_scratch_views_are_reused_and_outgrown_buffers_freed():
+    """scratch() hands out the same view for the same (kind, shape), and a kind outgrown
+    by a larger shape lets its old buffer go. Regression: the kept views of smaller
+    shapes once held every outgrown buffer (inputs of growing lengths: one buffer per
+    call kept alive, 0.8 GB after 200 calls of a 4 MB-and-growing buffer)."""
+    import gc
+    import weakref
+    first = _engine.scratch("grow-test", (1000, 64), np.float32)
+    assert _engine.scratch("grow-test", (1000, 64), np.float32) is first
+    small = _engine.scratch("grow-test", (10, 64), np.float32)
+    assert np.shares_memory(small, first)
+    gone = weakref.ref(first)
+    del first, small
+    bigger = _engine.scratch("grow-test", (5000, 64), np.float32)
+    gc.collect()
+    assert gone() is None
+    again = _engine.scratch("grow-test", (1000, 64), np.float32)
+    assert np.shares_memory(again, bigger)
+    other = _engine.scratch("grow-test", (10, 64), np.float64)    # another dtype: its own buffer
+    assert not np.shares_memory(other, bigger)
+
+
 def _assert_cython_matches_reference(lay, x, lengths, dtype, nthreads=None):
     """Run `lay` on the Cython backend and compare outputs and states with the oracle."""
     want_y, want_h = ref_stack(lay, x, lengths=lengths)
