@@ -16,8 +16,6 @@ cdef extern from "rf_fused.h" nogil:
                          double *c, int ldc, double *h1, int ld1, double *h2, int ld2)
     void rf_rowdot_f(int n, int m, int K, const float *A, int lda, const float *W, int ldw, float *C, int ldc)
     void rf_rowdot_d(int n, int m, int K, const double *A, int lda, const double *W, int ldw, double *C, int ldc)
-    void rf_rowdot1_f(int m, int K, const float *a, const float *W, int ldw, float *C, int rev)
-    void rf_rowdot1_d(int m, int K, const double *a, const double *W, int ldw, double *C, int rev)
     void rf_rowdot1_segs_f(int nseg, int m, int K, const float *a, const float *W, int ldw, size_t wseg,
                            float *C, size_t cseg, int rev)
     void rf_rowdot1_segs_d(int nseg, int m, int K, const double *a, const double *W, int ldw, size_t wseg,

@@ -404,12 +404,12 @@ static inline void RF_FN(rf_rowdot1)(int m, int K, const RF_T *a, const RF_T *W,
  * blocks of NJ input rows x NR weight rows, one horizontal-sum tree per block. */
 static inline void RF_FN(rf_rowdot)(int n, int m, int K, const RF_T *A, int lda,
                                     const RF_T *W, int ldw, RF_T *C, int ldc) {
-    if (n == 1) {
+    if (n == 1) {           /* one row: the sequential stream of rf_rowdot1 */
         RF_FN(rf_rowdot1)(m, K, A, W, ldw, C, 0);
         return;
     }
-    const int NJ = n == 1 ? 1 : (n == 2 ? 2 : 4);
-    const int NR = RF_VL == 16 ? (NJ == 1 ? 8 : 4) : (NJ == 4 ? 2 : 4);
+    const int NJ = n == 2 ? 2 : 4;
+    const int NR = RF_VL == 16 ? 4 : (NJ == 4 ? 2 : 4);
     for (int j0 = 0; j0 < n; j0 += NJ) {
         int nj = n - j0 < NJ ? n - j0 : NJ;
         for (int r0 = 0; r0 < m; r0 += NR) {
@@ -417,12 +417,10 @@ static inline void RF_FN(rf_rowdot)(int n, int m, int K, const RF_T *A, int lda,
             const RF_T *Aj = A + (size_t)j0 * lda, *Wr = W + (size_t)r0 * ldw;
             RF_T *Cj = C + (size_t)j0 * ldc + r0;
 #if RF_VL == 16
-            if (NJ == 1) RF_FN(rf_rowdot_blk)(1, 8, 2, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
-            else if (NJ == 2) RF_FN(rf_rowdot_blk)(2, 4, 2, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
+            if (NJ == 2) RF_FN(rf_rowdot_blk)(2, 4, 2, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
             else RF_FN(rf_rowdot_blk)(4, 4, 1, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
 #else
-            if (NJ == 1) RF_FN(rf_rowdot_blk)(1, 4, 2, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
-            else if (NJ == 2) RF_FN(rf_rowdot_blk)(2, 4, 1, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
+            if (NJ == 2) RF_FN(rf_rowdot_blk)(2, 4, 1, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
             else RF_FN(rf_rowdot_blk)(4, 2, 1, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
 #endif
         }
