@@ -197,6 +197,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     cdef floating *wpd
     cdef bint rev
     cdef const floating *xgt
+    cdef const floating *xnt     # the next step's projections (prefetched), or NULL
     cdef floating *hr
     cdef floating *hw
     cdef floating *yt
@@ -301,19 +302,25 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 cd = cst + <size_t>d * B * H + <size_t>j * H
                 if phase == 0 and fused_step:
                     wpd = wpk + <size_t>d * npk
+                    xnt = NULL
+                    if s + 1 < T and (s + 1) % chunk != 0:      # (a new chunk is not projected yet)
+                        if rev:
+                            xnt = xgd + <size_t>(off - <int>bsz[T - 2 - s] - lo[d] + j) * GH
+                        else:
+                            xnt = xgd + <size_t>(off + nb - lo[d] + j) * GH
                     if code == LSTM_PROJ:
                         if floating is float:
-                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, bx[d], bh[d], hr, ldh,
+                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, bx[d], bh[d], hr, ldh,
                                             cd, ldH, s2d, ldH, NULL, 0)
                         else:
-                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, bx[d], bh[d], hr, ldh,
+                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, bx[d], bh[d], hr, ldh,
                                             cd, ldH, s2d, ldH, NULL, 0)
                     else:
                         if floating is float:
-                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, bx[d], bh[d], hr, ldh,
+                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, bx[d], bh[d], hr, ldh,
                                             cd, ldH, hw, ldh, yt, ldyy)
                         else:
-                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, bx[d], bh[d], hr, ldh,
+                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, bx[d], bh[d], hr, ldh,
                                             cd, ldH, hw, ldh, yt, ldyy)
                 elif phase == 0:
                     if onerow == 1:     # (2: the same two products, in the opposite order and reversed;

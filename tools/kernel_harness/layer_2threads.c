@@ -22,7 +22,7 @@ int main(int argc,char**argv){
       double b=now();
       for(int s=0;s<T;s++){
         float *hr=hb+(s%2)*B*H, *hw=hb+((s+1)%2)*B*H;
-        rf_fused_step_f(0,G,H,K,B,p0,p1,P,xg+(size_t)s*B*GH,GH,bx,bh,hr,H,c,H,hw,H,y+(size_t)s*B*H,H);
+        rf_fused_step_f(0,G,H,K,B,p0,p1,P,xg+(size_t)s*B*GH,GH,getenv("NOPF")||s+1==T?NULL:xg+(size_t)(s+1)*B*GH,bx,bh,hr,H,c,H,hw,H,y+(size_t)s*B*H,H);
         #pragma omp barrier
       }
       double e=now();
