@@ -129,6 +129,43 @@ static inline void RF_FN(rf_mk)(int mr, int nv, int K, const RF_T *A, int lda, c
 #undef RF_MK_CASES
 }
 
+/* Half a panel of 4 vectors: out[r][v0*VL : (v0+2)*VL] (row stride RF_MAXNV*VL) =
+ * A[r, :K] @ the panel's vectors v0, v0 + 1, for r < MR_ <= RF_MRH: 2*MR_ accumulators, so
+ * 7-8 rows take the weights once per half with no second row block (prefetch as rf_mk). */
+static inline __attribute__((always_inline)) void RF_FN(rf_mkh_body)(const int MR_, int v0,
+        int K, const RF_T *A, int lda, const RF_T *P, RF_T *out, const RF_T *pf, int npf) {
+    RF_VT acc[RF_MRH][2];
+    for (int r = 0; r < MR_; ++r) acc[r][0] = acc[r][1] = (RF_VT){0};
+    const RF_T *Pv = P + v0 * RF_VL;
+    int k = 0;
+    if (npf > K) npf = K;
+#define RF_MKH_ITER                                                                    \
+    {   RF_VT w0, w1;                                                                  \
+        memcpy(&w0, Pv + (size_t)k * 4 * RF_VL, sizeof(RF_VT));                        \
+        memcpy(&w1, Pv + (size_t)k * 4 * RF_VL + RF_VL, sizeof(RF_VT));                \
+        for (int r = 0; r < MR_; ++r) {                                                \
+            RF_VT a = A[(size_t)r * lda + k] - (RF_VT){0};                             \
+            acc[r][0] += a * w0; acc[r][1] += a * w1;                                  \
+        }                                                                              \
+    }
+    for (; k < npf; ++k) {
+        __builtin_prefetch(pf + (size_t)k * (64 / sizeof(RF_T)), 0, 2);
+        RF_MKH_ITER
+    }
+    for (; k < K; ++k) RF_MKH_ITER
+#undef RF_MKH_ITER
+    for (int r = 0; r < MR_; ++r) {
+        memcpy(out + r * RF_MAXNV * RF_VL + v0 * RF_VL, &acc[r][0], sizeof(RF_VT));
+        memcpy(out + r * RF_MAXNV * RF_VL + (v0 + 1) * RF_VL, &acc[r][1], sizeof(RF_VT));
+    }
+}
+
+static inline void RF_FN(rf_mkh)(int mr, int v0, int K, const RF_T *A, int lda, const RF_T *P, RF_T *out,
+                                 const RF_T *pf, int npf) {
+    if (mr == 8) RF_FN(rf_mkh_body)(8, v0, K, A, lda, P, out, pf, npf);
+    else RF_FN(rf_mkh_body)(7, v0, K, A, lda, P, out, pf, npf);
+}
+
 /* C[r, g*H + u] = A[r, :K] . W[g*H + u, :K] for rows [0, n) and the units of panels
  * [p0, p1) (W packed by rf_pack): the input projection of many rows at once. Rows go
  * in chunks whose A block stays in L2 while every panel passes over it. */
@@ -197,9 +234,11 @@ static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, in
         const RF_T *P, const RF_T *xg, int ldx, const RF_T *xn, const RF_T *bx, const RF_T *bh,
         const RF_T *hp, int ldp, RF_T *c, int ldc, RF_T *h1, int ld1, RF_T *h2, int ld2) {
     const int UP = rf_panel_units(G, sizeof(RF_T) == 8), PW = G * UP, NV = PW / RF_VL;
-    RF_T tile[RF_MR * RF_MAXNV * RF_VL] __attribute__((aligned(64)));
+    RF_T tile[RF_MRH * RF_MAXNV * RF_VL] __attribute__((aligned(64)));
     const int TS = RF_MAXNV * RF_VL;
-    const int nblk = (n + RF_MR - 1) / RF_MR;
+    /* 7-8 float rows of 4-vector panels: one block of rows in two half-panel passes */
+    const int half = RF_HALF_PANELS && sizeof(RF_T) == 4 && NV == 4 && n >= RF_MRH - 1 && n <= RF_MRH;
+    const int nblk = half ? 1 : (n + RF_MR - 1) / RF_MR;
     const size_t lines = ((size_t)K * PW * sizeof(RF_T)) / 64;
     /* prefetch only when this slice of the weights cannot stay in L2 between steps */
     const int pfon = (size_t)(p1 - p0) * K * PW * sizeof(RF_T) > RF_L2_KEEP_BYTES;
@@ -208,10 +247,17 @@ static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, in
         const RF_T *nxt = P + (size_t)(p + 1 < p1 ? p + 1 : p0) * K * PW;
         int ua = p * UP, ub = ua + UP < H ? ua + UP : H;
         for (int b = 0; b < nblk; ++b) {
-            int r0 = rf_row_block(n, b), r1 = rf_row_block(n, b + 1);
+            int r0 = half ? 0 : rf_row_block(n, b), r1 = half ? n : rf_row_block(n, b + 1);
             size_t l0 = lines * b / nblk, l1 = lines * (b + 1) / nblk;
-            RF_FN(rf_mk)(r1 - r0, NV, K, hp + (size_t)r0 * ldp, ldp, Pp, tile,
-                         nxt + l0 * (64 / sizeof(RF_T)), pfon ? (int)(l1 - l0) : 0);
+            if (half) {
+                const size_t lh = lines / 2;
+                RF_FN(rf_mkh)(n, 0, K, hp, ldp, Pp, tile, nxt, pfon ? (int)lh : 0);
+                RF_FN(rf_mkh)(n, 2, K, hp, ldp, Pp, tile, nxt + lh * (64 / sizeof(RF_T)),
+                              pfon ? (int)(lines - lh) : 0);
+            } else {
+                RF_FN(rf_mk)(r1 - r0, NV, K, hp + (size_t)r0 * ldp, ldp, Pp, tile,
+                             nxt + l0 * (64 / sizeof(RF_T)), pfon ? (int)(l1 - l0) : 0);
+            }
             if (xn)     /* the next step's projections of these rows and units, into L2 */
                 for (int r = r0; r < r1; ++r)
                     for (int g = 0; g < G; ++g) {

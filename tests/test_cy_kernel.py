@@ -190,12 +190,14 @@ def test_recurrent_rowdot_and_packed_steps_match_reference(variant, rows, dtype,
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_every_live_row_count_matches_reference(variant, dtype, monkeypatch):
     """Steps of 1 to 20 live rows (the micro-kernel's row blocks: 6-row blocks, a
-    remainder of 1 or 4 taking a row from the block before: 5 + 2, 5 + 5) from packed
-    panels, each sequence one step shorter than the one before."""
+    remainder of 1 or 4 taking a row from the block before: 5 + 2, 5 + 5; 7 and 8 float
+    rows of LSTM and RNN panels in two half-panel passes, rf_mkh) from packed panels, each
+    sequence one step shorter than the one before. RNN panels hold 64 float units, so
+    H=70 there: a whole panel (both halves) and a partial one."""
     from rnnfast import _engine
     _, kind, opts = variant
     monkeypatch.setattr(_engine, "_REC_ROWDOT_ROWS", 0)
-    T, B, I, H = 21, 20, 7, 20
+    T, B, I, H = 21, 20, 7, (70 if kind == "rnn" else 20)
     lay = make_layer(kind, opts, I, H, dtype=dtype, seed=14)
     rng = rng_for("liverows", kind, str(opts), np.dtype(dtype).name)
     x = rng.standard_normal((T, B, I)).astype(dtype)
