@@ -191,11 +191,13 @@ static inline void rf_gru_rz_##SFX(int n, int H, int u0, int u1,                
     for (int j = 0; j < n; ++j) {                                                            \
         const T *xr = xg + (size_t)j * ldx; T *gr = hg + (size_t)j * ldg;                    \
         const T *pr = hp + (size_t)j * ldp; T *rr = rh + (size_t)j * ldr;                    \
+        /* per-gate base pointers (H + u offsets became gathers, as in the LSTM gates) */    \
+        const T *x1 = xr + H, *a1 = bx + H, *c1 = bh + H; T *g1 = gr + H;                    \
         RF_SIMD                                                                              \
         for (int u = u0; u < u1; ++u) {                                                      \
             T r = (T)1 / ((T)1 + EXP(-(xr[u] + gr[u] + bx[u] + bh[u])));                     \
-            T z = (T)1 / ((T)1 + EXP(-(xr[H + u] + gr[H + u] + bx[H + u] + bh[H + u])));     \
-            gr[H + u] = z; rr[u] = r * pr[u];                                                \
+            T z = (T)1 / ((T)1 + EXP(-(x1[u] + g1[u] + a1[u] + c1[u])));                     \
+            g1[u] = z; rr[u] = r * pr[u];                                                    \
         }                                                                                    \
     }                                                                                        \
 }                                                                                            \
@@ -208,10 +210,12 @@ static inline void rf_gru_n_##SFX(int n, int H, int u0, int u1,                 
         const T *xr = xg + (size_t)j * ldx, *gr = hg + (size_t)j * ldg;                      \
         const T *pr = hp + (size_t)j * ldp;                                                  \
         T *o1 = h1 + (size_t)j * ld1, *o2 = h2 + (size_t)j * ld2;                            \
+        const T *g1 = gr + H, *x2 = xr + 2 * (size_t)H, *g2 = gr + 2 * (size_t)H;           \
+        const T *a2 = bx + 2 * (size_t)H, *c2 = bh + 2 * (size_t)H;                         \
         RF_SIMD                                                                              \
         for (int u = u0; u < u1; ++u) {                                                      \
-            T z = gr[H + u];                                                                 \
-            T nn = TANH(xr[2 * H + u] + bx[2 * H + u] + gr[2 * H + u] + bh[2 * H + u]);      \
+            T z = g1[u];                                                                     \
+            T nn = TANH(x2[u] + a2[u] + g2[u] + c2[u]);                                      \
             T hn = nn + z * (pr[u] - nn);                                                    \
             o1[u] = hn; o2[u] = hn;                                                          \
         }                                                                                    \
