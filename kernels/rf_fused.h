@@ -30,7 +30,7 @@ typedef double rf_vd __attribute__((vector_size(RF_VBYTES)));
 #define RF_MAXNV 4       /* vectors per panel row */
 #define RF_MRH 8         /* rows of the half-panel micro-kernel (rf_mkh) */
 #ifndef RF_HALF_PANELS
-#define RF_HALF_PANELS 1 /* 7-8 float rows of 4-vector panels take rf_mkh (0: rf_mk) */
+#define RF_HALF_PANELS 1 /* 7-8 float rows take rf_mkh (0: rf_mk's row blocks) */
 #endif
 #define RF_STREAM_MIN_BYTES (16u << 20)  /* projections this large are stored streaming */
 #define RF_L2_KEEP_BYTES (1u << 20)      /* a thread's weight slice above this is prefetched */
@@ -47,12 +47,12 @@ static inline int rf_panel_units(int G, int is_double) {
  * weights from L2): 1-6 rows take 2.08, 2.49, 3.80, 4.94, 4.89, 5.79 us; a 2-row block
  * is bound by L2 bandwidth (one 256-byte panel row per k), 6 rows by the FMA units, and
  * the 4-row form runs no faster than the 5-row one, so equal blocks (4 + 4 for 8 rows:
- * 9.9 us) lose to 6 + 2 (8.3 us). 7 or 8 float rows of 4-vector panels (LSTM, RNN) take
- * neither: rf_mkh runs all the rows over half a panel at a time (2 x 8 accumulators, each
- * weight line read once), 7.36 -> 6.92 us for 7 rows and 8.31 -> 7.88 for 8; one LSTM
- * H=256 step of 8 rows over all panels 21.2 -> 19.4 us (tools/kernel_harness/step_proj,
- * built with -DRF_HALF_PANELS=0 and 1); 3-vector panels (GRU) gained nothing (6.23 vs
- * 6.19 us for 8 rows). */
+ * 9.9 us) lose to 6 + 2 (8.3 us). 7 or 8 float rows take neither: rf_mkh runs them as
+ * one block, over half a 4-vector panel (LSTM, RNN) at a time (2 x 8 accumulators) or a
+ * whole 3-vector one (GRU, 3 x 8), so each weight line is read once: 7.36 -> 6.92 us for
+ * 7 rows and 8.31 -> 7.88 for 8 (4 vectors), 5.60 -> 5.14 and 6.20 -> 5.78 (3 vectors); one
+ * LSTM H=256 step of 8 rows over all panels 21.2 -> 19.4 us (tools/kernel_harness/
+ * step_proj, built with -DRF_HALF_PANELS=0 and 1). */
 static inline int rf_row_block(int n, int b) {
     const int nblk = (n + RF_MR - 1) / RF_MR, rem = n % RF_MR;
     if (b >= nblk) return n;

@@ -129,23 +129,25 @@ static inline void RF_FN(rf_mk)(int mr, int nv, int K, const RF_T *A, int lda, c
 #undef RF_MK_CASES
 }
 
-/* Half a panel of 4 vectors: out[r][v0*VL : (v0+2)*VL] (row stride RF_MAXNV*VL) =
- * A[r, :K] @ the panel's vectors v0, v0 + 1, for r < MR_ <= RF_MRH: 2*MR_ accumulators, so
- * 7-8 rows take the weights once per half with no second row block (prefetch as rf_mk). */
-static inline __attribute__((always_inline)) void RF_FN(rf_mkh_body)(const int MR_, int v0,
-        int K, const RF_T *A, int lda, const RF_T *P, RF_T *out, const RF_T *pf, int npf) {
-    RF_VT acc[RF_MRH][2];
-    for (int r = 0; r < MR_; ++r) acc[r][0] = acc[r][1] = (RF_VT){0};
+/* Vectors v0 .. v0+NVH_-1 of a panel of NV vectors: out[r][v0*VL : (v0+NVH_)*VL] (row
+ * stride RF_MAXNV*VL) = A[r, :K] @ those vectors, for r < MR_ <= RF_MRH, NVH_ <= 3:
+ * 7-8 rows in one block (each weight line read once per step; 2 x 8 or 3 x 8
+ * accumulators) where rf_mk takes 6 + 1 or 6 + 2 (prefetch as rf_mk). */
+static inline __attribute__((always_inline)) void RF_FN(rf_mkh_body)(const int MR_, const int NVH_,
+        int NV, int v0, int K, const RF_T *A, int lda, const RF_T *P, RF_T *out, const RF_T *pf, int npf) {
+    RF_VT acc[RF_MRH][3];
+    for (int r = 0; r < MR_; ++r)
+        for (int v = 0; v < NVH_; ++v) acc[r][v] = (RF_VT){0};
     const RF_T *Pv = P + v0 * RF_VL;
     int k = 0;
     if (npf > K) npf = K;
 #define RF_MKH_ITER                                                                    \
-    {   RF_VT w0, w1;                                                                  \
-        memcpy(&w0, Pv + (size_t)k * 4 * RF_VL, sizeof(RF_VT));                        \
-        memcpy(&w1, Pv + (size_t)k * 4 * RF_VL + RF_VL, sizeof(RF_VT));                \
+    {   RF_VT w[3];                                                                    \
+        for (int v = 0; v < NVH_; ++v)                                                 \
+            memcpy(&w[v], Pv + (size_t)k * NV * RF_VL + v * RF_VL, sizeof(RF_VT));     \
         for (int r = 0; r < MR_; ++r) {                                                \
             RF_VT a = A[(size_t)r * lda + k] - (RF_VT){0};                             \
-            acc[r][0] += a * w0; acc[r][1] += a * w1;                                  \
+            for (int v = 0; v < NVH_; ++v) acc[r][v] += a * w[v];                      \
         }                                                                              \
     }
     for (; k < npf; ++k) {
@@ -154,16 +156,25 @@ static inline __attribute__((always_inline)) void RF_FN(rf_mkh_body)(const int M
     }
     for (; k < K; ++k) RF_MKH_ITER
 #undef RF_MKH_ITER
-    for (int r = 0; r < MR_; ++r) {
-        memcpy(out + r * RF_MAXNV * RF_VL + v0 * RF_VL, &acc[r][0], sizeof(RF_VT));
-        memcpy(out + r * RF_MAXNV * RF_VL + (v0 + 1) * RF_VL, &acc[r][1], sizeof(RF_VT));
-    }
+    for (int r = 0; r < MR_; ++r)
+        for (int v = 0; v < NVH_; ++v)
+            memcpy(out + r * RF_MAXNV * RF_VL + (v0 + v) * RF_VL, &acc[r][v], sizeof(RF_VT));
 }
 
-static inline void RF_FN(rf_mkh)(int mr, int v0, int K, const RF_T *A, int lda, const RF_T *P, RF_T *out,
-                                 const RF_T *pf, int npf) {
-    if (mr == 8) RF_FN(rf_mkh_body)(8, v0, K, A, lda, P, out, pf, npf);
-    else RF_FN(rf_mkh_body)(7, v0, K, A, lda, P, out, pf, npf);
+/* Rows [0, mr) (7 or 8) of a whole panel into the tile: a panel of 4 vectors in two
+ * halves (the first prefetching npf1 lines from pf, the second the rest), of 3 in one. */
+static inline __attribute__((always_inline)) void RF_FN(rf_mkh)(int mr, int NV, int K, const RF_T *A, int lda, const RF_T *P, RF_T *out,
+                                 const RF_T *pf, int npf1, int npf) {
+#define RF_MKH_HALVES(MR)                                                               \
+    if (NV == 4) {                                                                      \
+        RF_FN(rf_mkh_body)(MR, 2, 4, 0, K, A, lda, P, out, pf, npf1);                   \
+        RF_FN(rf_mkh_body)(MR, 2, 4, 2, K, A, lda, P, out, pf + (size_t)npf1 * (64 / sizeof(RF_T)), \
+                           npf - npf1);                                                 \
+    } else {                                                                            \
+        RF_FN(rf_mkh_body)(MR, 3, 3, 0, K, A, lda, P, out, pf, npf);                    \
+    }
+    if (mr == 8) { RF_MKH_HALVES(8) } else { RF_MKH_HALVES(7) }
+#undef RF_MKH_HALVES
 }
 
 /* C[r, g*H + u] = A[r, :K] . W[g*H + u, :K] for rows [0, n) and the units of panels
@@ -236,8 +247,8 @@ static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, in
     const int UP = rf_panel_units(G, sizeof(RF_T) == 8), PW = G * UP, NV = PW / RF_VL;
     RF_T tile[RF_MRH * RF_MAXNV * RF_VL] __attribute__((aligned(64)));
     const int TS = RF_MAXNV * RF_VL;
-    /* 7-8 float rows of 4-vector panels: one block of rows in two half-panel passes */
-    const int half = RF_HALF_PANELS && sizeof(RF_T) == 4 && NV == 4 && n >= RF_MRH - 1 && n <= RF_MRH;
+    /* 7-8 float rows: one block of rows (rf_mkh: 4-vector panels in two halves) */
+    const int half = RF_HALF_PANELS && sizeof(RF_T) == 4 && NV >= 3 && n >= RF_MRH - 1 && n <= RF_MRH;
     const int nblk = half ? 1 : (n + RF_MR - 1) / RF_MR;
     const size_t lines = ((size_t)K * PW * sizeof(RF_T)) / 64;
     /* prefetch only when this slice of the weights cannot stay in L2 between steps */
@@ -250,10 +261,8 @@ static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, in
             int r0 = half ? 0 : rf_row_block(n, b), r1 = half ? n : rf_row_block(n, b + 1);
             size_t l0 = lines * b / nblk, l1 = lines * (b + 1) / nblk;
             if (half) {
-                const size_t lh = lines / 2;
-                RF_FN(rf_mkh)(n, 0, K, hp, ldp, Pp, tile, nxt, pfon ? (int)lh : 0);
-                RF_FN(rf_mkh)(n, 2, K, hp, ldp, Pp, tile, nxt + lh * (64 / sizeof(RF_T)),
-                              pfon ? (int)(lines - lh) : 0);
+                RF_FN(rf_mkh)(n, NV, K, hp, ldp, Pp, tile, nxt, pfon ? (int)(lines / 2) : 0,
+                              pfon ? (int)lines : 0);
             } else {
                 RF_FN(rf_mk)(r1 - r0, NV, K, hp + (size_t)r0 * ldp, ldp, Pp, tile,
                              nxt + l0 * (64 / sizeof(RF_T)), pfon ? (int)(l1 - l0) : 0);
