@@ -60,32 +60,34 @@ cdef extern from "rf_train.h" nogil:
                        int ldg, const double *bx, const double *bh, double *h, int ldh)
     void rft_lstm_bwd_f(int j0, int j1, int H, int u0, int u1, const float *gt, int ldx, const float *c, int ldc,
                         const float *cp, int ldcp, const float *dh, int lddh, float *dc, int lddc,
-                        float *dg, int ldg, float *m, int ldm, double *db)
+                        float *dg, int ldg, float *m, int ldm)
     void rft_lstm_bwd_d(int j0, int j1, int H, int u0, int u1, const double *gt, int ldx, const double *c,
                         int ldc, const double *cp, int ldcp, const double *dh, int lddh, double *dc, int lddc,
-                        double *dg, int ldg, double *m, int ldm, double *db)
+                        double *dg, int ldg, double *m, int ldm)
     void rft_gru_bwd_f(int j0, int j1, int H, int u0, int u1, const float *gt, int ldx, const float *hp, int ldp,
-                       float *dh, int lddh, float *dg, int ldg, double *db)
+                       float *dh, int lddh, float *dg, int ldg)
     void rft_gru_bwd_d(int j0, int j1, int H, int u0, int u1, const double *gt, int ldx, const double *hp,
-                       int ldp, double *dh, int lddh, double *dg, int ldg, double *db)
+                       int ldp, double *dh, int lddh, double *dg, int ldg)
     void rft_gru_nolbr_bwd1_f(int j0, int j1, int H, int u0, int u1, const float *gt, int ldx, const float *hp,
-                              int ldp, float *dh, int lddh, float *dg, int ldg, float *rh, int ldr,
-                              double *db)
+                              int ldp, float *dh, int lddh, float *dg, int ldg, float *rh, int ldr)
     void rft_gru_nolbr_bwd1_d(int j0, int j1, int H, int u0, int u1, const double *gt, int ldx,
                               const double *hp, int ldp, double *dh, int lddh, double *dg, int ldg,
-                              double *rh, int ldr, double *db)
+                              double *rh, int ldr)
     void rft_gru_nolbr_bwd2_f(int j0, int j1, int u0, int u1, const float *gt, int ldx, const float *hp, int ldp,
-                              const float *q, int ldq, float *dh, int lddh, float *dg, int ldg, double *db)
+                              const float *q, int ldq, float *dh, int lddh, float *dg, int ldg)
     void rft_gru_nolbr_bwd2_d(int j0, int j1, int u0, int u1, const double *gt, int ldx, const double *hp,
-                              int ldp, const double *q, int ldq, double *dh, int lddh, double *dg, int ldg,
-                              double *db)
+                              int ldp, const double *q, int ldq, double *dh, int lddh, double *dg, int ldg)
     void rft_rnn_bwd_f(int j0, int j1, int relu, int u0, int u1, const float *h, int ldh, const float *dh,
-                       int lddh, float *dg, int ldg, double *db)
+                       int lddh, float *dg, int ldg)
     void rft_rnn_bwd_d(int j0, int j1, int relu, int u0, int u1, const double *h, int ldh, const double *dh,
-                       int lddh, double *dg, int ldg, double *db)
+                       int lddh, double *dg, int ldg)
     void rft_add_dy_f(int n, int p0, int p1, float *dh, int lddh, const float *dy, int lddy, float *dhs, int lds)
     void rft_add_dy_d(int n, int p0, int p1, double *dh, int lddh, const double *dy, int lddy,
                       double *dhs, int lds)
+    void rft_dbsum_f(int j0, int j1, int g0, int g1, int H, int u0, int u1, const float *dg, int ldg,
+                     double *db)
+    void rft_dbsum_d(int j0, int j1, int g0, int g1, int H, int u0, int u1, const double *dg, int ldg,
+                     double *db)
     int RFT_VLF, RFT_VLD
     void rft_pack_f(int K, int M, int b0, int b1, const float *src, size_t sm, size_t sk, float *P)
     void rft_pack_d(int K, int M, int b0, int b1, const double *src, size_t sm, size_t sk, double *P)
@@ -557,7 +559,7 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
     cdef int nitems = ndir * cpd
-    cdef int it, d, k, u0, u1, p0, p1, s, t, tp, tn, n, nc, phase, nphase
+    cdef int it, d, k, u0, u1, p0, p1, s, t, tp, tn, n, nc, phase, nphase, g0, g1
     cdef bint rev, relu = code == RNN_RELU
     cdef const floating *gt
     cdef const floating *ct
@@ -644,11 +646,11 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 if phase == 0:
                     if code == LSTM:
                         if floating is float:
-                            rft_lstm_bwd_f(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0, dbd)
-                            rft_lstm_bwd_f(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0, dbd)
+                            rft_lstm_bwd_f(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0)
+                            rft_lstm_bwd_f(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0)
                         else:
-                            rft_lstm_bwd_d(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0, dbd)
-                            rft_lstm_bwd_d(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0, dbd)
+                            rft_lstm_bwd_d(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0)
+                            rft_lstm_bwd_d(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0)
                     elif code == LSTM_PROJ:
                         # dm = dh @ W_hr (the gradient of o*tanh(c))
                         if wpk != NULL:
@@ -656,30 +658,38 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                         else:
                             _gemm_nn(n, u1 - u0, Hout, dhd, Hout, w_hr[d] + u0, H, scrd + u0, H, zero)
                         if floating is float:
-                            rft_lstm_bwd_f(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, scrd, H, dcd, H, dgt, GSb, auxt, H, dbd)
-                            rft_lstm_bwd_f(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, scrd, H, dcd, H, dgt, GSb, auxt, H, dbd)
+                            rft_lstm_bwd_f(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, scrd, H, dcd, H, dgt, GSb, auxt, H)
+                            rft_lstm_bwd_f(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, scrd, H, dcd, H, dgt, GSb, auxt, H)
                         else:
-                            rft_lstm_bwd_d(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, scrd, H, dcd, H, dgt, GSb, auxt, H, dbd)
-                            rft_lstm_bwd_d(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, scrd, H, dcd, H, dgt, GSb, auxt, H, dbd)
+                            rft_lstm_bwd_d(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, scrd, H, dcd, H, dgt, GSb, auxt, H)
+                            rft_lstm_bwd_d(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, scrd, H, dcd, H, dgt, GSb, auxt, H)
                     elif code == GRU_LBR:
                         if floating is float:
-                            rft_gru_bwd_f(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb, dbd)
-                            rft_gru_bwd_f(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb, dbd)
+                            rft_gru_bwd_f(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb)
+                            rft_gru_bwd_f(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb)
                         else:
-                            rft_gru_bwd_d(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb, dbd)
-                            rft_gru_bwd_d(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb, dbd)
+                            rft_gru_bwd_d(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb)
+                            rft_gru_bwd_d(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb)
                     elif code == GRU_NOLBR:
                         if floating is float:
-                            rft_gru_nolbr_bwd1_f(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb, auxt, H, dbd)
-                            rft_gru_nolbr_bwd1_f(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb, auxt, H, dbd)
+                            rft_gru_nolbr_bwd1_f(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb, auxt, H)
+                            rft_gru_nolbr_bwd1_f(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb, auxt, H)
                         else:
-                            rft_gru_nolbr_bwd1_d(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb, auxt, H, dbd)
-                            rft_gru_nolbr_bwd1_d(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb, auxt, H, dbd)
+                            rft_gru_nolbr_bwd1_d(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb, auxt, H)
+                            rft_gru_nolbr_bwd1_d(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb, auxt, H)
                     else:
                         if floating is float:
-                            rft_rnn_bwd_f(0, n, relu, u0, u1, yt, ldy, dhd, Hout, dgt, GSb, dbd)
+                            rft_rnn_bwd_f(0, n, relu, u0, u1, yt, ldy, dhd, Hout, dgt, GSb)
                         else:
-                            rft_rnn_bwd_d(0, n, relu, u0, u1, yt, ldy, dhd, Hout, dgt, GSb, dbd)
+                            rft_rnn_bwd_d(0, n, relu, u0, u1, yt, ldy, dhd, Hout, dgt, GSb)
+                    # this step's gate gradients into the bias gradients (slots: GRU no-lbr's
+                    # dr comes in phase 1; RNN has one)
+                    g0 = 1 if code == GRU_NOLBR else 0
+                    g1 = 3 if code == GRU_NOLBR else (1 if code >= RNN_TANH else 4)
+                    if floating is float:
+                        rft_dbsum_f(0, n, g0, g1, H, u0, u1, dgt, GSb, dbd)
+                    else:
+                        rft_dbsum_d(0, n, g0, g1, H, u0, u1, dgt, GSb, dbd)
                 elif phase == 1 and code == GRU_NOLBR:
                     # q = d(r*h) = dn @ W_hn, then dr and the q*r part of dh_prev
                     if wpk != NULL:
@@ -689,11 +699,15 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                         _gemm_nn(n, u1 - u0, H, dgt + 2 * H, GSb, w_hh[d] + <size_t>(2 * H) * Hout + u0, Hout,
                                  scrd + u0, H, zero)
                     if floating is float:
-                        rft_gru_nolbr_bwd2_f(0, nc, u0, u1, gt, GS, yp, ldy, scrd, H, dhd, Hout, dgt, GSb, dbd)
-                        rft_gru_nolbr_bwd2_f(nc, n, u0, u1, gt, GS, h0d, Hout, scrd, H, dhd, Hout, dgt, GSb, dbd)
+                        rft_gru_nolbr_bwd2_f(0, nc, u0, u1, gt, GS, yp, ldy, scrd, H, dhd, Hout, dgt, GSb)
+                        rft_gru_nolbr_bwd2_f(nc, n, u0, u1, gt, GS, h0d, Hout, scrd, H, dhd, Hout, dgt, GSb)
                     else:
-                        rft_gru_nolbr_bwd2_d(0, nc, u0, u1, gt, GS, yp, ldy, scrd, H, dhd, Hout, dgt, GSb, dbd)
-                        rft_gru_nolbr_bwd2_d(nc, n, u0, u1, gt, GS, h0d, Hout, scrd, H, dhd, Hout, dgt, GSb, dbd)
+                        rft_gru_nolbr_bwd2_d(0, nc, u0, u1, gt, GS, yp, ldy, scrd, H, dhd, Hout, dgt, GSb)
+                        rft_gru_nolbr_bwd2_d(nc, n, u0, u1, gt, GS, h0d, Hout, scrd, H, dhd, Hout, dgt, GSb)
+                    if floating is float:
+                        rft_dbsum_f(0, n, 0, 1, H, u0, u1, dgt, GSb, dbd)
+                    else:
+                        rft_dbsum_d(0, n, 0, 1, H, u0, u1, dgt, GSb, dbd)
                 else:
                     # dh_prev[:, p] (=|+=) dG_t @ W_hh[:, p]; then the dy of the next step
                     p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
