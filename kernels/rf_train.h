@@ -5,8 +5,8 @@
  * one step. Row j of an operand lives at base + j * ld (the caller passes bases
  * already offset to the step), so the previous state of a row can come from the saved
  * outputs of the step before (rows < nc) or from the initial state (rows >= nc) with
- * two calls. Loops are written for `#pragma omp simd`; exp and tanh are declared with
- * glibc's vector variants (libmvec) in rf_gates.h. The gate functions are kept out of line:
+ * two calls. Loops are written for `#pragma omp simd`; exp and tanh are rf_gates.h's
+ * (inline rf_expf / rf_tanhf in float, libmvec in double). The gate functions are kept out of line:
  * inlined into the large kernel workers, GCC vectorised them with gathers and scatters.
  *
  * Saved activations ("gates" rows, post-activation, written over the input projection):
@@ -243,7 +243,7 @@ static __attribute__((noinline)) void rft_add_dy_##SFX(int n, int p0, int p1, T 
     }                                                                                        \
 }
 
-RFT_DEFINE(float, f, rf_expf, tanhf)
+RFT_DEFINE(float, f, rf_expf, rf_tanhf)
 RFT_DEFINE(double, d, exp, tanh)
 
 /* ------------------------------------------------------------------------------------
