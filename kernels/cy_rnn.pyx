@@ -198,6 +198,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     cdef bint rev
     cdef const floating *xgt
     cdef const floating *xnt     # the next step's projections (prefetched), or NULL
+    cdef int nn, nbn             # ... how many of its rows this item takes, of how many
     cdef floating *hr
     cdef floating *hw
     cdef floating *yt
@@ -303,24 +304,30 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 if phase == 0 and fused_step:
                     wpd = wpk + <size_t>d * npk
                     xnt = NULL
+                    nn = 0
                     if s + 1 < T and (s + 1) % chunk != 0:      # (a new chunk is not projected yet)
+                        nbn = <int>bsz[T - 2 - s] if rev else <int>bsz[s + 1]    # its rows
+                        if bsplit:
+                            nn = (nbn - k + cpd - 1) // cpd if nbn > k else 0
+                        else:
+                            nn = nbn
                         if rev:
-                            xnt = xgd + <size_t>(off - <int>bsz[T - 2 - s] - lo[d] + j) * GH
+                            xnt = xgd + <size_t>(off - nbn - lo[d] + j) * GH
                         else:
                             xnt = xgd + <size_t>(off + nb - lo[d] + j) * GH
                     if code == LSTM_PROJ:
                         if floating is float:
-                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, bx[d], bh[d], hr, ldh,
+                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, nn, bx[d], bh[d], hr, ldh,
                                             cd, ldH, s2d, ldH, NULL, 0)
                         else:
-                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, bx[d], bh[d], hr, ldh,
+                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, nn, bx[d], bh[d], hr, ldh,
                                             cd, ldH, s2d, ldH, NULL, 0)
                     else:
                         if floating is float:
-                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, bx[d], bh[d], hr, ldh,
+                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, nn, bx[d], bh[d], hr, ldh,
                                             cd, ldH, hw, ldh, yt, ldyy)
                         else:
-                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, bx[d], bh[d], hr, ldh,
+                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, nn, bx[d], bh[d], hr, ldh,
                                             cd, ldH, hw, ldh, yt, ldyy)
                 elif phase == 0:
                     if onerow == 1:     # (2: the same two products, in the opposite order and reversed;

@@ -293,8 +293,8 @@ def pgemm(A, B, C, double beta=0.0, int nthreads=1):
     with nogil, parallel(num_threads=nthr):
         tid = threadid()
         part = rf_team_size()
-        if by_rows:         # whole vectors of rows (16: 48, whole 6-row slivers too, left
-            # 384 + 416 of 800 rows, 528 + 496 of 1024, threads idle at the end of the region)
+        if by_rows:         # in units of 16 rows (units of 48, whole vectors and whole
+            # 6-row slivers, split 800 rows 384 + 416 and 1024 rows 528 + 496)
             s0 = 16 * ((((m + 15) // 16) * tid) // part)
             s1 = 16 * ((((m + 15) // 16) * (tid + 1)) // part)
             if s1 > m:
@@ -611,6 +611,9 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
         it = it + nthr
     rf_sync(bar, nthr)
     nphase = 3 if code == GRU_NOLBR else 2
+    # gate slots of dg summed into db after the gate phase (GRU no-lbr's dr: after phase 1)
+    g0 = 1 if code == GRU_NOLBR else 0
+    g1 = 3 if code == GRU_NOLBR else (1 if code >= RNN_TANH else 4)
     for s in range(T):
         for phase in range(nphase):
             it = tid
@@ -683,10 +686,7 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                             rft_rnn_bwd_f(0, n, relu, u0, u1, yt, ldy, dhd, Hout, dgt, GSb)
                         else:
                             rft_rnn_bwd_d(0, n, relu, u0, u1, yt, ldy, dhd, Hout, dgt, GSb)
-                    # this step's gate gradients into the bias gradients (slots: GRU no-lbr's
-                    # dr comes in phase 1; RNN has one)
-                    g0 = 1 if code == GRU_NOLBR else 0
-                    g1 = 3 if code == GRU_NOLBR else (1 if code >= RNN_TANH else 4)
+                    # this step's gate gradients into the bias gradients (slots [g0, g1))
                     if floating is float:
                         rft_dbsum_f(0, n, g0, g1, H, u0, u1, dgt, GSb, dbd)
                     else:

@@ -9,11 +9,12 @@ cdef extern from "rf_fused.h" nogil:
     void rf_gemm_panels_d(int G, int H, int K, int n, int p0, int p1, const double *A, int lda, const double *P,
                           double *C, int ldc)
     void rf_fused_step_f(int code, int G, int H, int K, int n, int p0, int p1, const float *P,
-                         const float *xg, int ldx, const float *xn, const float *bx, const float *bh,
+                         const float *xg, int ldx, const float *xn, int nn, const float *bx, const float *bh,
                          const float *hp, int ldp,
                          float *c, int ldc, float *h1, int ld1, float *h2, int ld2)
     void rf_fused_step_d(int code, int G, int H, int K, int n, int p0, int p1, const double *P,
-                         const double *xg, int ldx, const double *xn, const double *bx, const double *bh,
+                         const double *xg, int ldx, const double *xn, int nn, const double *bx,
+                         const double *bh,
                          const double *hp, int ldp,
                          double *c, int ldc, double *h1, int ld1, double *h2, int ld2)
     void rf_rowdot_f(int n, int m, int K, const float *A, int lda, const float *W, int ldw, float *C, int ldc)

@@ -132,7 +132,9 @@ static inline void RF_FN(rf_mk)(int mr, int nv, int K, const RF_T *A, int lda, c
 /* Vectors v0 .. v0+NVH_-1 of a panel of NV vectors: out[r][v0*VL : (v0+NVH_)*VL] (row
  * stride RF_MAXNV*VL) = A[r, :K] @ those vectors, for r < MR_ <= RF_MRH, NVH_ <= 3:
  * 7-8 rows in one block (each weight line read once per step; 2 x 8 or 3 x 8
- * accumulators) where rf_mk takes 6 + 1 or 6 + 2 (prefetch as rf_mk). */
+ * accumulators) where rf_mk's row blocks take 5 + 2 or 6 + 2. While it runs, the first
+ * npf cache lines at pf (at most K: one per k, as rf_mk) are prefetched into L2; all of
+ * a GRU or LSTM panel's lines, two or three per k, made H=512 B=8 steps 11-16 % slower. */
 static inline __attribute__((always_inline)) void RF_FN(rf_mkh_body)(const int MR_, const int NVH_,
         int NV, int v0, int K, const RF_T *A, int lda, const RF_T *P, RF_T *out, const RF_T *pf, int npf) {
     RF_VT acc[RF_MRH][3];
@@ -162,7 +164,8 @@ static inline __attribute__((always_inline)) void RF_FN(rf_mkh_body)(const int M
 }
 
 /* Rows [0, mr) (7 or 8) of a whole panel into the tile: a panel of 4 vectors in two
- * halves (the first prefetching npf1 lines from pf, the second the rest), of 3 in one. */
+ * halves (the first prefetching from the npf1 lines at pf, the second from the npf - npf1
+ * after them), of 3 in one pass (from the npf lines at pf). */
 static inline __attribute__((always_inline)) void RF_FN(rf_mkh)(int mr, int NV, int K, const RF_T *A, int lda, const RF_T *P, RF_T *out,
                                  const RF_T *pf, int npf1, int npf) {
 #define RF_MKH_HALVES(MR)                                                               \
@@ -235,20 +238,20 @@ static inline void RF_FN(rf_gemm_panels)(int G, int H, int K, int n, int p0, int
  * hp: previous h (ldp), also the GEMM input (K = its width); c: cell state (ldc).
  * While a panel is used, the next one (after the last: the slice's first, for the next
  * step) is prefetched into L2, so weights that do not stay in L2 arrive on time.
- * xn (or NULL): the next step's input projections (same layout as xg); the lines of these
- * rows and units are prefetched into L2 after each block. A projection buffer of 16 MB
+ * xn (or NULL): the next step's input projections (same layout as xg), of nn rows; the
+ * lines of its rows and this item's units are prefetched into L2 after each block. A projection buffer of 16 MB
  * or more is written with streaming stores (rf_gemm_panels), so without it each step's
  * gate math waited on DRAM for scattered lines: LSTM B=16 H=256 T=500 on 2 threads,
  * steps 15.2-15.5 -> 13.3 ms, B=64 H=512 36.0-37.9 -> 33.6-34.0 ms (layer_2threads,
  * with and without NOPF=1); B=8 (buffer in L3) unchanged. */
 static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, int p0, int p1,
-        const RF_T *P, const RF_T *xg, int ldx, const RF_T *xn, const RF_T *bx, const RF_T *bh,
+        const RF_T *P, const RF_T *xg, int ldx, const RF_T *xn, int nn, const RF_T *bx, const RF_T *bh,
         const RF_T *hp, int ldp, RF_T *c, int ldc, RF_T *h1, int ld1, RF_T *h2, int ld2) {
     const int UP = rf_panel_units(G, sizeof(RF_T) == 8), PW = G * UP, NV = PW / RF_VL;
     RF_T tile[RF_MRH * RF_MAXNV * RF_VL] __attribute__((aligned(64)));
     const int TS = RF_MAXNV * RF_VL;
     /* 7-8 float rows: one block of rows (rf_mkh: 4-vector panels in two halves) */
-    const int half = RF_HALF_PANELS && sizeof(RF_T) == 4 && NV >= 3 && n >= RF_MRH - 1 && n <= RF_MRH;
+    const int half = RF_HALF_PANELS && sizeof(RF_T) == 4 && n >= RF_MRH - 1 && n <= RF_MRH;
     const int nblk = half ? 1 : (n + RF_MR - 1) / RF_MR;
     const size_t lines = ((size_t)K * PW * sizeof(RF_T)) / 64;
     /* prefetch only when this slice of the weights cannot stay in L2 between steps */
@@ -259,22 +262,25 @@ static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, in
         int ua = p * UP, ub = ua + UP < H ? ua + UP : H;
         for (int b = 0; b < nblk; ++b) {
             int r0 = half ? 0 : rf_row_block(n, b), r1 = half ? n : rf_row_block(n, b + 1);
-            size_t l0 = lines * b / nblk, l1 = lines * (b + 1) / nblk;
             if (half) {
                 RF_FN(rf_mkh)(n, NV, K, hp, ldp, Pp, tile, nxt, pfon ? (int)(lines / 2) : 0,
                               pfon ? (int)lines : 0);
             } else {
+                const size_t l0 = lines * b / nblk, l1 = lines * (b + 1) / nblk;
                 RF_FN(rf_mk)(r1 - r0, NV, K, hp + (size_t)r0 * ldp, ldp, Pp, tile,
                              nxt + l0 * (64 / sizeof(RF_T)), pfon ? (int)(l1 - l0) : 0);
             }
-            if (xn)     /* the next step's projections of these rows and units, into L2 */
-                for (int r = r0; r < r1; ++r)
+            if (xn) {   /* the next step's projections of these rows (the last block: also
+                         * the rows past n that a growing batch adds) and units, into L2 */
+                const int ra = r0, rb = b == nblk - 1 ? (nn > r1 ? nn : r1) : (nn < r1 ? nn : r1);
+                for (int r = ra; r < rb; ++r)
                     for (int g = 0; g < G; ++g) {
                         const char *a = (const char *)(xn + (size_t)r * ldx + (size_t)g * H + ua);
                         const char *e = a + (size_t)(ub - ua) * sizeof(RF_T) - 1;
                         for (; a < e; a += 64) __builtin_prefetch(a, 0, 2);
                         __builtin_prefetch(e, 0, 2);
                     }
+            }
             {   /* gate math of rf_gates.h on the tile: gate stride UP, row stride TS */
                 const RF_T *t = tile - ua;
                 const RF_T *xr = xg + (size_t)r0 * ldx;

@@ -31,8 +31,6 @@
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-extern float expf(float) __attribute__((__simd__("notinbranch")));
-extern float tanhf(float) __attribute__((__simd__("notinbranch")));
 extern double exp(double) __attribute__((__simd__("notinbranch")));
 extern double tanh(double) __attribute__((__simd__("notinbranch")));
 #endif

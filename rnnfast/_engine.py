@@ -100,10 +100,11 @@ _CHUNK_ABOVE = 64 << 20
 # RNN b8 H512 2.11 vs 1.86), so it is off (0 bytes); tests still force it.
 _BSPLIT_MIN_ROWS = 8
 _BSPLIT_MAX_WBYTES = 0
-# ... except when a thread's rows leave a block of one row for the micro-kernel (its
+# ... except when a thread's rows leave a short last block for the micro-kernel (its
 # blocks are RF_MR = 6 rows, kernels/rf_fused.h): 7 rows per thread read the weights
-# twice for 6 + 1 rows (B=14, T=100, H=256 or 512: 9-13 % slower than the unit split
-# for LSTM, GRU and RNN, two runs each)
+# twice for 5 + 2 rows (B=14, T=100, H=256 or 512: 9-13 % slower than the unit split
+# for LSTM, GRU and RNN, two runs each). Measured before 7-8 float rows took one block
+# (rf_mkh); the rule stays as it was while the batch split is off.
 _MK_MR = 6
 # Live rows <= this: recurrent product by rf_rowdot from the row-major weights, only the
 # input weights packed. It won on the Xeon (B=2: 1.35 vs 1.42 ms, B=1 equal) but loses on

@@ -191,8 +191,8 @@ def test_recurrent_rowdot_and_packed_steps_match_reference(variant, rows, dtype,
 def test_every_live_row_count_matches_reference(variant, dtype, monkeypatch):
     """Steps of 1 to 20 live rows (the micro-kernel's row blocks: 6-row blocks, a
     remainder of 1 or 4 taking a row from the block before: 5 + 2, 5 + 5; 7 and 8 float
-    rows in one block, rf_mkh: LSTM and RNN panels in two halves, GRU's whole) from packed panels, each
-    sequence one step shorter than the one before. RNN panels hold 64 float units, so
+    rows in one block, rf_mkh: LSTM and RNN panels in two halves, GRU's whole) from
+    packed panels, each sequence one step shorter than the one before. RNN panels hold 64 float units, so
     H=70 there: a whole panel (both halves) and a partial one."""
     from rnnfast import _engine
     _, kind, opts = variant

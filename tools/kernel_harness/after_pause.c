@@ -26,7 +26,7 @@ int main(int argc,char**argv){
     #pragma omp parallel num_threads(2)
     { int me=omp_get_thread_num(); int p0=npan*me/2,p1=npan*(me+1)/2;
       for(int s=0;s<S;s++){ float*hr=hb+(s%2)*B*H,*hw=hb+((s+1)%2)*B*H; double a=now();
-        rf_fused_step_f(0,G,H,K,B,p0,p1,P,xg,GH,NULL,bx,bh,hr,H,c,H,hw,H,NULL,H);
+        rf_fused_step_f(0,G,H,K,B,p0,p1,P,xg,GH,NULL,0,bx,bh,hr,H,c,H,hw,H,NULL,H);
         double b=now(); rf_sync(&bar,2); double e=now(); comp[me][s]=b-a; wait[me][s]=e-b; } }
     double tot=now()-t0;
     if(rep==0) continue;    /* warm-up: no pause before it */

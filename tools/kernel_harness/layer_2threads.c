@@ -10,6 +10,7 @@ int main(int argc,char**argv){
   int UP=rf_panel_units(G,0), npan=(H+UP-1)/UP; size_t npk=(size_t)npan*K*G*UP, npi=(size_t)npan*I*G*UP;
   float *Wih=rnd((size_t)GH*I), *Whh=rnd((size_t)GH*K), *P=rnd(npk+npi), *x=rnd((size_t)N*I), *xg=rnd((size_t)N*GH), *y=rnd((size_t)N*H);
   float *hb=rnd(2*(size_t)B*H), *c=rnd((size_t)B*H), *bx=rnd(GH), *bh=rnd(GH);
+  const int nopf=getenv("NOPF")!=NULL;
   for(int rep=0;rep<6;rep++){
     double tp=0, ts=0, t0=now();
     #pragma omp parallel num_threads(nth)
@@ -22,7 +23,7 @@ int main(int argc,char**argv){
       double b=now();
       for(int s=0;s<T;s++){
         float *hr=hb+(s%2)*B*H, *hw=hb+((s+1)%2)*B*H;
-        rf_fused_step_f(0,G,H,K,B,p0,p1,P,xg+(size_t)s*B*GH,GH,getenv("NOPF")||s+1==T?NULL:xg+(size_t)(s+1)*B*GH,bx,bh,hr,H,c,H,hw,H,y+(size_t)s*B*H,H);
+        rf_fused_step_f(0,G,H,K,B,p0,p1,P,xg+(size_t)s*B*GH,GH,nopf||s+1==T?NULL:xg+(size_t)(s+1)*B*GH,B,bx,bh,hr,H,c,H,hw,H,y+(size_t)s*B*H,H);
         #pragma omp barrier
       }
       double e=now();

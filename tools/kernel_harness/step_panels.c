@@ -18,9 +18,9 @@ int main(int argc,char**argv){
   #pragma omp parallel num_threads(2)
   { int me=omp_get_thread_num(); int p0=npan*me/2,p1=npan*(me+1)/2;
     for(int s=0;s<S;s++){ float*hr=hb+(s%2)*B*H,*hw=hb+((s+1)%2)*B*H; double a=now();
-      rf_fused_step_f(0,G,H,K,B,p0,p0+1,P,xg,GH,NULL,bx,bh,hr,H,c,H,hw,H,NULL,H);
+      rf_fused_step_f(0,G,H,K,B,p0,p0+1,P,xg,GH,NULL,0,bx,bh,hr,H,c,H,hw,H,NULL,H);
       double b=now();
-      rf_fused_step_f(0,G,H,K,B,p0+1,p1,P,xg,GH,NULL,bx,bh,hr,H,c,H,hw,H,NULL,H);
+      rf_fused_step_f(0,G,H,K,B,p0+1,p1,P,xg,GH,NULL,0,bx,bh,hr,H,c,H,hw,H,NULL,H);
       double e=now(); rf_sync(&bar,2); double f=now(); tf[me]+=b-a; tr[me]+=e-b; tw[me]+=f-e; } }
   printf("B=%d: first panel %.2f us, other %d panels %.2f us (%.2f each), wait %.2f us per step (thread 0); thread 1: %.2f %.2f %.2f\n",B,tf[0]/S*1e6,npan/2-1,tr[0]/S*1e6,tr[0]/S*1e6/(npan/2-1),tw[0]/S*1e6,tf[1]/S*1e6,tr[1]/S*1e6,tw[1]/S*1e6); }
 }

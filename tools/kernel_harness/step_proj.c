@@ -16,7 +16,7 @@ int main(int argc,char**argv){
   for(int r=0;r<5;r++){t=now(); rf_gemm_panels_f(G,H,K,N,0,npan,A,K,P,C,GH); t=now()-t; if(t<best)best=t;}
   printf("proj N=%d: %.2f ms %.1f GF/s\n",N,best*1e3,2.0*N*GH*K/best/1e9);
   best=1e9; int steps=50;
-  for(int r=0;r<5;r++){t=now(); for(int s=0;s<steps;s++){rf_fused_step_f(0,G,H,K,n,0,npan,P,xg,GH,NULL,bx,bh,hp,K,c,H,h1,H,h2,H);} t=(now()-t)/steps; if(t<best)best=t;}
+  for(int r=0;r<5;r++){t=now(); for(int s=0;s<steps;s++){rf_fused_step_f(0,G,H,K,n,0,npan,P,xg,GH,NULL,0,bx,bh,hp,K,c,H,h1,H,h2,H);} t=(now()-t)/steps; if(t<best)best=t;}
   printf("step n=%d: %.1f us %.1f GF/s\n",n,best*1e6,2.0*n*GH*K/best/1e9);
   double s=0; for(int i=0;i<n*H;i++) s+=h1[i]+c[i]; for(size_t i=0;i<(size_t)N*GH;i+=97) s+=C[i];
   printf("chk %g\n",s);
