@@ -369,56 +369,32 @@ RFT_DEFINE_MM(double, d, rft_vd, RFT_VLD)
  * recurrence: 1.23 -> 1.10 ms). The sums are those of the former loops, in the same order
  * (bitwise the same gradients). */
 typedef float rft_v8f __attribute__((vector_size(RFT_VBYTES / 2)));
-static inline void rft_dbsum_f(int j0, int j1, int g0, int g1, int H, int u0, int u1,
-                               const float *dg, int ldg, double *db) {
-    for (int g = g0; g < g1; ++g) {
-        const float *d = dg + (size_t)g * H;
-        double *b = db + (size_t)g * H;
-        int u = u0;
-        for (; u + RFT_VLF <= u1; u += RFT_VLF) {
-            rft_vd a0, a1;
-            memcpy(&a0, b + u, sizeof a0);
-            memcpy(&a1, b + u + RFT_VLD, sizeof a1);
-            for (int j = j0; j < j1; ++j) {
-                rft_v8f lo, hi;
-                memcpy(&lo, d + (size_t)j * ldg + u, sizeof lo);
-                memcpy(&hi, d + (size_t)j * ldg + u + RFT_VLD, sizeof hi);
-                a0 += __builtin_convertvector(lo, rft_vd);
-                a1 += __builtin_convertvector(hi, rft_vd);
-            }
-            memcpy(b + u, &a0, sizeof a0);
-            memcpy(b + u + RFT_VLD, &a1, sizeof a1);
-        }
-        for (; u < u1; ++u) {
-            double a = b[u];
-            for (int j = j0; j < j1; ++j) a += d[(size_t)j * ldg + u];
-            b[u] = a;
-        }
-    }
+#define RFT_DEFINE_DBSUM(T, SFX, LT)                                                          \
+static inline void rft_dbsum_##SFX(int j0, int j1, int g0, int g1, int H, int u0, int u1,    \
+                                   const T *dg, int ldg, double *db) {                       \
+    for (int g = g0; g < g1; ++g) {                                                          \
+        const T *d = dg + (size_t)g * H;                                                     \
+        double *b = db + (size_t)g * H;                                                      \
+        int u = u0;                                                                          \
+        for (; u + RFT_VLD <= u1; u += RFT_VLD) {    /* RFT_VLD units: one float64 vector */ \
+            rft_vd a;                                                                        \
+            memcpy(&a, b + u, sizeof a);                                                     \
+            for (int j = j0; j < j1; ++j) {                                                  \
+                LT v;                                                                        \
+                memcpy(&v, d + (size_t)j * ldg + u, sizeof v);                               \
+                a += __builtin_convertvector(v, rft_vd);                                     \
+            }                                                                                \
+            memcpy(b + u, &a, sizeof a);                                                     \
+        }                                                                                    \
+        for (; u < u1; ++u) {                                                                \
+            double a = b[u];                                                                 \
+            for (int j = j0; j < j1; ++j) a += d[(size_t)j * ldg + u];                       \
+            b[u] = a;                                                                        \
+        }                                                                                    \
+    }                                                                                        \
 }
 
-static inline void rft_dbsum_d(int j0, int j1, int g0, int g1, int H, int u0, int u1,
-                               const double *dg, int ldg, double *db) {
-    for (int g = g0; g < g1; ++g) {
-        const double *d = dg + (size_t)g * H;
-        double *b = db + (size_t)g * H;
-        int u = u0;
-        for (; u + RFT_VLD <= u1; u += RFT_VLD) {
-            rft_vd a;
-            memcpy(&a, b + u, sizeof a);
-            for (int j = j0; j < j1; ++j) {
-                rft_vd v;
-                memcpy(&v, d + (size_t)j * ldg + u, sizeof v);
-                a += v;
-            }
-            memcpy(b + u, &a, sizeof a);
-        }
-        for (; u < u1; ++u) {
-            double a = b[u];
-            for (int j = j0; j < j1; ++j) a += d[(size_t)j * ldg + u];
-            b[u] = a;
-        }
-    }
-}
+RFT_DEFINE_DBSUM(float, f, rft_v8f)
+RFT_DEFINE_DBSUM(double, d, rft_vd)
 
 #endif /* RF_TRAIN_H */
