@@ -35,6 +35,24 @@ cnp.import_array()
 
 include "rf_fused_decl.pxi"
 
+cdef extern from *:
+    """
+    #ifndef RF_ISA_LEVEL
+    #define RF_ISA_LEVEL "single"
+    #endif
+    """
+    const char *RF_ISA_LEVEL
+
+
+cdef extern from "rf_fused.h":
+    int RF_VBYTES
+    int RF_MR
+
+
+def build_info():
+    """The ISA level this module was compiled for, its vector width and row blocking."""
+    return {"level": RF_ISA_LEVEL.decode(), "vector_bytes": RF_VBYTES, "rows_per_block": RF_MR}
+
 cdef extern from "rf_pool.h" nogil:
     ctypedef void (*rf_pool_fn)(void *arg, int tid) noexcept nogil
     int rf_pool_run(rf_pool_fn fn, void *arg)

@@ -22,7 +22,7 @@ static inline __attribute__((always_inline)) void RF_FN(rf_transpose)(RF_VT *v) 
             v[i + (B)] = __builtin_shufflevector(a, b, RF_THI##B);                      \
         }                                                                               \
     } while (0)
-#ifdef RF_FLOAT_BODY
+#if RF_VL == 16
 #define RF_TLO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
 #define RF_THI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
 #define RF_TLO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
@@ -32,7 +32,7 @@ static inline __attribute__((always_inline)) void RF_FN(rf_transpose)(RF_VT *v) 
 #define RF_TLO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
 #define RF_THI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
     RF_TSTAGE(1); RF_TSTAGE(2); RF_TSTAGE(4); RF_TSTAGE(8);
-#else
+#elif RF_VL == 8
 #define RF_TLO1 0, 8, 2, 10, 4, 12, 6, 14
 #define RF_THI1 1, 9, 3, 11, 5, 13, 7, 15
 #define RF_TLO2 0, 1, 8, 9, 4, 5, 12, 13
@@ -40,6 +40,18 @@ static inline __attribute__((always_inline)) void RF_FN(rf_transpose)(RF_VT *v) 
 #define RF_TLO4 0, 1, 2, 3, 8, 9, 10, 11
 #define RF_THI4 4, 5, 6, 7, 12, 13, 14, 15
     RF_TSTAGE(1); RF_TSTAGE(2); RF_TSTAGE(4);
+#elif RF_VL == 4
+#define RF_TLO1 0, 4, 2, 6
+#define RF_THI1 1, 5, 3, 7
+#define RF_TLO2 0, 1, 4, 5
+#define RF_THI2 2, 3, 6, 7
+    RF_TSTAGE(1); RF_TSTAGE(2);
+#elif RF_VL == 2
+#define RF_TLO1 0, 2
+#define RF_THI1 1, 3
+    RF_TSTAGE(1);
+#else
+#error "rf_transpose: unexpected vector width"
 #endif
 #undef RF_TLO1
 #undef RF_THI1
@@ -90,40 +102,46 @@ static inline void RF_FN(rf_pack)(int G, int H, int K, int p0, int p1, const RF_
  * runs, the first npf cache lines at pf are prefetched into L2, one per k. */
 static inline __attribute__((always_inline)) void RF_FN(rf_mk_body)(const int MR_, const int NV_,
         int K, const RF_T *A, int lda, const RF_T *P, RF_T *out, const RF_T *pf, int npf) {
-    RF_VT acc[RF_MR][RF_MAXNV];
-    for (int r = 0; r < MR_; ++r)
-        for (int v = 0; v < NV_; ++v) acc[r][v] = (RF_VT){0};
+    typedef RF_VT rf_acc_t;
+    RF_R8(RF_ACC_DECL)
     int k = 0;
     if (npf > K) npf = K;
-#define RF_MK_ITER                                                                     \
-    {   RF_VT w[RF_MAXNV];                                                             \
-        for (int v = 0; v < NV_; ++v) memcpy(&w[v], P + (size_t)k * NV_ * RF_VL + v * RF_VL, sizeof(RF_VT)); \
-        for (int r = 0; r < MR_; ++r) {                                                \
-            RF_VT a = A[(size_t)r * lda + k] - (RF_VT){0};  /* splat (x - 0 == x) */   \
-            for (int v = 0; v < NV_; ++v) acc[r][v] += a * w[v];                       \
-        }                                                                              \
-    }
+#define RF_AVAL(r) A[(size_t)(r) * lda + k]
+#define RF_MK_ITER { RF_LOAD_W(P + (size_t)k * NV_ * RF_VL, RF_VL) RF_R8(RF_ACC_FMA) }
     for (; k < npf; ++k) {
         __builtin_prefetch(pf + (size_t)k * (64 / sizeof(RF_T)), 0, 2);
         RF_MK_ITER
     }
     for (; k < K; ++k) RF_MK_ITER
 #undef RF_MK_ITER
-    for (int r = 0; r < MR_; ++r)
-        for (int v = 0; v < NV_; ++v) memcpy(out + r * RF_MAXNV * RF_VL + v * RF_VL, &acc[r][v], sizeof(RF_VT));
+#undef RF_AVAL
+#define RF_PUT(r, v, acc) memcpy(out + (r) * RF_MAXNV * RF_VL + (v) * RF_VL, &(acc), sizeof(RF_VT))
+    RF_R8(RF_ACC_PUT)
+#undef RF_PUT
 }
+
+/* One out-of-line function per block shape, each with a register allocation of its own
+ * (see rf_gemm_tmpl.h). */
+#define RF_MK_SPEC(MR_, NV_)                                                                    \
+static __attribute__((noinline)) void RF_FN(rf_mk_##MR_##_##NV_)(int K, const RF_T *A, int lda, \
+        const RF_T *P, RF_T *out, const RF_T *pf, int npf) {                                    \
+    RF_FN(rf_mk_body)(RF_CMR(MR_), NV_, K, A, lda, P, out, pf, npf);                            \
+}
+RF_MK_SPEC(1, 3) RF_MK_SPEC(2, 3) RF_MK_SPEC(3, 3) RF_MK_SPEC(4, 3) RF_MK_SPEC(5, 3) RF_MK_SPEC(6, 3)
+RF_MK_SPEC(1, 4) RF_MK_SPEC(2, 4) RF_MK_SPEC(3, 4) RF_MK_SPEC(4, 4) RF_MK_SPEC(5, 4) RF_MK_SPEC(6, 4)
+#undef RF_MK_SPEC
 
 /* out[r][0:nv*VL] (row stride RF_MAXNV*VL) = A[r, :K] @ panel, r < mr <= RF_MR. */
 static inline void RF_FN(rf_mk)(int mr, int nv, int K, const RF_T *A, int lda, const RF_T *P, RF_T *out,
                                 const RF_T *pf, int npf) {
 #define RF_MK_CASES(NV)                                                                 \
-    switch (mr) {                                                                       \
-    case 1: RF_FN(rf_mk_body)(1, NV, K, A, lda, P, out, pf, npf); break;                \
-    case 2: RF_FN(rf_mk_body)(2, NV, K, A, lda, P, out, pf, npf); break;                \
-    case 3: RF_FN(rf_mk_body)(3, NV, K, A, lda, P, out, pf, npf); break;                \
-    case 4: RF_FN(rf_mk_body)(4, NV, K, A, lda, P, out, pf, npf); break;                \
-    case 5: RF_FN(rf_mk_body)(5, NV, K, A, lda, P, out, pf, npf); break;                \
-    default: RF_FN(rf_mk_body)(6, NV, K, A, lda, P, out, pf, npf); break;               \
+    switch (mr < RF_MR ? mr : RF_MR) {                                                  \
+    case 1: RF_FN(rf_mk_1_##NV)(K, A, lda, P, out, pf, npf); break;                     \
+    case 2: RF_FN(rf_mk_2_##NV)(K, A, lda, P, out, pf, npf); break;                     \
+    case 3: RF_FN(rf_mk_3_##NV)(K, A, lda, P, out, pf, npf); break;                     \
+    case 4: RF_FN(rf_mk_4_##NV)(K, A, lda, P, out, pf, npf); break;                     \
+    case 5: RF_FN(rf_mk_5_##NV)(K, A, lda, P, out, pf, npf); break;                     \
+    default: RF_FN(rf_mk_6_##NV)(K, A, lda, P, out, pf, npf); break;                    \
     }
     if (nv == 4) { RF_MK_CASES(4) } else { RF_MK_CASES(3) }
 #undef RF_MK_CASES
@@ -137,47 +155,55 @@ static inline void RF_FN(rf_mk)(int mr, int nv, int K, const RF_T *A, int lda, c
  * a GRU or LSTM panel's lines, two or three per k, made H=512 B=8 steps 11-16 % slower. */
 static inline __attribute__((always_inline)) void RF_FN(rf_mkh_body)(const int MR_, const int NVH_,
         int NV, int v0, int K, const RF_T *A, int lda, const RF_T *P, RF_T *out, const RF_T *pf, int npf) {
-    RF_VT acc[RF_MRH][3];
-    for (int r = 0; r < MR_; ++r)
-        for (int v = 0; v < NVH_; ++v) acc[r][v] = (RF_VT){0};
+    const int NV_ = NVH_;
+    typedef RF_VT rf_acc_t;
+    RF_R8(RF_ACC_DECL)
     const RF_T *Pv = P + v0 * RF_VL;
     int k = 0;
     if (npf > K) npf = K;
-#define RF_MKH_ITER                                                                    \
-    {   RF_VT w[3];                                                                    \
-        for (int v = 0; v < NVH_; ++v)                                                 \
-            memcpy(&w[v], Pv + (size_t)k * NV * RF_VL + v * RF_VL, sizeof(RF_VT));     \
-        for (int r = 0; r < MR_; ++r) {                                                \
-            RF_VT a = A[(size_t)r * lda + k] - (RF_VT){0};                             \
-            for (int v = 0; v < NVH_; ++v) acc[r][v] += a * w[v];                      \
-        }                                                                              \
-    }
+#define RF_AVAL(r) A[(size_t)(r) * lda + k]
+#define RF_MKH_ITER { RF_LOAD_W(Pv + (size_t)k * NV * RF_VL, RF_VL) RF_R8(RF_ACC_FMA) }
     for (; k < npf; ++k) {
         __builtin_prefetch(pf + (size_t)k * (64 / sizeof(RF_T)), 0, 2);
         RF_MKH_ITER
     }
     for (; k < K; ++k) RF_MKH_ITER
 #undef RF_MKH_ITER
-    for (int r = 0; r < MR_; ++r)
-        for (int v = 0; v < NVH_; ++v)
-            memcpy(out + r * RF_MAXNV * RF_VL + (v0 + v) * RF_VL, &acc[r][v], sizeof(RF_VT));
+#undef RF_AVAL
+#define RF_PUT(r, v, acc) memcpy(out + (r) * RF_MAXNV * RF_VL + (v0 + (v)) * RF_VL, &(acc), sizeof(RF_VT))
+    RF_R8(RF_ACC_PUT)
+#undef RF_PUT
 }
+
+#define RF_MKH_SPEC(MR_, NVH_, NV_)                                                             \
+static __attribute__((noinline)) void RF_FN(rf_mkh_##MR_##_##NVH_)(int v0, int K, const RF_T *A, \
+        int lda, const RF_T *P, RF_T *out, const RF_T *pf, int npf) {                            \
+    RF_FN(rf_mkh_body)(MR_, NVH_, NV_, v0, K, A, lda, P, out, pf, npf);                          \
+}
+#if RF_HALF_PANELS
+RF_MKH_SPEC(7, 2, 4) RF_MKH_SPEC(8, 2, 4) RF_MKH_SPEC(7, 3, 3) RF_MKH_SPEC(8, 3, 3)
+#endif
+#undef RF_MKH_SPEC
 
 /* Rows [0, mr) (7 or 8) of a whole panel into the tile: a panel of 4 vectors in two
  * halves (the first prefetching from the npf1 lines at pf, the second from the npf - npf1
  * after them), of 3 in one pass (from the npf lines at pf). */
 static inline __attribute__((always_inline)) void RF_FN(rf_mkh)(int mr, int NV, int K, const RF_T *A, int lda, const RF_T *P, RF_T *out,
                                  const RF_T *pf, int npf1, int npf) {
+#if RF_HALF_PANELS
 #define RF_MKH_HALVES(MR)                                                               \
     if (NV == 4) {                                                                      \
-        RF_FN(rf_mkh_body)(MR, 2, 4, 0, K, A, lda, P, out, pf, npf1);                   \
-        RF_FN(rf_mkh_body)(MR, 2, 4, 2, K, A, lda, P, out, pf + (size_t)npf1 * (64 / sizeof(RF_T)), \
-                           npf - npf1);                                                 \
+        RF_FN(rf_mkh_##MR##_2)(0, K, A, lda, P, out, pf, npf1);                         \
+        RF_FN(rf_mkh_##MR##_2)(2, K, A, lda, P, out, pf + (size_t)npf1 * (64 / sizeof(RF_T)), \
+                               npf - npf1);                                             \
     } else {                                                                            \
-        RF_FN(rf_mkh_body)(MR, 3, 3, 0, K, A, lda, P, out, pf, npf);                    \
+        RF_FN(rf_mkh_##MR##_3)(0, K, A, lda, P, out, pf, npf);                          \
     }
     if (mr == 8) { RF_MKH_HALVES(8) } else { RF_MKH_HALVES(7) }
 #undef RF_MKH_HALVES
+#else
+    (void)mr; (void)NV; (void)K; (void)A; (void)lda; (void)P; (void)out; (void)pf; (void)npf1; (void)npf;
+#endif
 }
 
 /* C[r, g*H + u] = A[r, :K] . W[g*H + u, :K] for rows [0, n) and the units of panels
@@ -299,89 +325,156 @@ static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, in
     }
 }
 
+/* Stage s of the lane-sum tree (rf_reduce_lanes, rf_rowdot1): two vectors of partial
+ * sums into one, each lane the sum of a pair of adjacent blocks of VL >> s lanes. */
+#if RF_VL == 16
+static inline RF_VT RF_FN(rf_red1)(RF_VT a, RF_VT b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+         + __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+static inline RF_VT RF_FN(rf_red2)(RF_VT a, RF_VT b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+         + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+}
+static inline RF_VT RF_FN(rf_red3)(RF_VT a, RF_VT b) {
+    return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+         + __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+}
+static inline RF_VT RF_FN(rf_red4)(RF_VT a, RF_VT b) {
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+#elif RF_VL == 8
+static inline RF_VT RF_FN(rf_red1)(RF_VT a, RF_VT b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11)
+         + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+static inline RF_VT RF_FN(rf_red2)(RF_VT a, RF_VT b) {
+    return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13)
+         + __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15);
+}
+static inline RF_VT RF_FN(rf_red3)(RF_VT a, RF_VT b) {
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14)
+         + __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+#elif RF_VL == 4
+static inline RF_VT RF_FN(rf_red1)(RF_VT a, RF_VT b) {
+    return __builtin_shufflevector(a, b, 0, 1, 4, 5)
+         + __builtin_shufflevector(a, b, 2, 3, 6, 7);
+}
+static inline RF_VT RF_FN(rf_red2)(RF_VT a, RF_VT b) {
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6)
+         + __builtin_shufflevector(a, b, 1, 3, 5, 7);
+}
+#elif RF_VL == 2
+static inline RF_VT RF_FN(rf_red1)(RF_VT a, RF_VT b) {
+    return __builtin_shufflevector(a, b, 0, 2)
+         + __builtin_shufflevector(a, b, 1, 3);
+}
+#endif
+
 /* Sum of each of RF_VL vectors: lane l of the result = sum of the lanes of v[l]
  * (a transposing tree of shuffles and adds: RF_VL - 1 of each for RF_VL sums). */
 static inline RF_VT RF_FN(rf_reduce_lanes)(RF_VT *v) {
-#if RF_VBYTES / 4 == 16 && defined(RF_FLOAT_BODY)
-    for (int i = 0; i < 8; ++i)
-        v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int i = 0; i < 4; ++i)
-        v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
-             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    for (int i = 0; i < 2; ++i)
-        v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
-             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    return __builtin_shufflevector(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-         + __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-#elif RF_VBYTES / 8 == 8 && !defined(RF_FLOAT_BODY)
-    for (int i = 0; i < 4; ++i)
-        v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11)
-             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-    for (int i = 0; i < 2; ++i)
-        v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13)
-             + __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
-    return __builtin_shufflevector(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14)
-         + __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15);
-#else
-#error "rf_reduce_lanes: unexpected vector width"
+    for (int i = 0; i < RF_VL / 2; ++i) v[i] = RF_FN(rf_red1)(v[2 * i], v[2 * i + 1]);
+#if RF_VL >= 4
+    for (int i = 0; i < RF_VL / 4; ++i) v[i] = RF_FN(rf_red2)(v[2 * i], v[2 * i + 1]);
 #endif
+#if RF_VL >= 8
+    for (int i = 0; i < RF_VL / 8; ++i) v[i] = RF_FN(rf_red3)(v[2 * i], v[2 * i + 1]);
+#endif
+#if RF_VL >= 16
+    v[0] = RF_FN(rf_red4)(v[0], v[1]);
+#endif
+    return v[0];
 }
 
-/* The first n < RF_VL elements at p, zeros after them (nothing past p + n is read). */
+/* The first n < RF_VL elements at p, zeros after them (nothing past p + n is read):
+ * masked loads where the ISA has them (a memcpy of n elements is a library call, around
+ * which every live vector register is saved to the stack). */
 static inline RF_VT RF_FN(rf_load_head)(const RF_T *p, int n) {
 #if defined(__AVX512F__) && defined(RF_FLOAT_BODY)
     return (RF_VT)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
 #elif defined(__AVX512F__)
     return (RF_VT)_mm512_maskz_loadu_pd((__mmask8)((1u << n) - 1u), p);
+#elif defined(__AVX2__) && RF_VBYTES == 32 && defined(RF_FLOAT_BODY)
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return (RF_VT)_mm256_maskload_ps(p, m);
+#elif defined(__AVX2__) && RF_VBYTES == 32
+    const __m256i m = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+    return (RF_VT)_mm256_maskload_pd(p, m);
 #else
     RF_VT v = {0};
-    memcpy(&v, p, (size_t)n * sizeof(RF_T));
+    for (int i = 0; i < n; ++i) v[i] = p[i];
     return v;
+#endif
+}
+
+/* Store the first n <= RF_VL lanes of v at p (nothing past p + n is written). */
+static inline void RF_FN(rf_store_head)(RF_T *p, RF_VT v, int n) {
+#if defined(__AVX512F__) && defined(RF_FLOAT_BODY)
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)v);
+#elif defined(__AVX512F__)
+    _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1u), (__m512d)v);
+#elif defined(__AVX2__) && RF_VBYTES == 32 && defined(RF_FLOAT_BODY)
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_maskstore_ps(p, m, (__m256)v);
+#elif defined(__AVX2__) && RF_VBYTES == 32
+    const __m256i m = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+    _mm256_maskstore_pd(p, m, (__m256d)v);
+#else
+    for (int i = 0; i < n; ++i) p[i] = v[i];
 #endif
 }
 
 /* NJ input rows x NR weight rows of rf_rowdot, K in steps of NC vectors
  * (NJ * NR * NC <= RF_VL accumulators; the sums of the NC chunks enter one tree). */
+static inline RF_VT RF_FN(rf_ldv)(const RF_T *p) {
+    RF_VT v;
+    memcpy(&v, p, sizeof(RF_VT));
+    return v;
+}
+
 static inline __attribute__((always_inline)) void RF_FN(rf_rowdot_blk)(const int NJ, const int NR, const int NC,
         int nj, int nr, int K, const RF_T *A, int lda, const RF_T *W, int ldw, RF_T *C, int ldc) {
-    const int KS = NC * RF_VL, Kv = K - K % KS;
+    const int KS = NC * RF_VL, Kv = K - K % KS, NL = NJ * NR * NC;
     const RF_T *a[4], *w[RF_VL];
-    RF_VT acc[RF_VL];
     for (int q = 0; q < NJ; ++q) a[q] = A + (size_t)(q < nj ? q : 0) * lda;     /* pad: repeat row 0 */
     for (int i = 0; i < NR; ++i) w[i] = W + (size_t)(i < nr ? i : 0) * ldw;
-    for (int l = 0; l < RF_VL; ++l) acc[l] = (RF_VT){0};
-    for (int k = 0; k < Kv; k += KS) {
-        RF_VT av[4 * 2], wv[RF_VL];
-        for (int q = 0; q < NJ; ++q)
-            for (int c = 0; c < NC; ++c) memcpy(&av[q * NC + c], a[q] + k + c * RF_VL, sizeof(RF_VT));
-        for (int i = 0; i < NR; ++i)
-            for (int c = 0; c < NC; ++c) memcpy(&wv[i * NC + c], w[i] + k + c * RF_VL, sizeof(RF_VT));
-        for (int q = 0; q < NJ; ++q)
-            for (int i = 0; i < NR; ++i)
-                for (int c = 0; c < NC; ++c) acc[(q * NR + i) * NC + c] += av[q * NC + c] * wv[i * NC + c];
-    }
+    /* accumulator l (named: see RF_ACC_DECL) sums input row q = l / (NR*NC) times weight
+     * row i = l / NC % NR over chunk c = l % NC of each step of KS */
+#define RF_RD_DECL(l) RF_VT acc##l __attribute__((unused)) = {0};
+#define RF_RD_Q(l) ((l) / (NR * NC))
+#define RF_RD_I(l) ((l) / NC % NR)
+#define RF_RD_C(l) ((l) % NC)
+#define RF_RD16(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11) M(12) M(13) M(14) M(15)
+    RF_RD16(RF_RD_DECL)
+#define RF_RD_FMA(l) if ((l) < NL) acc##l += RF_FN(rf_ldv)(a[RF_RD_Q(l)] + k + RF_RD_C(l) * RF_VL) \
+                                          * RF_FN(rf_ldv)(w[RF_RD_I(l)] + k + RF_RD_C(l) * RF_VL);
+    for (int k = 0; k < Kv; k += KS) { RF_RD16(RF_RD_FMA) }
+#undef RF_RD_FMA
     int kt = Kv;       /* whole vectors left over (K below NC vectors, or not a multiple of them) */
-    for (; kt + RF_VL <= K; kt += RF_VL) {
-        RF_VT av[4], wv[RF_VL];
-        for (int q = 0; q < NJ; ++q) memcpy(&av[q], a[q] + kt, sizeof(RF_VT));
-        for (int i = 0; i < NR; ++i) memcpy(&wv[i], w[i] + kt, sizeof(RF_VT));
-        for (int q = 0; q < NJ; ++q)
-            for (int i = 0; i < NR; ++i) acc[(q * NR + i) * NC] += av[q] * wv[i];
-    }
+#define RF_RD_FMA1(l) if ((l) < NL && RF_RD_C(l) == 0)                                        \
+        acc##l += RF_FN(rf_ldv)(a[RF_RD_Q(l)] + kt) * RF_FN(rf_ldv)(w[RF_RD_I(l)] + kt);
+    for (; kt + RF_VL <= K; kt += RF_VL) { RF_RD16(RF_RD_FMA1) }
+#undef RF_RD_FMA1
     if (kt < K) {      /* the last K % RF_VL elements, as one vector padded with zeros */
-        RF_VT av[4], wv[RF_VL];
-        for (int q = 0; q < NJ; ++q) av[q] = RF_FN(rf_load_head)(a[q] + kt, K - kt);
-        for (int i = 0; i < NR; ++i) wv[i] = RF_FN(rf_load_head)(w[i] + kt, K - kt);
-        for (int q = 0; q < NJ; ++q)
-            for (int i = 0; i < NR; ++i) acc[(q * NR + i) * NC] += av[q] * wv[i];
+#define RF_RD_FMAT(l) if ((l) < NL && RF_RD_C(l) == 0)                                        \
+        acc##l += RF_FN(rf_load_head)(a[RF_RD_Q(l)] + kt, K - kt) * RF_FN(rf_load_head)(w[RF_RD_I(l)] + kt, K - kt);
+        RF_RD16(RF_RD_FMAT)
+#undef RF_RD_FMAT
     }
     RF_VT red[RF_VL];
-    for (int l = 0; l < NJ * NR; ++l) {
-        red[l] = acc[l * NC];
-        for (int c = 1; c < NC; ++c) red[l] += acc[l * NC + c];
-    }
-    for (int l = NJ * NR; l < RF_VL; ++l) red[l] = (RF_VT){0};
+    for (int l = 0; l < RF_VL; ++l) red[l] = (RF_VT){0};
+#define RF_RD_RED(l) if ((l) < NL && (l) / NC < RF_VL) {                                      \
+        if (RF_RD_C(l) == 0) red[(l) / NC] = acc##l; else red[(l) / NC] += acc##l; }
+    RF_RD16(RF_RD_RED)
+#undef RF_RD_RED
+#undef RF_RD_DECL
+#undef RF_RD_Q
+#undef RF_RD_I
+#undef RF_RD_C
+#undef RF_RD16
     RF_VT s = RF_FN(rf_reduce_lanes)(red);
     RF_T out[RF_VL];
     memcpy(out, &s, sizeof(RF_VT));
@@ -403,8 +496,15 @@ static inline __attribute__((always_inline)) void RF_FN(rf_rowdot1_body)(const i
         const RF_T *W = W0 + (size_t)sg * wseg;
         RF_T *C = C0 + (size_t)sg * cseg;
         const int nr = m - r0 < RF_VL ? m - r0 : RF_VL;
-        RF_VT red[RF_VL];
-        for (int r = 0; r < nr; ++r) {
+        /* the lane-sum tree of rf_reduce_lanes, fed one row at a time: a pending partial
+         * sum per stage (q1..q4) instead of RF_VL rows kept for the end (the same sums in
+         * the same order; held in an array, they went through the stack) */
+        RF_VT q1 = {0}, q2 __attribute__((unused)) = {0}, q3 __attribute__((unused)) = {0},
+              q4 __attribute__((unused)) = {0}, s = {0};
+#pragma GCC unroll 2
+        for (int r = 0; r < RF_VL; ++r) {
+            RF_VT x = {0};
+            if (r < nr) {
             const RF_T *w = W + (size_t)(r0 + r) * ldw;
             RF_VT s0 = {0}, s1 = {0};
             if (NKV >= 0) {
@@ -433,16 +533,26 @@ static inline __attribute__((always_inline)) void RF_FN(rf_rowdot1_body)(const i
                 }
             }
             if (kt < K) s0 += xt * RF_FN(rf_load_head)(w + kt, K - kt);
-            red[r] = s0 + s1;
+            x = s0 + s1;
+            }
+            if (!(r & 1)) { q1 = x; continue; }
+            x = RF_FN(rf_red1)(q1, x);
+#if RF_VL >= 4
+            if (!(r & 2)) { q2 = x; continue; }
+            x = RF_FN(rf_red2)(q2, x);
+#endif
+#if RF_VL >= 8
+            if (!(r & 4)) { q3 = x; continue; }
+            x = RF_FN(rf_red3)(q3, x);
+#endif
+#if RF_VL >= 16
+            if (!(r & 8)) { q4 = x; continue; }
+            x = RF_FN(rf_red4)(q4, x);
+#endif
+            s = x;
         }
-        for (int r = nr; r < RF_VL; ++r) red[r] = (RF_VT){0};
-        RF_VT s = RF_FN(rf_reduce_lanes)(red);
         if (nr == RF_VL) memcpy(C + r0, &s, sizeof(RF_VT));
-        else {
-            RF_T out[RF_VL];
-            memcpy(out, &s, sizeof(RF_VT));
-            for (int r = 0; r < nr; ++r) C[r0 + r] = out[r];
-        }
+        else RF_FN(rf_store_head)(C + r0, s, nr);
     }
 }
 
@@ -460,19 +570,55 @@ static inline __attribute__((always_inline)) void RF_FN(rf_rowdot1_body)(const i
  * rf_rowdot1_segs: nseg such products of m rows each, segment s at W + s * wseg and
  * C + s * cseg (the gates of a slice of units), in one pass with `a` loaded once; rev
  * takes the segments last to first too. */
+/* one out-of-line function per register-held length (see rf_gemm_tmpl.h) */
+#define RF_R1_SPEC(N)                                                                           \
+static __attribute__((noinline)) void RF_FN(rf_rowdot1_##N)(int nseg, int m, int K, const RF_T *a, \
+        const RF_T *W, int ldw, size_t wseg, RF_T *C, size_t cseg, int rev) {                   \
+    RF_FN(rf_rowdot1_body)((N) <= RF_R1_MAXV ? (N) : -1, nseg, m, K, a, W, ldw, wseg, C, cseg, rev); \
+}
+RF_R1_SPEC(2) RF_R1_SPEC(4) RF_R1_SPEC(6) RF_R1_SPEC(8) RF_R1_SPEC(10) RF_R1_SPEC(12) RF_R1_SPEC(14)
+RF_R1_SPEC(16)
+static __attribute__((noinline)) void RF_FN(rf_rowdot1_any)(int nseg, int m, int K, const RF_T *a,
+        const RF_T *W, int ldw, size_t wseg, RF_T *C, size_t cseg, int rev) {
+    RF_FN(rf_rowdot1_body)(-1, nseg, m, K, a, W, ldw, wseg, C, cseg, rev);
+}
+#undef RF_R1_SPEC
+
 static inline void RF_FN(rf_rowdot1_segs)(int nseg, int m, int K, const RF_T *a, const RF_T *W, int ldw,
                                           size_t wseg, RF_T *C, size_t cseg, int rev) {
     switch (K / RF_VL) {
-#define RF_R1(N) case N: RF_FN(rf_rowdot1_body)(N, nseg, m, K, a, W, ldw, wseg, C, cseg, rev); break;
+#define RF_R1(N) case N: RF_FN(rf_rowdot1_##N)(nseg, m, K, a, W, ldw, wseg, C, cseg, rev); break;
     RF_R1(2) RF_R1(4) RF_R1(6) RF_R1(8) RF_R1(10) RF_R1(12) RF_R1(14) RF_R1(16)
 #undef RF_R1
-    default: RF_FN(rf_rowdot1_body)(-1, nseg, m, K, a, W, ldw, wseg, C, cseg, rev);
+    default: RF_FN(rf_rowdot1_any)(nseg, m, K, a, W, ldw, wseg, C, cseg, rev);
     }
 }
 
 static inline void RF_FN(rf_rowdot1)(int m, int K, const RF_T *a, const RF_T *W, int ldw, RF_T *C, int rev) {
     RF_FN(rf_rowdot1_segs)(1, m, K, a, W, ldw, 0, C, 0, rev);
 }
+
+/* rf_rowdot's blocks of 2 and 4 input rows, out of line (see rf_gemm_tmpl.h) */
+#if RF_VL == 16
+#define RF_RD2 2, 4, 2
+#define RF_RD4 4, 4, 1
+#elif RF_VL == 8
+#define RF_RD2 2, 4, 1
+#define RF_RD4 4, 2, 1
+#else
+#define RF_RD2 2, RF_VL / 2, 1
+#define RF_RD4 2, RF_VL / 2, 1
+#endif
+static __attribute__((noinline)) void RF_FN(rf_rowdot_blk2)(int nj, int nr, int K, const RF_T *A, int lda,
+        const RF_T *W, int ldw, RF_T *C, int ldc) {
+    RF_FN(rf_rowdot_blk)(RF_RD2, nj, nr, K, A, lda, W, ldw, C, ldc);
+}
+static __attribute__((noinline)) void RF_FN(rf_rowdot_blk4)(int nj, int nr, int K, const RF_T *A, int lda,
+        const RF_T *W, int ldw, RF_T *C, int ldc) {
+    RF_FN(rf_rowdot_blk)(RF_RD4, nj, nr, K, A, lda, W, ldw, C, ldc);
+}
+#undef RF_RD2
+#undef RF_RD4
 
 /* C[j, r] (row stride ldc) = A[j, :K] . W[r, :K] for j < n, r < m: a product with a
  * few rows straight from row-major weights (no packing, so it suits single steps):
@@ -483,21 +629,17 @@ static inline void RF_FN(rf_rowdot)(int n, int m, int K, const RF_T *A, int lda,
         RF_FN(rf_rowdot1)(m, K, A, W, ldw, C, 0);
         return;
     }
-    const int NJ = n == 2 ? 2 : 4;
-    const int NR = RF_VL == 16 ? 4 : (NJ == 4 ? 2 : 4);
+    /* a block's NJ * NR sums fill at most one vector's lanes */
+    const int NJ = n == 2 || RF_VL < 8 ? 2 : 4;
+    const int NR = RF_VL == 16 ? 4 : (RF_VL == 8 ? (NJ == 4 ? 2 : 4) : RF_VL / 2);
     for (int j0 = 0; j0 < n; j0 += NJ) {
         int nj = n - j0 < NJ ? n - j0 : NJ;
         for (int r0 = 0; r0 < m; r0 += NR) {
             int nr = m - r0 < NR ? m - r0 : NR;
             const RF_T *Aj = A + (size_t)j0 * lda, *Wr = W + (size_t)r0 * ldw;
             RF_T *Cj = C + (size_t)j0 * ldc + r0;
-#if RF_VL == 16
-            if (NJ == 2) RF_FN(rf_rowdot_blk)(2, 4, 2, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
-            else RF_FN(rf_rowdot_blk)(4, 4, 1, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
-#else
-            if (NJ == 2) RF_FN(rf_rowdot_blk)(2, 4, 1, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
-            else RF_FN(rf_rowdot_blk)(4, 2, 1, nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
-#endif
+            if (NJ == 2) RF_FN(rf_rowdot_blk2)(nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
+            else RF_FN(rf_rowdot_blk4)(nj, nr, K, Aj, lda, Wr, ldw, Cj, ldc);
         }
     }
 }

@@ -34,34 +34,34 @@ static void RF_FN(rf_gemm_packb)(int tb, int kc, int nc, const RF_T *B, int ldb,
  * (TA: element (r, k) at A[k * lda + r], else A[r * lda + k]) with one packed panel. */
 static inline __attribute__((always_inline)) void RF_FN(rf_gemm_blk)(const int MR_, const int TA, int kc,
         const RF_T *A, int lda, const RF_T *P, RF_T *C, int ldc, int nj, int mode, RF_T beta) {
-    RF_VT acc[RF_MR][RF_MAXNV];
-    for (int r = 0; r < MR_; ++r)
-        for (int v = 0; v < RF_MAXNV; ++v) acc[r][v] = (RF_VT){0};
+    const int NV_ = RF_MAXNV;
+    typedef RF_VT rf_acc_t;
+    RF_R8(RF_ACC_DECL)
+#define RF_AVAL(r) (TA ? A[(size_t)k * lda + (r)] : A[(size_t)(r) * lda + k])
     for (int k = 0; k < kc; ++k) {
-        RF_VT w[RF_MAXNV];
-        for (int v = 0; v < RF_MAXNV; ++v) memcpy(&w[v], P + (size_t)k * RF_GNR + v * RF_VL, sizeof(RF_VT));
-        for (int r = 0; r < MR_; ++r) {
-            RF_VT a = (TA ? A[(size_t)k * lda + r] : A[(size_t)r * lda + k]) - (RF_VT){0};   /* splat */
-            for (int v = 0; v < RF_MAXNV; ++v) acc[r][v] += a * w[v];
-        }
+        RF_LOAD_W(P + (size_t)k * RF_GNR, RF_VL)
+        RF_R8(RF_ACC_FMA)
     }
+#undef RF_AVAL
     if (nj == RF_GNR) {
-        for (int r = 0; r < MR_; ++r)
-            for (int v = 0; v < RF_MAXNV; ++v) {
-                RF_T *cp = C + (size_t)r * ldc + v * RF_VL;
-                RF_VT c = acc[r][v];
-                if (mode != 0) {
-                    RF_VT old;
-                    memcpy(&old, cp, sizeof(RF_VT));
-                    c += mode == 1 ? beta * old : old;
-                }
-                memcpy(cp, &c, sizeof(RF_VT));
-            }
+#define RF_PUT(r, v, acc) do {                                                               \
+            RF_T *cp = C + (size_t)(r) * ldc + (v) * RF_VL;                                  \
+            RF_VT c_ = (acc);                                                                \
+            if (mode != 0) {                                                                 \
+                RF_VT old;                                                                   \
+                memcpy(&old, cp, sizeof(RF_VT));                                             \
+                c_ += mode == 1 ? beta * old : old;                                          \
+            }                                                                                \
+            memcpy(cp, &c_, sizeof(RF_VT));                                                  \
+        } while (0)
+        RF_R8(RF_ACC_PUT)
+#undef RF_PUT
         return;
     }
     RF_T tile[RF_MR * RF_GNR] __attribute__((aligned(64)));
-    for (int r = 0; r < MR_; ++r)
-        for (int v = 0; v < RF_MAXNV; ++v) memcpy(tile + r * RF_GNR + v * RF_VL, &acc[r][v], sizeof(RF_VT));
+#define RF_PUT(r, v, acc) memcpy(tile + (r) * RF_GNR + (v) * RF_VL, &(acc), sizeof(RF_VT))
+    RF_R8(RF_ACC_PUT)
+#undef RF_PUT
     for (int r = 0; r < MR_; ++r) {
         RF_T *cr = C + (size_t)r * ldc;
         const RF_T *tr = tile + r * RF_GNR;
@@ -70,16 +70,28 @@ static inline __attribute__((always_inline)) void RF_FN(rf_gemm_blk)(const int M
     }
 }
 
+/* One out-of-line function per block shape: each gets a register allocation of its own
+ * (inlined together into one function, GCC spilled accumulators of even the small
+ * blocks under some -march tunings). */
+#define RF_GEMM_SPEC(MR_, TA_)                                                                 \
+static __attribute__((noinline)) void RF_FN(rf_gemm_blk_##MR_##_##TA_)(int kc, const RF_T *A, \
+        int lda, const RF_T *P, RF_T *C, int ldc, int nj, int mode, RF_T beta) {              \
+    RF_FN(rf_gemm_blk)(RF_CMR(MR_), TA_, kc, A, lda, P, C, ldc, nj, mode, beta);               \
+}
+RF_GEMM_SPEC(1, 0) RF_GEMM_SPEC(2, 0) RF_GEMM_SPEC(3, 0) RF_GEMM_SPEC(4, 0) RF_GEMM_SPEC(5, 0) RF_GEMM_SPEC(6, 0)
+RF_GEMM_SPEC(1, 1) RF_GEMM_SPEC(2, 1) RF_GEMM_SPEC(3, 1) RF_GEMM_SPEC(4, 1) RF_GEMM_SPEC(5, 1) RF_GEMM_SPEC(6, 1)
+#undef RF_GEMM_SPEC
+
 static void RF_FN(rf_gemm_rows)(int mr, int ta, int kc, const RF_T *A, int lda, const RF_T *P, RF_T *C,
                                 int ldc, int nj, int mode, RF_T beta) {
 #define RF_GEMM_CASES(TA_)                                                                    \
-    switch (mr) {                                                                             \
-    case 1: RF_FN(rf_gemm_blk)(1, TA_, kc, A, lda, P, C, ldc, nj, mode, beta); break;          \
-    case 2: RF_FN(rf_gemm_blk)(2, TA_, kc, A, lda, P, C, ldc, nj, mode, beta); break;          \
-    case 3: RF_FN(rf_gemm_blk)(3, TA_, kc, A, lda, P, C, ldc, nj, mode, beta); break;          \
-    case 4: RF_FN(rf_gemm_blk)(4, TA_, kc, A, lda, P, C, ldc, nj, mode, beta); break;          \
-    case 5: RF_FN(rf_gemm_blk)(5, TA_, kc, A, lda, P, C, ldc, nj, mode, beta); break;          \
-    default: RF_FN(rf_gemm_blk)(6, TA_, kc, A, lda, P, C, ldc, nj, mode, beta); break;         \
+    switch (mr < RF_MR ? mr : RF_MR) {                                                        \
+    case 1: RF_FN(rf_gemm_blk_1_##TA_)(kc, A, lda, P, C, ldc, nj, mode, beta); break;        \
+    case 2: RF_FN(rf_gemm_blk_2_##TA_)(kc, A, lda, P, C, ldc, nj, mode, beta); break;        \
+    case 3: RF_FN(rf_gemm_blk_3_##TA_)(kc, A, lda, P, C, ldc, nj, mode, beta); break;        \
+    case 4: RF_FN(rf_gemm_blk_4_##TA_)(kc, A, lda, P, C, ldc, nj, mode, beta); break;        \
+    case 5: RF_FN(rf_gemm_blk_5_##TA_)(kc, A, lda, P, C, ldc, nj, mode, beta); break;        \
+    default: RF_FN(rf_gemm_blk_6_##TA_)(kc, A, lda, P, C, ldc, nj, mode, beta); break;       \
     }
     if (ta) { RF_GEMM_CASES(1) } else { RF_GEMM_CASES(0) }
 #undef RF_GEMM_CASES

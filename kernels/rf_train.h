@@ -23,6 +23,7 @@
 #define RF_TRAIN_H
 
 #include "rf_gates.h"
+#include "rf_fused.h"      /* the ISA level's vector width, named accumulators */
 
 #define RFT_DEFINE(T, SFX, EXP, TANH)                                                         \
 /* ---------------------------------------------------------------- forward, saving */    \
@@ -255,16 +256,21 @@ RFT_DEFINE(double, d, exp, tanh)
  * -march gives). BLAS re-packs the weights at every call, which dominates for the
  * few rows of a small-batch step.
  */
-#define RFT_VBYTES 64
+#define RFT_VBYTES RF_VBYTES     /* the ISA level's width and blocking (rf_fused.h) */
 typedef float rft_vf __attribute__((vector_size(RFT_VBYTES)));
 typedef double rft_vd __attribute__((vector_size(RFT_VBYTES)));
 #define RFT_VLF (RFT_VBYTES / 4)
 #define RFT_VLD (RFT_VBYTES / 8)
-#define RFT_MR 8          /* accumulator array bounds: MR x NV blocks with MR*NV <= 24 */
-#define RFT_NV 4
-/* Broadcast without the "(VT){0} + x" idiom, which costs an add (x + 0 is not x for -0). */
-#define RFT_BCAST_f(x) {x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}
-#define RFT_BCAST_d(x) {x, x, x, x, x, x, x, x}
+/* Row blocks: up to RFT_MR3 rows take one block of 3-vector columns (the weights read
+ * once per step), more rows balanced blocks of at most RFT_MR4 rows x 4 vectors: as many
+ * accumulators as rf_fused.h's blocks (24 of 32 registers for AVX-512, 12 of 16). */
+#if RF_VBYTES == 64
+#define RFT_MR3 8
+#define RFT_MR4 6
+#else
+#define RFT_MR3 4
+#define RFT_MR4 3
+#endif
 
 #define RFT_DEFINE_MM(T, SFX, VT, VL)                                                          \
 /* Pack columns [b0*VL, b1*VL) of a logical (K x M) matrix, element (k, m) at                 \
@@ -288,39 +294,21 @@ static inline void rft_pack_##SFX(int K, int M, int b0, int b1, const T *src, si
     }                                                                                        \
 }                                                                                            \
                                                                                              \
-static inline __attribute__((always_inline)) void rft_mk_##SFX(const int MR, const int NV,   \
+static inline __attribute__((always_inline)) void rft_mk_##SFX(const int MR_, const int NV_,   \
         int K, const T *A, int lda, const T *P, size_t bs, T *C, int ldc, int beta,          \
         int ncols) {                                                                         \
-    VT acc[RFT_MR][RFT_NV];                                                                  \
-    for (int r = 0; r < MR; ++r)                                                             \
-        for (int v = 0; v < NV; ++v) acc[r][v] = (VT){0};                                    \
+    typedef VT rf_acc_t;                                                                     \
+    typedef T rf_elt_t;                                                                      \
+    const int rf_vl_ = VL;                                                                   \
+    RF_R8(RF_ACC_DECL)                                                                       \
     for (int k = 0; k < K; ++k) {                                                            \
-        VT w[RFT_NV];                                                                        \
-        for (int v = 0; v < NV; ++v) memcpy(&w[v], P + v * bs + (size_t)k * VL, sizeof(VT)); \
-        for (int r = 0; r < MR; ++r) {                                                       \
-            const T ak = A[(size_t)r * lda + k];                                             \
-            VT a = RFT_BCAST_##SFX(ak);                                                      \
-            for (int v = 0; v < NV; ++v) acc[r][v] += a * w[v];                              \
-        }                                                                                    \
+        RF_LOAD_W(P + (size_t)k * VL, bs)                                                    \
+        RF_R8(RF_ACC_FMA)                                                                    \
     }                                                                                        \
-    for (int r = 0; r < MR; ++r) {                                                           \
-        T *c = C + (size_t)r * ldc;                                                          \
-        for (int v = 0; v < NV; ++v) {                                                       \
-            int nc = ncols - v * VL;                                                         \
-            if (nc >= VL) {                                                                  \
-                VT old;                                                                      \
-                if (beta) { memcpy(&old, c + v * VL, sizeof(VT)); acc[r][v] += old; }        \
-                memcpy(c + v * VL, &acc[r][v], sizeof(VT));                                  \
-            } else if (nc > 0) {                                                             \
-                T tmp[VL];                                                                   \
-                memcpy(tmp, &acc[r][v], sizeof(VT));                                         \
-                for (int e = 0; e < nc; ++e)                                                 \
-                    c[v * VL + e] = beta ? c[v * VL + e] + tmp[e] : tmp[e];                  \
-            }                                                                                \
-        }                                                                                    \
-    }                                                                                        \
+    RF_R8(RF_ACC_PUT)                                                                        \
 }                                                                                            \
                                                                                              \
+RFT_SPECS(T, SFX)                                                                            \
 /* C[n, ncols] (=|+=) A[n, K] @ (packed blocks from P, block stride bs). */                  \
 static inline void rft_mm_##SFX(int n, int K, const T *A, int lda, const T *P, size_t bs,    \
                                 int ncols, T *C, int ldc, int beta) {                        \
@@ -329,10 +317,10 @@ static inline void rft_mm_##SFX(int n, int K, const T *A, int lda, const T *P, s
         if (!beta) for (int r = 0; r < n; ++r) memset(C + (size_t)r * ldc, 0, sizeof(T) * ncols); \
         return;                                                                              \
     }                                                                                        \
-    /* up to 8 rows: one block of 8 x 3 vectors (the weights read once per step);            \
-     * more: balanced blocks of at most 6 rows x 4 vectors */                                \
-    int nvmax = n <= 8 ? 3 : 4;                                                              \
-    int nrb = n <= 8 ? 1 : (n + 5) / 6;                                                      \
+    /* up to RFT_MR3 rows: one block of 3 vectors (the weights read once per step);          \
+     * more: balanced blocks of at most RFT_MR4 rows x 4 vectors */                          \
+    int nvmax = n <= RFT_MR3 ? 3 : 4;                                                        \
+    int nrb = n <= RFT_MR3 ? 1 : (n + RFT_MR4 - 1) / RFT_MR4;                                \
     int mrb = (n + nrb - 1) / nrb;                                                           \
     for (int c0 = 0; c0 < ncols; c0 += nvmax * VL) {                                         \
         int nc = ncols - c0;                                                                 \
@@ -350,8 +338,11 @@ static inline void rft_mm_##SFX(int n, int K, const T *A, int lda, const T *P, s
     }                                                                                        \
 }
 
+/* (row counts above the ISA level's blocks never occur there; capped, they compile to
+ * blocks that fit its registers) */
+#define RFT_CMR(MR_, NV_) ((NV_) == 4 ? ((MR_) < RFT_MR4 ? (MR_) : RFT_MR4) : ((MR_) < RFT_MR3 ? (MR_) : RFT_MR3))
 #define RFT_CASE(SFX, MR_, NV_)                                                                \
-    case (MR_) * 8 + (NV_): rft_mk_##SFX(MR_, NV_, K, Ar, lda, Pc, bs, Cr, ldc, beta, nc); break;
+    case (MR_) * 8 + (NV_): rft_mk_##SFX##_##MR_##_##NV_(K, Ar, lda, Pc, bs, Cr, ldc, beta, nc); break;
 #define RFT_CASES_MR(SFX, MR_) RFT_CASE(SFX, MR_, 1) RFT_CASE(SFX, MR_, 2) RFT_CASE(SFX, MR_, 3) \
     RFT_CASE(SFX, MR_, 4)
 #define RFT_CASES(SFX) RFT_CASES_MR(SFX, 1) RFT_CASES_MR(SFX, 2) RFT_CASES_MR(SFX, 3)           \
@@ -359,8 +350,39 @@ static inline void rft_mm_##SFX(int n, int K, const T *A, int lda, const T *P, s
     RFT_CASE(SFX, 7, 1) RFT_CASE(SFX, 7, 2) RFT_CASE(SFX, 7, 3)                              \
     RFT_CASE(SFX, 8, 1) RFT_CASE(SFX, 8, 2) RFT_CASE(SFX, 8, 3)
 
+/* One out-of-line function per block shape, each with a register allocation of its own
+ * (see rf_gemm_tmpl.h). */
+#define RFT_SPEC(T, SFX, MR_, NV_)                                                             \
+static __attribute__((noinline)) void rft_mk_##SFX##_##MR_##_##NV_(int K, const T *A, int lda, \
+        const T *P, size_t bs, T *C, int ldc, int beta, int ncols) {                           \
+    rft_mk_##SFX(RFT_CMR(MR_, NV_), NV_, K, A, lda, P, bs, C, ldc, beta, ncols);               \
+}
+#define RFT_SPECS_MR(T, SFX, MR_) RFT_SPEC(T, SFX, MR_, 1) RFT_SPEC(T, SFX, MR_, 2)             \
+    RFT_SPEC(T, SFX, MR_, 3) RFT_SPEC(T, SFX, MR_, 4)
+#define RFT_SPECS(T, SFX) RFT_SPECS_MR(T, SFX, 1) RFT_SPECS_MR(T, SFX, 2) RFT_SPECS_MR(T, SFX, 3) \
+    RFT_SPECS_MR(T, SFX, 4) RFT_SPECS_MR(T, SFX, 5) RFT_SPECS_MR(T, SFX, 6)                   \
+    RFT_SPEC(T, SFX, 7, 1) RFT_SPEC(T, SFX, 7, 2) RFT_SPEC(T, SFX, 7, 3)                      \
+    RFT_SPEC(T, SFX, 8, 1) RFT_SPEC(T, SFX, 8, 2) RFT_SPEC(T, SFX, 8, 3)
+
+/* rft_mk's row values and its output: C (=|+=) the block, columns past ncols untouched */
+#define RF_AVAL(r) A[(size_t)(r) * lda + k]
+#define RF_PUT(r, v, acc) do {                                                                 \
+        rf_elt_t *c_ = C + (size_t)(r) * ldc + (v) * rf_vl_;                                   \
+        const int nc_ = ncols - (v) * rf_vl_;                                                  \
+        if (nc_ >= rf_vl_) {                                                                   \
+            rf_acc_t o_ = (acc);                                                               \
+            if (beta) { rf_acc_t old_; memcpy(&old_, c_, sizeof old_); o_ += old_; }           \
+            memcpy(c_, &o_, sizeof o_);                                                        \
+        } else if (nc_ > 0) {                                                                  \
+            rf_elt_t tmp_[sizeof(rf_acc_t) / sizeof(rf_elt_t)];                                \
+            memcpy(tmp_, &(acc), sizeof(rf_acc_t));                                            \
+            for (int e = 0; e < nc_; ++e) c_[e] = beta ? c_[e] + tmp_[e] : tmp_[e];            \
+        }                                                                                      \
+    } while (0)
 RFT_DEFINE_MM(float, f, rft_vf, RFT_VLF)
 RFT_DEFINE_MM(double, d, rft_vd, RFT_VLD)
+#undef RF_AVAL
+#undef RF_PUT
 
 /* db[g*H + u] += dg[j, g*H + u] for rows j in [j0, j1) (in that order), gate slots g in
  * [g0, g1), units u in [u0, u1): a step's bias gradients. The running sums stay in

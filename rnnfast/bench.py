@@ -44,6 +44,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import threads
 from .bench_roofline import ROOFLINE_N, ROOFLINE_WORKLOADS, format_roofline, run_roofline
 
 # name: (kind, T, B, I, H, extra) -- identical to the referee's WORKLOADS
@@ -771,8 +772,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"# rnnfast {rf.__version__}  threads={opt.threads} rounds={opt.rounds} burst={opt.burst} "
           f"backends={','.join(backends)}  torch={meta['torch'] or '-'} onnxruntime={meta['onnxruntime'] or '-'}"
           f"  reference={'timed' if opt.reference else 'skipped'}")
+    meta["host"] = _host()
     print(f"# {meta['cpu']}; ratios > 1: rnnfast faster (median of per-round ratios); "
           f"max err vs {'torch' if have_torch else 'reference'}")
+    print(f"# host: {meta['host']['line']}")
     for n in notes:
         print(f"# {n}")
     print(HEADER)
@@ -853,6 +856,33 @@ def _write_json(path: str, obj: dict) -> None:
     with open(tmp, "w") as fh:
         json.dump(clean(obj), fh, indent=1)
     os.replace(tmp, path)
+
+
+def _host() -> dict:
+    """What the figures ran on: the kernels' ISA level, what gcc -march=native takes the CPU
+    for, NumPy's BLAS kernel, and the environment variables that pin it."""
+    from .bench_roofline import PIN_VARS
+    from .info import compiler_native_target, isa_info
+    out: dict = {}
+    try:
+        isa = isa_info()
+        out["isa"] = isa.get("level") or "?"
+        out["isa_reason"] = isa.get("reason")
+    except Exception as e:  # noqa: BLE001
+        out["isa"] = f"? ({type(e).__name__})"
+    out["native_target"] = compiler_native_target()
+    try:
+        libs = threads.blas_info()
+        out["blas"] = ", ".join(dict.fromkeys(f"{lib.get('internal_api')} {lib.get('version')} "
+                                              f"{lib.get('architecture') or ''}".strip() for lib in libs)) or "?"
+    except Exception as e:  # noqa: BLE001
+        out["blas"] = f"? ({type(e).__name__})"
+    out["pinned_by"] = {v: os.environ[v] for v in PIN_VARS if v in os.environ}
+    pins = " ".join(f"{k}={v}" for k, v in out["pinned_by"].items())
+    out["line"] = (f"kernels {out['isa']} ({out.get('isa_reason')}); gcc -march=native: "
+                   f"{out['native_target'] or '-'}; NumPy BLAS {out['blas']}"
+                   + (f" (pinned by {pins} in this environment)" if pins else ""))
+    return out
 
 
 def _cpu_model() -> str:

@@ -127,13 +127,51 @@ def _numba_threading(trigger: bool, backends: list[str]) -> dict:
     return out
 
 
+def compiler_native_target(cc: str | None = None) -> str | None:
+    """What ``gcc -march=native`` takes this CPU for (e.g. 'rocketlake' for a KVM guest of a
+    Sapphire Rapids Xeon), or None without a GCC-compatible compiler."""
+    import shutil
+    import subprocess
+    cc = cc or os.environ.get("CC", "gcc").split()[0]
+    if shutil.which(cc) is None:
+        return None
+    try:
+        p = subprocess.run([cc, "-march=native", "-Q", "--help=target"], capture_output=True, text=True,
+                           timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in p.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "-march=":
+            return parts[1]
+    return None
+
+
+def isa_info() -> dict:
+    """The kernels' ISA level in use and why, the levels built and their flags."""
+    from .kernels import _isa
+    out: dict = {"levels_built": _isa.built_levels(), "flags": _isa.built_flags(), "level": None,
+                 "reason": None, "forced": os.environ.get("RNNFAST_ISA") or None}
+    try:
+        out["level"], out["reason"] = _isa.choose()
+    except RuntimeError as e:
+        out["reason"] = f"error: {e}"
+    out["cpu_supports"] = {lv: _isa.cpu_supports(lv) for lv in _isa.LEVEL_ORDER}
+    return out
+
+
 def _cython_info() -> dict:
     out = {"importable": False, "openmp": None, "path": None, "note": ""}
+    try:
+        out["isa"] = isa_info()
+    except Exception as e:  # noqa: BLE001
+        out["isa"] = {"error": f"{type(e).__name__}: {e}"}
     try:
         from .kernels import cy_rnn
         out["importable"] = True
         out["path"] = getattr(cy_rnn, "__file__", None)
         out["openmp"] = bool(cy_rnn.have_openmp())
+        out["build"] = cy_rnn.build_info()
     except Exception as e:  # noqa: BLE001
         out["note"] = f"{type(e).__name__}: {e}"
     return out
@@ -166,7 +204,7 @@ def collect(trigger_numba: bool = True) -> dict:
         "cython": _cython_info(),
         "numba": _numba_threading(trigger_numba, avail),
         "blas": blas,
-        "cpu": cpu_info(),
+        "cpu": {**cpu_info(), "native_target": compiler_native_target()},
         "versions": {d: _version(d) for d in ("numpy", "scipy", "numba", "llvmlite", "threadpoolctl", "Cython",
                                              "torch", "onnxruntime")},
     }
@@ -188,6 +226,17 @@ def format_info(info: dict) -> str:
         lines.append(f"cython kernels: OpenMP {'yes' if c['openmp'] else 'NO (serial build)'}  ({c['path']})")
     else:
         lines.append(f"cython kernels: not importable ({c['note']})")
+    isa = c.get("isa", {})
+    if "error" in isa:
+        lines.append(f"isa level: {isa['error']}")
+    else:
+        bld = c.get("build") or {}
+        flags = " ".join(isa["flags"].get(isa["level"], [])) if isa.get("level") else ""
+        lines.append(f"isa level: {isa.get('level') or '-'} ({isa.get('reason')}); "
+                     f"{bld.get('vector_bytes', '?')}-byte vectors; built: {', '.join(isa['levels_built']) or '-'}"
+                     + (f"; flags {flags}" if flags else ""))
+    cpu0 = info["cpu"]
+    lines.append(f"compiler: gcc -march=native is {cpu0.get('native_target') or '-'}")
     n = info["numba"]
     extra = []
     if n.get("num_threads") is not None:
