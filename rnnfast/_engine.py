@@ -101,11 +101,11 @@ _CHUNK_ABOVE = 64 << 20
 _BSPLIT_MIN_ROWS = 8
 _BSPLIT_MAX_WBYTES = 0
 # ... except when a thread's rows leave a short last block for the micro-kernel (its
-# blocks are RF_MR = 6 rows, kernels/rf_fused.h): 7 rows per thread read the weights
+# blocks are RF_MR rows: 6 at the AVX-512 level, kernels/rf_fused.h, which the kernel
+# module reports as build_info()["rows_per_block"]): 7 rows per thread read the weights
 # twice for 5 + 2 rows (B=14, T=100, H=256 or 512: 9-13 % slower than the unit split
 # for LSTM, GRU and RNN, two runs each). Measured before 7-8 float rows took one block
 # (rf_mkh); the rule stays as it was while the batch split is off.
-_MK_MR = 6
 # Live rows <= this: recurrent product by rf_rowdot from the row-major weights, only the
 # input weights packed. It won on the Xeon (B=2: 1.35 vs 1.42 ms, B=1 equal) but loses on
 # the Zen 5 host, where the packed panels stream from L2 at ~250 GB/s against ~135 for
@@ -115,6 +115,11 @@ _MK_MR = 6
 _REC_ROWDOT_ROWS = 0
 _CHUNK_BYTES = 8 << 20
 _CHUNK_MIN_ROWS = 96
+
+
+def _rows_per_block(mod) -> int:
+    """The Cython micro-kernel's rows per block in the ISA level loaded (RF_MR)."""
+    return mod.build_info()["rows_per_block"]
 
 
 def _chunk_steps(T: int, B: int, GH: int, itemsize: int) -> int:
@@ -276,8 +281,9 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout,
             cpd = nthreads // D
             rows_pt = -(-rows0 // max(1, cpd))      # a thread's rows, rounded up
             extra["batch_split"] = (nthreads >= 2 * D and rows0 >= _BSPLIT_MIN_ROWS
-                                    and not extra["rec_rowdot"] and rows_pt % _MK_MR != 1
-                                    and G * H * Hout * dtype.itemsize <= _BSPLIT_MAX_WBYTES)
+                                    and not extra["rec_rowdot"]
+                                    and G * H * Hout * dtype.itemsize <= _BSPLIT_MAX_WBYTES
+                                    and rows_pt % _rows_per_block(mod) != 1)
     for layer, dirs in enumerate(weights):
         sl = slice(layer * D, (layer + 1) * D)
         hbuf = scratch("hbuf", (D, 2, B, Hout), dtype)
