@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backends, reference, threads
+from . import backends, reference, threads, tuning
 from .cells import CELLS, LSTM_PROJ, GRU_LBR, GRU_NOLBR, RNN_RELU
 
 
@@ -97,22 +97,25 @@ _CHUNK_ABOVE = 64 << 20
 # 1.25 MB; on the Zen 5 host (1 MB L2) with the micro-kernel's 6 + 2 row blocks it lost
 # on every shape measured (same-process alternations, T=100: LSTM b8 H256 2.30 vs 2.01 ms,
 # GRU b8 H256 1.70 vs 1.50, LSTM b16 H256 4.16 vs 3.92, LSTM b8 H128 0.615 vs 0.580,
-# RNN b8 H512 2.11 vs 1.86), so it is off (0 bytes); tests still force it.
+# RNN b8 H512 2.11 vs 1.86).
 _BSPLIT_MIN_ROWS = 8
-_BSPLIT_MAX_WBYTES = 0
+# Whether it is on is measured on the user's machine (rnnfast/tuning.py: up to 1.25 MB of
+# weights where it wins, else off); a number here forces it (tests).
+_BSPLIT_MAX_WBYTES: int | None = None
 # ... except when a thread's rows leave a short last block for the micro-kernel (its
 # blocks are RF_MR rows: 6 at the AVX-512 level, kernels/rf_fused.h, which the kernel
 # module reports as build_info()["rows_per_block"]): 7 rows per thread read the weights
 # twice for 5 + 2 rows (B=14, T=100, H=256 or 512: 9-13 % slower than the unit split
 # for LSTM, GRU and RNN, two runs each). Measured before 7-8 float rows took one block
-# (rf_mkh); the rule stays as it was while the batch split is off.
+# (rf_mkh).
 # Live rows <= this: recurrent product by rf_rowdot from the row-major weights, only the
 # input weights packed. It won on the Xeon (B=2: 1.35 vs 1.42 ms, B=1 equal) but loses on
 # the Zen 5 host, where the packed panels stream from L2 at ~250 GB/s against ~135 for
 # rf_rowdot's eight row streams (same-process alternations, T=100, H=256: LSTM B=1 0.584
-# vs 0.425 ms, GRU B=1 0.447 vs 0.380, LSTM B=2 0.758 vs 0.625; T=10 B=1 0.091 vs 0.088),
-# so every step now takes the packed panels (0); tests still force the rowdot form.
-_REC_ROWDOT_ROWS = 0
+# vs 0.425 ms, GRU B=1 0.447 vs 0.380, LSTM B=2 0.758 vs 0.625; T=10 B=1 0.091 vs 0.088).
+# Measured per machine too (rnnfast/tuning.py: 2 rows where it wins, else 0); a number
+# here forces it (tests).
+_REC_ROWDOT_ROWS: int | None = None
 _CHUNK_BYTES = 8 << 20
 _CHUNK_MIN_ROWS = 96
 
@@ -216,8 +219,11 @@ def run_stack(kind: str, code: int, x: np.ndarray, weights: list[list[DirWeights
     name = backends.resolve(kind, B, H, dtype, threads.get_num_threads())
     if name == "reference":
         return _run_reference(kind, code, x, weights, h0, c0, lengths, rev0)
+    # the step forms measured on this machine (before this call takes any scratch: the
+    # first call on a machine measures them with a few calls of its own)
+    prof = tuning.profile(threads.get_num_threads()) if name == "cython" else tuning.DEFAULTS
     return threads.call_with_threads(_run_packed, name, kind, code, x, weights, h0, c0, lengths, rev0,
-                                     G, H, Hout)
+                                     G, H, Hout, prof)
 
 
 def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0):
@@ -241,7 +247,7 @@ def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0):
     return out, hn, cn
 
 
-def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout, nthreads):
+def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout, prof, nthreads):
     T, B, I = x.shape
     L, D = len(weights), len(weights[0])
     dtype = x.dtype
@@ -277,12 +283,14 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout,
         if n_el:
             extra["wpk"] = scratch("wpk", (D * n_el,), dtype)
             rows0 = int(pk.bsz[0])      # the first step's live rows (the most)
-            extra["rec_rowdot"] = rows0 <= _REC_ROWDOT_ROWS
+            rowdot_rows = prof["rec_rowdot_rows"] if _REC_ROWDOT_ROWS is None else _REC_ROWDOT_ROWS
+            bsplit_bytes = prof["bsplit_max_wbytes"] if _BSPLIT_MAX_WBYTES is None else _BSPLIT_MAX_WBYTES
+            extra["rec_rowdot"] = rows0 <= rowdot_rows
             cpd = nthreads // D
             rows_pt = -(-rows0 // max(1, cpd))      # a thread's rows, rounded up
             extra["batch_split"] = (nthreads >= 2 * D and rows0 >= _BSPLIT_MIN_ROWS
                                     and not extra["rec_rowdot"]
-                                    and G * H * Hout * dtype.itemsize <= _BSPLIT_MAX_WBYTES
+                                    and G * H * Hout * dtype.itemsize <= bsplit_bytes
                                     and rows_pt % _rows_per_block(mod) != 1)
     for layer, dirs in enumerate(weights):
         sl = slice(layer * D, (layer + 1) * D)

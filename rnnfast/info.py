@@ -160,6 +160,17 @@ def isa_info() -> dict:
     return out
 
 
+def _tuning_info(nthreads: int) -> dict:
+    from . import tuning
+    out = {"enabled": tuning.enabled(), "cache": tuning.cache_path()}
+    if out["enabled"]:
+        try:
+            out["profile"] = tuning.profile(nthreads)
+        except Exception as e:  # noqa: BLE001
+            out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def _cython_info() -> dict:
     out = {"importable": False, "openmp": None, "path": None, "note": ""}
     try:
@@ -202,6 +213,7 @@ def collect(trigger_numba: bool = True) -> dict:
         "threads": {"rnnfast": rf.get_num_threads(), "cpu_count": os.cpu_count(),
                     "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}},
         "cython": _cython_info(),
+        "tuning": _tuning_info(rf.get_num_threads()),
         "numba": _numba_threading(trigger_numba, avail),
         "blas": blas,
         "cpu": {**cpu_info(), "native_target": compiler_native_target()},
@@ -235,6 +247,15 @@ def format_info(info: dict) -> str:
         lines.append(f"isa level: {isa.get('level') or '-'} ({isa.get('reason')}); "
                      f"{bld.get('vector_bytes', '?')}-byte vectors; built: {', '.join(isa['levels_built']) or '-'}"
                      + (f"; flags {flags}" if flags else ""))
+    tu = info.get("tuning", {})
+    if not tu.get("enabled"):
+        lines.append("step forms: defaults (RNNFAST_TUNE=0)")
+    elif "error" in tu:
+        lines.append(f"step forms: {tu['error']}")
+    else:
+        pr = tu["profile"]
+        lines.append("step forms (measured " + str(pr.get("date", "?")) + f", {tu['cache']}): "
+                     + ", ".join(f"{k} {pr[k]}" for k in ("bsplit_max_wbytes", "rec_rowdot_rows")))
     cpu0 = info["cpu"]
     lines.append(f"compiler: gcc -march=native is {cpu0.get('native_target') or '-'}")
     n = info["numba"]
