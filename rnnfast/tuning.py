@@ -1,13 +1,14 @@
 """Host-measured choices of the Cython kernel's step forms, made once per machine.
 
 Two step forms won on one host and lost on another (figures in ``rnnfast/_engine.py``):
-threads splitting a step's batch rows instead of its hidden units (won 1.5-10 % at 8 rows
-on a 2 MB-L2 Xeon, lost on every shape on a 1 MB-L2 Zen 5), and the recurrent product of
-one or two live rows straight from the row-major weights (``rf_rowdot``; won at 2 rows on
-the Xeon, lost on the Zen 5, whose L2 streams the packed panels faster). Instead of a
-constant tuned on one CPU, :func:`profile` measures both on the user's machine the first
-time a layer needs them: alternating calls of each form on an LSTM(256) of 100 steps at
-8 and 2 rows (about 0.3 s on two cores, once), kept in the user's cache directory per machine, build and thread count
+threads splitting a step's batch rows instead of its hidden units (won 1.5-10 % at 8
+rows on a 2 MB-L2 Xeon, lost on every shape on a 1 MB-L2 Zen 5), and the recurrent
+product of one or two live rows straight from the row-major weights (``rf_rowdot``; won
+at 2 rows on the Xeon, lost on the Zen 5, whose L2 streams the packed panels faster).
+Instead of a constant tuned on one CPU, :func:`profile` measures both on the user's
+machine the first time a layer needs them: alternating calls of each form on an
+LSTM(256) of 100 steps at 8 and 2 rows (about 0.3 s on two cores, once), kept in the
+user's cache directory per machine, build and thread count
 (``$XDG_CACHE_HOME/rnnfast/tune.json``, else ``~/.cache/rnnfast``), so that later
 processes take the same choice without measuring. ``python -m rnnfast tune`` measures
 again; ``RNNFAST_TUNE=0`` turns measuring off (the defaults below, the forms off).
