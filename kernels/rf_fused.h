@@ -40,12 +40,12 @@
 #define RF_VBYTES 32
 #define RF_MR 3
 #define RF_HALF_PANELS_ISA 0
-#define RF_R1_MAXV 8
+#define RF_R1_MAXV 4
 #else
 #define RF_VBYTES 16
 #define RF_MR 3
 #define RF_HALF_PANELS_ISA 0
-#define RF_R1_MAXV 8
+#define RF_R1_MAXV 4
 #endif
 typedef float rf_vf __attribute__((vector_size(RF_VBYTES)));
 typedef double rf_vd __attribute__((vector_size(RF_VBYTES)));

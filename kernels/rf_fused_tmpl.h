@@ -373,6 +373,18 @@ static inline RF_VT RF_FN(rf_red1)(RF_VT a, RF_VT b) {
 }
 #endif
 
+/* (stages a narrower vector does not have: never called, defined so that code written
+ * for every width compiles) */
+#if RF_VL < 4
+static inline RF_VT RF_FN(rf_red2)(RF_VT a, RF_VT b) { return a + b; }
+#endif
+#if RF_VL < 8
+static inline RF_VT RF_FN(rf_red3)(RF_VT a, RF_VT b) { return a + b; }
+#endif
+#if RF_VL < 16
+static inline RF_VT RF_FN(rf_red4)(RF_VT a, RF_VT b) { return a + b; }
+#endif
+
 /* Sum of each of RF_VL vectors: lane l of the result = sum of the lanes of v[l]
  * (a transposing tree of shuffles and adds: RF_VL - 1 of each for RF_VL sums). */
 static inline RF_VT RF_FN(rf_reduce_lanes)(RF_VT *v) {
@@ -482,11 +494,46 @@ static inline __attribute__((always_inline)) void RF_FN(rf_rowdot_blk)(const int
         for (int i = 0; i < nr; ++i) C[(size_t)q * ldc + i] = out[q * NR + i];
 }
 
+/* One weight row of rf_rowdot1: the vector of partial sums of a[:K] . w[:K] (two
+ * chains s0, s1 added at the end), `a` in registers (xv, NKV >= 0) or read from memory. */
+static inline __attribute__((always_inline)) RF_VT RF_FN(rf_rowdot1_row)(const int NKV, int K, int kt,
+        const RF_VT *xv, RF_VT xt, const RF_T *a, const RF_T *w) {
+    const int KS = 2 * RF_VL;
+    RF_VT s0 = {0}, s1 = {0};
+    if (NKV >= 0) {
+        for (int c = 0; c < NKV; c += 2) {
+            RF_VT w0;
+            memcpy(&w0, w + c * RF_VL, sizeof(RF_VT));
+            s0 += xv[c] * w0;
+            if (c + 1 < NKV) {
+                RF_VT w1;
+                memcpy(&w1, w + (c + 1) * RF_VL, sizeof(RF_VT));
+                s1 += xv[c + 1] * w1;
+            }
+        }
+    } else {
+        const int Kv = K - K % KS;
+        for (int k = 0; k < Kv; k += KS) {
+            RF_VT w0, w1, a0, a1;
+            memcpy(&w0, w + k, sizeof(RF_VT)); memcpy(&w1, w + k + RF_VL, sizeof(RF_VT));
+            memcpy(&a0, a + k, sizeof(RF_VT)); memcpy(&a1, a + k + RF_VL, sizeof(RF_VT));
+            s0 += a0 * w0; s1 += a1 * w1;
+        }
+        if (Kv < kt) {
+            RF_VT w0, a0;
+            memcpy(&w0, w + Kv, sizeof(RF_VT)); memcpy(&a0, a + Kv, sizeof(RF_VT));
+            s0 += a0 * w0;
+        }
+    }
+    if (kt < K) s0 += xt * RF_FN(rf_load_head)(w + kt, K - kt);
+    return s0 + s1;
+}
+
 /* rf_rowdot1_segs' body: NKV (a constant, <= 16) whole vectors of `a` held in
  * registers, or NKV < 0: `a` read from memory with each row (any K). */
 static inline __attribute__((always_inline)) void RF_FN(rf_rowdot1_body)(const int NKV, int nseg, int m, int K,
         const RF_T *a, const RF_T *W0, int ldw, size_t wseg, RF_T *C0, size_t cseg, int rev) {
-    const int KS = 2 * RF_VL, ng = (m + RF_VL - 1) / RF_VL;
+    const int ng = (m + RF_VL - 1) / RF_VL;
     const int kt = (NKV >= 0 ? NKV : K / RF_VL) * RF_VL;    /* the masked tail starts here */
     RF_VT xv[16], xt = {0};
     for (int c = 0; c < NKV; ++c) memcpy(&xv[c], a + c * RF_VL, sizeof(RF_VT));
@@ -501,56 +548,37 @@ static inline __attribute__((always_inline)) void RF_FN(rf_rowdot1_body)(const i
          * the same order; held in an array, they went through the stack) */
         RF_VT q1 = {0}, q2 __attribute__((unused)) = {0}, q3 __attribute__((unused)) = {0},
               q4 __attribute__((unused)) = {0}, s = {0};
-#pragma GCC unroll 2
-        for (int r = 0; r < RF_VL; ++r) {
-            RF_VT x = {0};
-            if (r < nr) {
-            const RF_T *w = W + (size_t)(r0 + r) * ldw;
-            RF_VT s0 = {0}, s1 = {0};
-            if (NKV >= 0) {
-                for (int c = 0; c < NKV; c += 2) {
-                    RF_VT w0;
-                    memcpy(&w0, w + c * RF_VL, sizeof(RF_VT));
-                    s0 += xv[c] * w0;
-                    if (c + 1 < NKV) {
-                        RF_VT w1;
-                        memcpy(&w1, w + (c + 1) * RF_VL, sizeof(RF_VT));
-                        s1 += xv[c + 1] * w1;
-                    }
-                }
-            } else {
-                const int Kv = K - K % KS;
-                for (int k = 0; k < Kv; k += KS) {
-                    RF_VT w0, w1, a0, a1;
-                    memcpy(&w0, w + k, sizeof(RF_VT)); memcpy(&w1, w + k + RF_VL, sizeof(RF_VT));
-                    memcpy(&a0, a + k, sizeof(RF_VT)); memcpy(&a1, a + k + RF_VL, sizeof(RF_VT));
-                    s0 += a0 * w0; s1 += a1 * w1;
-                }
-                if (Kv < kt) {
-                    RF_VT w0, a0;
-                    memcpy(&w0, w + Kv, sizeof(RF_VT)); memcpy(&a0, a + Kv, sizeof(RF_VT));
-                    s0 += a0 * w0;
-                }
-            }
-            if (kt < K) s0 += xt * RF_FN(rf_load_head)(w + kt, K - kt);
-            x = s0 + s1;
-            }
-            if (!(r & 1)) { q1 = x; continue; }
-            x = RF_FN(rf_red1)(q1, x);
-#if RF_VL >= 4
-            if (!(r & 2)) { q2 = x; continue; }
-            x = RF_FN(rf_red2)(q2, x);
-#endif
-#if RF_VL >= 8
-            if (!(r & 4)) { q3 = x; continue; }
-            x = RF_FN(rf_red3)(q3, x);
-#endif
-#if RF_VL >= 16
-            if (!(r & 8)) { q4 = x; continue; }
-            x = RF_FN(rf_red4)(q4, x);
-#endif
+#define RF_R1_PUSH                                                                     \
+            if (!(r & 1)) { q1 = x; continue; }                                        \
+            x = RF_FN(rf_red1)(q1, x);                                                 \
+            if (RF_VL >= 4) {                                                          \
+                if (!(r & 2)) { q2 = x; continue; }                                    \
+                x = RF_FN(rf_red2)(q2, x);                                             \
+            }                                                                          \
+            if (RF_VL >= 8) {                                                          \
+                if (!(r & 4)) { q3 = x; continue; }                                    \
+                x = RF_FN(rf_red3)(q3, x);                                             \
+            }                                                                          \
+            if (RF_VL >= 16) {                                                         \
+                if (!(r & 8)) { q4 = x; continue; }                                    \
+                x = RF_FN(rf_red4)(q4, x);                                             \
+            }                                                                          \
             s = x;
+        if (nr == RF_VL) {      /* whole groups: unrolled, the tree's branches resolved */
+#pragma GCC unroll 16
+            for (int r = 0; r < RF_VL; ++r) {
+                RF_VT x = RF_FN(rf_rowdot1_row)(NKV, K, kt, xv, xt, a, W + (size_t)(r0 + r) * ldw);
+                RF_R1_PUSH
+            }
+        } else {
+#pragma GCC unroll 2
+            for (int r = 0; r < RF_VL; ++r) {
+                RF_VT x = {0};
+                if (r < nr) x = RF_FN(rf_rowdot1_row)(NKV, K, kt, xv, xt, a, W + (size_t)(r0 + r) * ldw);
+                RF_R1_PUSH
+            }
         }
+#undef RF_R1_PUSH
         if (nr == RF_VL) memcpy(C + r0, &s, sizeof(RF_VT));
         else RF_FN(rf_store_head)(C + r0, s, nr);
     }
