@@ -39,11 +39,14 @@ def built_flags() -> dict[str, list[str]]:
 
 
 def cpu_features() -> dict[str, bool]:
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as f  # NumPy >= 2
-    except ImportError:  # pragma: no cover - NumPy 1.x
-        from numpy.core._multiarray_umath import __cpu_features__ as f
-    return dict(f)
+    """NumPy's runtime CPU detection ({} where it has none: the baseline level only)."""
+    for modname in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
+        try:
+            mod = __import__(modname, fromlist=["__cpu_features__"])
+            return dict(getattr(mod, "__cpu_features__", {}))
+        except ImportError:
+            continue
+    return {}
 
 
 def cpu_supports(level: str) -> bool:
@@ -77,7 +80,7 @@ def choose() -> tuple[str, str]:
         return _chosen
     for level in reversed(built):
         if cpu_supports(level):
-            skipped = [lv for lv in built[built.index(level) + 1:]]
+            skipped = built[built.index(level) + 1:]
             why = "best level built" if not skipped else f"the CPU lacks {', '.join(skipped)}"
             _chosen = (level, why)
             return _chosen

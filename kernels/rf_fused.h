@@ -60,9 +60,10 @@ typedef double rf_vd __attribute__((vector_size(RF_VBYTES)));
 
 /* Named accumulators: a block of up to 8 rows x 4 vectors as separate variables
  * c<r>_<v>, never an array, so that the optimiser has nothing to demote to memory (GCC
- * kept `acc[RF_MR][RF_MAXNV]` on the stack under -march=rocketlake tuning: the GEMM ran
- * at a quarter of its speed). Rows and vectors past the block's constant MR_ / NV_ are
- * dead code. The kernel declares rf_acc_t (its vector type); RF_ACC_FMA needs RF_AVAL(r) (row r's value at this k) and w0..w3. */
+ * kept `acc[RF_MR][RF_MAXNV]` on the stack under -march=rocketlake tuning: commit
+ * 64283eb, docs/performance.md). Rows and vectors past the block's constant MR_ / NV_
+ * are dead code. The kernel declares rf_acc_t (its vector type); RF_ACC_FMA needs
+ * RF_AVAL(r) (row r's value at this k) and w0..w3. */
 #define RF_R8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
 #define RF_ACC_DECL(r) rf_acc_t c##r##_0 __attribute__((unused)) = {0}, c##r##_1 __attribute__((unused)) = {0}, \
                              c##r##_2 __attribute__((unused)) = {0}, c##r##_3 __attribute__((unused)) = {0};

@@ -401,6 +401,17 @@ static inline RF_VT RF_FN(rf_reduce_lanes)(RF_VT *v) {
     return v[0];
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__) && RF_VBYTES == 32
+/* AVX2's lane mask of the first n elements (all bits set in lanes < n) */
+static inline __m256i RF_FN(rf_head_mask)(int n) {
+#ifdef RF_FLOAT_BODY
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+#else
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+#endif
+}
+#endif
+
 /* The first n < RF_VL elements at p, zeros after them (nothing past p + n is read):
  * masked loads where the ISA has them (a memcpy of n elements is a library call, around
  * which every live vector register is saved to the stack). */
@@ -410,11 +421,9 @@ static inline RF_VT RF_FN(rf_load_head)(const RF_T *p, int n) {
 #elif defined(__AVX512F__)
     return (RF_VT)_mm512_maskz_loadu_pd((__mmask8)((1u << n) - 1u), p);
 #elif defined(__AVX2__) && RF_VBYTES == 32 && defined(RF_FLOAT_BODY)
-    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    return (RF_VT)_mm256_maskload_ps(p, m);
+    return (RF_VT)_mm256_maskload_ps(p, RF_FN(rf_head_mask)(n));
 #elif defined(__AVX2__) && RF_VBYTES == 32
-    const __m256i m = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
-    return (RF_VT)_mm256_maskload_pd(p, m);
+    return (RF_VT)_mm256_maskload_pd(p, RF_FN(rf_head_mask)(n));
 #else
     RF_VT v = {0};
     for (int i = 0; i < n; ++i) v[i] = p[i];
@@ -429,11 +438,9 @@ static inline void RF_FN(rf_store_head)(RF_T *p, RF_VT v, int n) {
 #elif defined(__AVX512F__)
     _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1u), (__m512d)v);
 #elif defined(__AVX2__) && RF_VBYTES == 32 && defined(RF_FLOAT_BODY)
-    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    _mm256_maskstore_ps(p, m, (__m256)v);
+    _mm256_maskstore_ps(p, RF_FN(rf_head_mask)(n), (__m256)v);
 #elif defined(__AVX2__) && RF_VBYTES == 32
-    const __m256i m = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
-    _mm256_maskstore_pd(p, m, (__m256d)v);
+    _mm256_maskstore_pd(p, RF_FN(rf_head_mask)(n), (__m256d)v);
 #else
     for (int i = 0; i < n; ++i) p[i] = v[i];
 #endif
@@ -502,28 +509,16 @@ static inline __attribute__((always_inline)) RF_VT RF_FN(rf_rowdot1_row)(const i
     RF_VT s0 = {0}, s1 = {0};
     if (NKV >= 0) {
         for (int c = 0; c < NKV; c += 2) {
-            RF_VT w0;
-            memcpy(&w0, w + c * RF_VL, sizeof(RF_VT));
-            s0 += xv[c] * w0;
-            if (c + 1 < NKV) {
-                RF_VT w1;
-                memcpy(&w1, w + (c + 1) * RF_VL, sizeof(RF_VT));
-                s1 += xv[c + 1] * w1;
-            }
+            s0 += xv[c] * RF_FN(rf_ldv)(w + c * RF_VL);
+            if (c + 1 < NKV) s1 += xv[c + 1] * RF_FN(rf_ldv)(w + (c + 1) * RF_VL);
         }
     } else {
         const int Kv = K - K % KS;
         for (int k = 0; k < Kv; k += KS) {
-            RF_VT w0, w1, a0, a1;
-            memcpy(&w0, w + k, sizeof(RF_VT)); memcpy(&w1, w + k + RF_VL, sizeof(RF_VT));
-            memcpy(&a0, a + k, sizeof(RF_VT)); memcpy(&a1, a + k + RF_VL, sizeof(RF_VT));
-            s0 += a0 * w0; s1 += a1 * w1;
+            s0 += RF_FN(rf_ldv)(a + k) * RF_FN(rf_ldv)(w + k);
+            s1 += RF_FN(rf_ldv)(a + k + RF_VL) * RF_FN(rf_ldv)(w + k + RF_VL);
         }
-        if (Kv < kt) {
-            RF_VT w0, a0;
-            memcpy(&w0, w + Kv, sizeof(RF_VT)); memcpy(&a0, a + Kv, sizeof(RF_VT));
-            s0 += a0 * w0;
-        }
+        if (Kv < kt) s0 += RF_FN(rf_ldv)(a + Kv) * RF_FN(rf_ldv)(w + Kv);
     }
     if (kt < K) s0 += xt * RF_FN(rf_load_head)(w + kt, K - kt);
     return s0 + s1;

@@ -51,23 +51,14 @@ def cpu_info() -> dict:
         out["simd"] = [f for f in SIMD_FLAGS if f in flags]
         out["simd_source"] = "/proc/cpuinfo"
     else:
-        feats = _numpy_cpu_features()
+        from .kernels._isa import cpu_features
+        feats = cpu_features()
         if feats:
             out["simd"] = [f for f, on in feats.items() if on]
             out["simd_source"] = "numpy"
     if not out["model"]:
         out["model"] = platform.processor() or None
     return out
-
-
-def _numpy_cpu_features() -> dict:
-    for modname in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
-        try:
-            mod = __import__(modname, fromlist=["__cpu_features__"])
-            return dict(getattr(mod, "__cpu_features__", {}))
-        except Exception:  # noqa: BLE001
-            continue
-    return {}
 
 
 def _version(dist: str) -> str | None:

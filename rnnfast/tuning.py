@@ -14,9 +14,9 @@ processes take the same choice without measuring. ``python -m rnnfast tune`` mea
 again; ``RNNFAST_TUNE=0`` turns measuring off (the defaults below, the forms off).
 
 A training GEMM measured alone is not a fair candidate: NumPy's OpenBLAS matched
-rnnfast's GEMM on a 2048^3 product on the Xeon but made a training step 15-75 % slower in
-place (its threads spin between the OpenMP regions), so the GEMMs are not chosen here
-(docs/performance.md).
+rnnfast's GEMM on a 2048^3 product on the Xeon but made training steps slower in place
+(its threads spin between the OpenMP regions), so the GEMMs are not chosen here (figures
+in docs/performance.md).
 """
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ import numpy as np
 # The profile when tuning is off, and the values a measured win turns on: one place.
 DEFAULTS = {"bsplit_max_wbytes": 0, "rec_rowdot_rows": 0}
 ON_VALUES = {"bsplit_max_wbytes": 1280 << 10, "rec_rowdot_rows": 2}
+# How each form is measured on an LSTM(256) of 100 steps: (label of its time ratio, batch
+# rows, fewest threads it applies to). The batch split: 8 rows (1 MB of recurrent weights
+# each thread reads); the row-dot recurrence: 2 live rows.
+FORMS = {"bsplit_max_wbytes": ("bsplit_time_ratio", 8, 2), "rec_rowdot_rows": ("rowdot_time_ratio", 2, 1)}
 MIN_GAIN = 0.04         # a form is taken when its median time is at least 4 % lower (noise: 1-3 %)
 ROUNDS = 5
 
@@ -123,25 +127,17 @@ def measure(nthreads: int, rounds: int = ROUNDS) -> dict:
     _forced.forms = dict(DEFAULTS)      # the warm-up calls too: no profile lookup inside
     try:
         with rnnfast.backend("cython"):
-            # batch split: 8 rows, LSTM(256) (1 MB of recurrent weights), both threads
-            if nthreads >= 2:
+            for form, (label, rows, min_threads) in FORMS.items():
+                if nthreads < min_threads:
+                    continue
                 layer = rnnfast.LSTM(256, 256, seed=0)
-                x = rng.standard_normal((100, 8, 256)).astype(np.float32)
+                x = rng.standard_normal((100, rows, 256)).astype(np.float32)
                 layer(x)
-                off, on = dict(DEFAULTS), {**DEFAULTS, "bsplit_max_wbytes": ON_VALUES["bsplit_max_wbytes"]}
-                ratio = _time_pair(lambda: layer(x), off, on, rounds)
-                measured["bsplit_time_ratio"] = ratio
+                ratio = _time_pair(lambda layer=layer, x=x: layer(x), dict(DEFAULTS), {**DEFAULTS, form: ON_VALUES[form]},
+                                   rounds)
+                measured[label] = ratio
                 if ratio < 1.0 - MIN_GAIN:
-                    prof["bsplit_max_wbytes"] = ON_VALUES["bsplit_max_wbytes"]
-            # row-dot recurrence: 2 live rows, LSTM(256)
-            layer = rnnfast.LSTM(256, 256, seed=0)
-            x = rng.standard_normal((100, 2, 256)).astype(np.float32)
-            layer(x)
-            off, on = dict(DEFAULTS), {**DEFAULTS, "rec_rowdot_rows": ON_VALUES["rec_rowdot_rows"]}
-            ratio = _time_pair(lambda: layer(x), off, on, rounds)
-            measured["rowdot_time_ratio"] = ratio
-            if ratio < 1.0 - MIN_GAIN:
-                prof["rec_rowdot_rows"] = ON_VALUES["rec_rowdot_rows"]
+                    prof[form] = ON_VALUES[form]
     finally:
         _forced.forms = None
     prof["measured"] = measured

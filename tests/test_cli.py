@@ -67,6 +67,10 @@ def test_bench_quick_json(tmp_path):
     assert meta["rounds"] == 1 and meta["quick"] is True
     assert meta["backends"] == ["auto"]
     assert meta["wall_s"] > 0
+    # the host line: the kernels' level, gcc's -march=native target, NumPy's BLAS
+    from rnnfast.kernels import _isa
+    assert f"# host: kernels {_isa.choose()[0]} (" in p.stdout and "NumPy BLAS" in p.stdout
+    assert meta["host"]["isa"] == _isa.choose()[0]
     (rec,) = data["workloads"]
     assert rec["name"] == "lstm-b1"
     assert (rec["kind"], rec["T"], rec["B"], rec["I"], rec["H"]) == ("lstm", 100, 1, 256, 256)
