@@ -49,10 +49,6 @@ cdef extern from "rf_fused.h":
     int RF_MR
 
 
-def build_info():
-    """The ISA level this module was compiled for, its vector width and row blocking."""
-    return {"level": RF_ISA_LEVEL.decode(), "vector_bytes": RF_VBYTES, "rows_per_block": RF_MR}
-
 cdef extern from "rf_pool.h" nogil:
     ctypedef void (*rf_pool_fn)(void *arg, int tid) noexcept nogil
     int rf_pool_run(rf_pool_fn fn, void *arg)
@@ -100,6 +96,14 @@ DEF UNIT_BLOCK = 16     # hidden-unit slices are multiples of this (one AVX-512 
 DEF MAX_DIRS = 2
 DEF FUSED_MIN_T = 4
 DEF ROWDOT_MAX_ROWS = 8  # products with at most this many rows skip BLAS (rf_rowdot)
+
+
+def build_info():
+    """The ISA level this module was compiled for, its vector width and row blocking, and
+    the most rows a product may have without calling BLAS (rnnfast limits BLAS's threads
+    only around calls that may call it)."""
+    return {"level": RF_ISA_LEVEL.decode(), "vector_bytes": RF_VBYTES, "rows_per_block": RF_MR,
+            "rowdot_max_rows": ROWDOT_MAX_ROWS}
 
 
 def have_openmp() -> bool:
@@ -640,6 +644,8 @@ def run_small(int code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
     cdef int Hout = cnp.PyArray_DIM(<cnp.ndarray>hbuf, 2)
     cdef int I = cnp.PyArray_DIM(<cnp.ndarray>x, cnp.PyArray_NDIM(<cnp.ndarray>x) - 1)
     cdef int H = cnp.PyArray_DIM(<cnp.ndarray>s2, 1)
+    if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>state):     # e.g. mapped read-only by a deserialiser
+        raise ValueError("run_small: the call counter `state` is read-only")
     if cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_FLOAT32:
         return _run_small_t(<float*>NULL, code, x, bsz, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, y, hn, cn,
                             xg, hbuf, hg, s2, state, T, B, I, H, Hout, pool, nthreads)

@@ -32,15 +32,13 @@ call that LLVM cannot vectorise. float32 uses the Cephes single-precision ``expf
 vectorises (about 6x faster than libm for the LSTM gates); float64 uses ``math.exp``
 / ``math.tanh``.
 
-Threading: the module selects Numba's thread-safe threading layer at import (OpenMP or
-TBB; the default workqueue layer is not safe for calls from several Python threads)
-unless ``NUMBA_THREADING_LAYER`` is set, and ``run_layer`` applies the thread count at
-every entry (Numba's count is per calling thread). The kernels release the GIL.
+Threading: ``run_layer`` sets the thread count for its call and restores the caller's,
+and the threading layer is left to the user (``numba_common``). The kernels release
+the GIL.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import numba
 import numpy as np
@@ -52,9 +50,7 @@ from numba.np.linalg import ensure_blas
 
 from .. import threads
 from ..cells import GRU_LBR, GRU_NOLBR, LSTM, LSTM_PROJ, RNN_TANH
-
-if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "threadsafe"
+from .numba_common import kernel_threads
 
 # Flags of every kernel loop. Never "nnan"/"ninf": padded or saturated values must
 # stay IEEE (exp overflow to inf gives sigmoid 0, not garbage).
@@ -506,12 +502,11 @@ def run_layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh
     T = bsz.shape[0]
     if T == 0 or x.shape[0] == 0:
         return
-    nthr = max(1, min(int(nthreads), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(nthr)
     threads.set_blas_threads(1)
     ins = (x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, w_hr1)
     for a in ins:
         if not a.flags.writeable:
             ins = tuple(_readonly(a) for a in ins)
             break
-    _layer(int(code), *ins, int(ndir), bool(rev0), xg, hbuf, cst, y, hg, s2, nthr, int(_SERIAL_WORK))
+    with kernel_threads(nthreads) as nthr:
+        _layer(int(code), *ins, int(ndir), bool(rev0), xg, hbuf, cst, y, hg, s2, nthr, int(_SERIAL_WORK))

@@ -14,21 +14,18 @@ rnnfast thread count) before the kernel; the gate math runs inside the scan and 
 passes (recomputed in the second pass rather than stored, so the projections are never
 modified). Numba here has no SVML, so ``math.exp`` is a scalar call.
 
-Threading: the module selects Numba's thread-safe threading layer at import (OpenMP or
-TBB) unless ``NUMBA_THREADING_LAYER`` is set, and every entry applies the rnnfast thread
-count (Numba's count is per calling thread).
+Threading: every entry sets the rnnfast thread count for its call and restores the
+caller's, and the threading layer is left to the user (``numba_common``).
 """
 from __future__ import annotations
 
 import math
-import os
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "threadsafe"
+from .numba_common import kernel_threads
 
 # Never "nnan"/"ninf" (NaN and inf must propagate as IEEE) nor "reassoc" (the order of
 # a recurrence is its meaning).
@@ -38,12 +35,6 @@ FASTMATH = {"nsz", "arcp", "contract", "afn"}
 # product below this (it scales a carry by less than 1e-180) is set to 0.
 _TINY = 2.0 ** -600
 
-
-
-def _threads(n: int) -> int:
-    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    return n
 
 
 def chunk_bounds(T: int, P: int, rho: float) -> np.ndarray:
@@ -144,18 +135,18 @@ def linear_scan(a, b, out, carry, reverse, nthreads, rho=1.0, min_steps=256, min
     T, N = a.shape
     if T == 0 or N == 0:
         return
-    P = _threads(nthreads)
-    if T * N < min_work:
-        P = 1
-    if P > 1 and T < min_steps * P:
-        if N >= 1024 * P:      # few steps, many features: split the features instead
-            _scan_columns(a, b, out, carry, P, bool(reverse))
-            return
-        P = 1
-    if P == 1:
-        _scan_serial(a, b, out, carry, bool(reverse))
-    else:
-        _scan_chunks(a, b, out, carry, ls_bounds(T, P, rho), bool(reverse))
+    with kernel_threads(nthreads) as P:
+        if T * N < min_work:
+            P = 1
+        if P > 1 and T < min_steps * P:
+            if N >= 1024 * P:      # few steps, many features: split the features instead
+                _scan_columns(a, b, out, carry, P, bool(reverse))
+                return
+            P = 1
+        if P == 1:
+            _scan_serial(a, b, out, carry, bool(reverse))
+        else:
+            _scan_chunks(a, b, out, carry, ls_bounds(T, P, rho), bool(reverse))
 
 
 # ------------------------------------------------------------------------------ minGRU / minLSTM
@@ -254,8 +245,9 @@ def minrnn_forward(kind, x, w, bias, proj, scratch, y, carry, lens, T, B, tmax, 
         y3 = y.reshape(T, B, H)
     h = carry.reshape(B, H)
     b64 = np.ascontiguousarray(bias, np.float64)
-    P = min(_threads(nthreads), int(tmax))
-    if P == 1:
-        _min_serial(int(kind), p3, b64, y3, h, lens, int(tmax), H)
-    else:
-        _min_chunks(int(kind), p3, b64, y3, h, lens, chunk_bounds(int(tmax), P, rho), H)
+    with kernel_threads(nthreads) as P:
+        P = min(P, int(tmax))
+        if P == 1:
+            _min_serial(int(kind), p3, b64, y3, h, lens, int(tmax), H)
+        else:
+            _min_chunks(int(kind), p3, b64, y3, h, lens, chunk_bounds(int(tmax), P, rho), H)

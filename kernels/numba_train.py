@@ -18,21 +18,19 @@ One jitted function per call; each step is
 3. backward only: dh_prev = dG_t W_hh (``np.dot``), and the dy of the next step added.
 
 Transcendentals are ``math.exp`` / ``math.tanh`` in the data's precision (this Numba
-has no SVML, so they are scalar libm calls). Threading: Numba's thread-safe layer is
-selected at import unless ``NUMBA_THREADING_LAYER`` is set, and every entry applies the
-thread count (Numba's is per calling thread).
+has no SVML, so they are scalar libm calls). Threading: every entry sets the
+thread count for its call and restores the caller's, and the threading layer is left to
+the user (``numba_common``).
 """
 from __future__ import annotations
 
 import math
-import os
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "threadsafe"
+from .numba_common import kernel_threads
 
 # The one set of fast-math flags of every kernel: never "nnan"/"ninf" (padded or
 # saturated values must stay IEEE: exp overflowing to inf gives sigmoid 0).
@@ -255,12 +253,6 @@ def _readonly(a):
     return v
 
 
-def _threads(nthreads: int) -> int:
-    nthr = max(1, min(int(nthreads), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(nthr)
-    return nthr
-
-
 def forward_layer(code, bsz, offs, ndir, rev0, xg, w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh1, w_hr1,
                   h0, c0, y, cb, hg, s2, wpk, nthreads):
     """Same contract as ``rnnfast.kernels.cy_train.forward_layer`` (``wpk`` is ignored)."""
@@ -276,11 +268,11 @@ def forward_layer(code, bsz, offs, ndir, rev0, xg, w_hh0, bx0, bh0, w_hr0, w_hh1
     hn2 = np.empty((ndir, B, H), dt) if code == GRU_NOLBR else np.empty((ndir, 1, 1), dt)
     hp = np.empty((ndir, B, Hout), dt)
     pt = np.empty((ndir, B, Hout), dt) if code == LSTM_PROJ else np.empty((ndir, 1, 1), dt)
-    nthr = _threads(nthreads)
-    _fwd(code, _readonly(bsz), _readonly(offs), int(ndir), bool(rev0), xg,
-         _readonly(w_hh0), _readonly(bx0), _readonly(bh0), _readonly(w_hr0),
-         _readonly(w_hh1), _readonly(bx1), _readonly(bh1), _readonly(w_hr1),
-         _readonly(h0), _readonly(c0), y, cb, hgc, hn2, s2, hp, pt, nthr, int(_SERIAL_WORK), dt.type(1.0))
+    with kernel_threads(nthreads) as nthr:
+        _fwd(code, _readonly(bsz), _readonly(offs), int(ndir), bool(rev0), xg,
+             _readonly(w_hh0), _readonly(bx0), _readonly(bh0), _readonly(w_hr0),
+             _readonly(w_hh1), _readonly(bx1), _readonly(bh1), _readonly(w_hr1),
+             _readonly(h0), _readonly(c0), y, cb, hgc, hn2, s2, hp, pt, nthr, int(_SERIAL_WORK), dt.type(1.0))
 
 
 # ------------------------------------------------------------------------------ backward
@@ -497,8 +489,8 @@ def backward_layer(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0,
     gh = np.empty((ndir, B, 3 * H if code == GRU_LBR else 2 * H), dt) if gru else np.empty((ndir, 1, 1), dt)
     gn = np.empty((ndir, B, H), dt) if code == GRU_NOLBR else np.empty((ndir, 1, 1), dt)
     tmp = np.empty((ndir, B, Hout), dt) if gru else np.empty((ndir, 1, 1), dt)
-    nthr = _threads(nthreads)
-    _bwd(code, _readonly(bsz), _readonly(offs), int(ndir), bool(rev0), _readonly(xg), _readonly(cb),
-         _readonly(y), _readonly(h0), _readonly(c0), _readonly(w_hh0), _readonly(w_hr0), _readonly(w_hh1),
-         _readonly(w_hr1), _readonly(dy), dh, dc, dg, aux, dhs, scr, hp, gh, gn, tmp, nthr,
-         int(_SERIAL_WORK), dt.type(1.0))
+    with kernel_threads(nthreads) as nthr:
+        _bwd(code, _readonly(bsz), _readonly(offs), int(ndir), bool(rev0), _readonly(xg), _readonly(cb),
+             _readonly(y), _readonly(h0), _readonly(c0), _readonly(w_hh0), _readonly(w_hr0), _readonly(w_hh1),
+             _readonly(w_hr1), _readonly(dy), dh, dc, dg, aux, dhs, scr, hp, gh, gn, tmp, nthr,
+             int(_SERIAL_WORK), dt.type(1.0))

@@ -214,7 +214,7 @@ static inline void RF_FN(rf_gemm_panels)(int G, int H, int K, int n, int p0, int
     const int UP = rf_panel_units(G, sizeof(RF_T) == 8), PW = G * UP, NV = PW / RF_VL;
     const int TS = RF_MAXNV * RF_VL;
     RF_T tile[RF_MR * RF_MAXNV * RF_VL] __attribute__((aligned(64)));
-    int mc = (int)((1024 * 1024) / ((size_t)K * sizeof(RF_T)));     /* ~1 MB of A rows (measured: 256 KB re-reads the panels too often) */
+    int mc = (int)((1024 * 1024) / ((size_t)(K > 0 ? K : 1) * sizeof(RF_T)));     /* ~1 MB of A rows (measured: 256 KB re-reads the panels too often) */
     mc = mc < RF_MR ? RF_MR : mc - mc % RF_MR;
     /* a large output goes to memory with streaming stores (no read for ownership, and
      * it does not evict the A block and the panels); it needs whole aligned vectors */

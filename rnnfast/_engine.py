@@ -375,6 +375,7 @@ class SmallPlan:
     kernel: object
     calls: np.ndarray
     one_thread: bool      # weights small enough for one core (_SMALL_1T_WBYTES)
+    blas_rows: int        # products of more rows than this call BLAS (the kernel's ROWDOT_MAX_ROWS)
 
 
 def small_plan(kind: str, code: int, w: DirWeights, H: int, Hout: int) -> SmallPlan:
@@ -382,10 +383,12 @@ def small_plan(kind: str, code: int, w: DirWeights, H: int, Hout: int) -> SmallP
     G = CELLS[kind].num_gates
     zb = _zeros(G * H, dtype)
     I = w.w_ih.shape[1]
+    mod = backends.kernel_module("cython")
     return SmallPlan(kind, code, G, I, H, Hout, dtype, w.w_ih, w.w_hh, zb if w.b_ih is None else w.b_ih,
                      zb if w.b_hh is None else w.b_hh, w.w_hr if w.w_hr is not None else _zeros(1, dtype),
-                     f"{code}:{I}:{H}:{Hout}:{dtype.char}", backends.kernel_module("cython").run_small,
-                     np.zeros(1, np.int64), (w.w_ih.nbytes + w.w_hh.nbytes) <= _SMALL_1T_WBYTES)
+                     f"{code}:{I}:{H}:{Hout}:{dtype.char}", mod.run_small,
+                     np.zeros(1, np.int64), (w.w_ih.nbytes + w.w_hh.nbytes) <= _SMALL_1T_WBYTES,
+                     mod.build_info()["rowdot_max_rows"])
 
 
 def _small_bufs(plan: SmallPlan, T: int, B: int) -> tuple:
@@ -425,15 +428,19 @@ def run_small(plan: SmallPlan, x: np.ndarray, B: int, h0, c0):
         y = np.empty((T, B, plan.Hout), dt)
         hn = np.empty((1, B, plan.Hout), dt)
         cn = np.empty((1, B, plan.H), dt) if plan.G == 4 else None
-    if threads._blas["current"] != 1:
-        threads.set_blas_threads(1)   # BLAS (more than 8 rows) runs inside the parallel region
-    n = threads.enter_call()
-    if plan.one_thread and B <= _SMALL_1T_ROWS:
-        n = 1
+    n = threads.enter_call(1 if plan.one_thread and B <= _SMALL_1T_ROWS else 0)
     pooled = False
+    # products of more rows than the kernel's row-dot limit call BLAS inside the parallel
+    # region: on one thread, and the caller's count back afterwards
+    blas = T * B > plan.blas_rows
     try:
+        if blas:
+            threads.blas_enter()
+            threads.set_blas_threads(1)
         pooled = plan.kernel(plan.code, x, bsz, plan.w_ih, plan.w_hh, plan.b_ih, plan.b_hh, plan.w_hr, h0, c0, y,
                              hn, cn, xg, hbuf, hg, s2, plan.calls, threads.pool_ok(), n)
     finally:
-        threads.leave_call(n > 1 and not pooled)
+        if blas:
+            threads.blas_exit()
+        threads.leave_call(n, n > 1 and not pooled)
     return y, hn, cn

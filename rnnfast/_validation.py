@@ -14,8 +14,13 @@ FLOAT_DTYPES = (np.float32, np.float64)
 
 
 def to_numpy(a, name: str) -> np.ndarray:
-    """Any array-like (lists, torch tensors, objects with __array__) as an ndarray."""
+    """Any array-like (lists, torch tensors, objects with __array__) as an ndarray.
+    Masked arrays are refused: their mask has no meaning for a recurrence (padding is
+    given with ``lengths``)."""
     if isinstance(a, np.ndarray):
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError(f"{name}: masked arrays are not accepted (their mask would be ignored); "
+                            "give padded sequences' lengths with lengths=, or pass a.filled() or a.data")
         return a
     if hasattr(a, "detach") and callable(a.detach):      # torch tensors (duck-typed)
         a = a.detach()
@@ -33,15 +38,21 @@ def to_numpy(a, name: str) -> np.ndarray:
 
 
 def check_float(a: np.ndarray, name: str) -> np.ndarray:
+    """`a` if it holds floats rnnfast computes in without losing precision: float16, float32
+    or float64 in either byte order (long double would be rounded to float64: refused)."""
     if a.dtype.kind != "f":
         raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {a.dtype}")
+    if a.dtype.itemsize > 8:
+        raise TypeError(f"{name}: long double ({a.dtype}) is not supported (rnnfast computes in float32 "
+                        "or float64); convert with .astype(np.float64)")
     return a
 
 
 def weight_dtype(*weights: np.ndarray) -> np.dtype:
-    """Compute dtype decided by the weights: float64 if any weight is float64, else float32."""
+    """Compute dtype decided by the weights: float64 if any weight is 8-byte float (in
+    either byte order), else float32."""
     for w in weights:
-        if w is not None and w.dtype == np.float64:
+        if w is not None and w.dtype.kind == "f" and w.dtype.itemsize == 8:
             return np.dtype(np.float64)
     return np.dtype(np.float32)
 
@@ -69,10 +80,10 @@ def check_lengths(lengths, T: int, B: int, unbatched: bool) -> np.ndarray | None
         arr = arr.reshape(1)
     if arr.shape != (B,):
         raise ValueError(f"lengths: expected shape ({B},), got {arr.shape}")
-    arr = arr.astype(np.int64)
+    # checked in the given integer type (uint64 above 2**63 would wrap in int64)
     if arr.size and (arr.min() < 0 or arr.max() > T):
         raise ValueError(f"lengths: every length must be in [0, {T}], got min {arr.min()} max {arr.max()}")
-    return arr
+    return arr.astype(np.int64)
 
 
 def check_input(x, name: str, dtype: np.dtype, feature: int, batch_first: bool):

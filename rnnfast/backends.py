@@ -18,7 +18,7 @@ _global = {"name": "auto"}
 _scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("rnnfast_backend", default=None)
 _modules: dict[str, object] = {}
 _lock = threading.Lock()
-_available: list[str] | None = None
+_broken: dict[str, str] = {}    # backend -> why its kernel module does not import
 
 _KERNEL_MODULE = {"cython": "rnnfast.kernels.cy_rnn", "numba": "rnnfast.kernels.numba_rnn"}
 
@@ -30,18 +30,35 @@ def _found(module: str) -> bool:
         return False
 
 
+def _usable(name: str) -> bool:
+    """Whether backend `name`'s kernel module imports (tried once; the reason it does not
+    is kept for :func:`unavailable_backends`)."""
+    if name == "reference" or name in _modules:
+        return True
+    if name in _broken:
+        return False
+    module = _KERNEL_MODULE[name]
+    if not _found(module) or (name == "numba" and not _found("numba")):
+        _broken[name] = f"{module} is not installed" + (" (numba missing)" if name == "numba" else "")
+        return False
+    try:
+        kernel_module(name)
+    except Exception as exc:  # noqa: BLE001 - any failure to load makes the backend unusable
+        _broken[name] = f"{module} does not import: {type(exc).__name__}: {exc}"
+        return False
+    return True
+
+
 def available_backends() -> list[str]:
-    """Names of the backends usable in this installation (always includes "reference")."""
-    global _available
-    if _available is None:
-        names = []
-        if _found("rnnfast.kernels.cy_rnn"):
-            names.append("cython")
-        if _found("numba") and _found("rnnfast.kernels.numba_rnn"):
-            names.append("numba")
-        names.append("reference")
-        _available = names
-    return list(_available)
+    """Names of the backends usable in this installation (always includes "reference"):
+    those whose kernels import, not only exist."""
+    return [name for name in BACKENDS if _usable(name)]
+
+
+def unavailable_backends() -> dict[str, str]:
+    """Backends that cannot be used here, each with the reason."""
+    available_backends()
+    return dict(_broken)
 
 
 def _check(name: str, allow_auto: bool = True) -> str:
@@ -109,8 +126,7 @@ def resolve_fast() -> str:
 def _auto_first() -> str:
     best = _global.get("auto_first")
     if best is None:
-        avail = available_backends()
-        best = next((c for c in _AUTO_ORDER if c in avail), "reference")
+        best = next(c for c in _AUTO_ORDER if _usable(c))
         _global["auto_first"] = best
     return best
 

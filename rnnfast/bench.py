@@ -33,6 +33,7 @@ feature reported n/a is not a failure).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -291,15 +292,14 @@ def make_rf_fn(case: Case, backend_name: str) -> Callable:
     is_ref = backend_name == "reference"
 
     def scope():
-        if is_ref:
-            # The reference backend is NumPy only: give its BLAS the requested count
-            # (a fast backend's call may have left it at 1).
-            try:
-                from rnnfast import threads as _thr
-                _thr.set_blas_threads(rf.get_num_threads())
-            except Exception:  # noqa: BLE001 - older/newer layouts: leave BLAS alone
-                pass
-        return rf.backend(backend_name)
+        if not is_ref:
+            return rf.backend(backend_name)
+        # The reference backend is NumPy only: its BLAS runs on the requested count
+        from rnnfast import threads as _thr
+        stack = contextlib.ExitStack()
+        stack.enter_context(rf.backend(backend_name))
+        stack.enter_context(_thr.blas_threads(rf.get_num_threads()))
+        return stack
 
     if case.stream:
         def run():

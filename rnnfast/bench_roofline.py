@@ -73,22 +73,20 @@ def run_roofline(nthreads: int, rounds: int = 5, n: int = ROOFLINE_N) -> dict:
     b = rng.standard_normal((n, n)).astype(np.float32)
     c = np.empty((n, n), np.float32)
     out = {"n": n, "threads": nthreads}
-    threads.set_blas_threads(nthreads)
-    try:
+    with threads.blas_threads(nthreads):
         out["numpy_gflops"] = _best_gflops(lambda: np.matmul(a, b, out=c), n, rounds)
         arch = [lib.get("architecture") for lib in threads.blas_info() if lib.get("architecture")]
         libs = dict.fromkeys(f"{lib.get('internal_api')} {lib.get('architecture') or ''}".strip()
                              for lib in threads.blas_info())
         out["numpy_blas"] = ", ".join(libs) or "unknown"
         out["numpy_arch"] = arch[0] if arch else None
-    finally:
-        threads.set_blas_threads(1)
     try:
         from .kernels import cy_train
     except ImportError:
         out["rnnfast_gflops"] = None
     else:
-        out["rnnfast_gflops"] = _best_gflops(lambda: cy_train.pgemm(a, b, c, 0.0, nthreads), n, rounds)
+        with threads.blas_threads(1):       # pgemm's OpenMP threads each call BLAS
+            out["rnnfast_gflops"] = _best_gflops(lambda: cy_train.pgemm(a, b, c, 0.0, nthreads), n, rounds)
     out["pinned_by"] = {v: os.environ[v] for v in PIN_VARS if v in os.environ}
     un = numpy_unpinned(n, nthreads, rounds)
     out["numpy_unpinned"] = un

@@ -20,6 +20,8 @@ def _weights(kind: str, x, w_ih, w_hh, b_ih, b_hh, w_hr):
     if wi.shape[0] == 0 or wi.shape[0] % G:
         raise ValueError(f"w_ih: expected {G}*H rows for {kind} (H >= 1), got {wi.shape[0]}")
     H, I = wi.shape[0] // G, wi.shape[1]
+    if I == 0:      # as the layers (input_size >= 1) and PyTorch's
+        raise ValueError(f"w_ih: expected an input size of at least 1, got shape {wi.shape}")
     Hout = H
     if arrs["w_hr"] is not None:
         if kind != "lstm":

@@ -29,12 +29,33 @@ def _check_dtype(dtype) -> np.dtype:
         dt = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
+    if dt.kind == "f" and dt.byteorder not in "=|":
+        dt = dt.newbyteorder("=")       # '>f8' computes as float64 (the layer's arrays are native)
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"dtype: expected float32 or float64, got {dt}")
     return dt
 
 
-class _RNNBase:
+class _PickledAsParameters:
+    """Layers pickle as their configuration and parameters only. What a call builds is
+    rebuilt on first use after unpickling: the serving plan (its call counter is written
+    by the kernel, so it must be this process's own array, never a buffer a deserialiser
+    mapped read-only), the grouped weights, and the training context and gradients (a
+    pickle after a training step would otherwise carry every saved activation)."""
+
+    _TRANSIENT = ("_splan", "_wcache", "_ctx", "grads")
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
+        state["_ctx"] = None
+        state["grads"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+class _RNNBase(_PickledAsParameters):
     """Shared machinery of the multi-layer, optionally bidirectional recurrent layers."""
 
     _kind = ""
@@ -195,12 +216,14 @@ class _RNNBase:
         and the Cython backend is in force, so that anything else goes through the general
         path, its checks and its errors. Every test here is a cheap attribute read: this
         runs once per served token."""
+        if type(x) is not np.ndarray or backends.resolve_fast() != "cython":
+            return None
         plan = self.__dict__.get("_splan")
         if plan is None:
             plan = self._splan = (_engine.small_plan(self._kind, self._code, self._weights()[0][0],
                                                      self.hidden_size, self.hidden_size)
                                   if self._small_ok else False)
-        if plan is False or self.batch_first or type(x) is not np.ndarray:
+        if plan is False or self.batch_first:
             return None
         shape = x.shape
         if len(shape) == 3:
@@ -213,7 +236,7 @@ class _RNNBase:
         else:
             return None
         if (F != plan.I or not 0 < T <= _engine.SMALL_MAX_T or B == 0 or x.dtype != plan.dtype
-                or not x.flags.c_contiguous or backends.resolve_fast() != "cython"):
+                or not x.flags.c_contiguous):
             return None
         h0 = c0 = None
         if hx is not None:

@@ -20,12 +20,12 @@ import numpy as np
 
 from . import _engine, scan
 from ._validation import load_params
-from .layers import _check_dtype, _check_int
+from .layers import _check_dtype, _check_int, _PickledAsParameters
 
 __all__ = ["MinGRU", "MinLSTM"]
 
 
-class _MinRNNBase:
+class _MinRNNBase(_PickledAsParameters):
     """Shared machinery of MinGRU and MinLSTM."""
 
     _kind = ""

@@ -309,9 +309,6 @@ def _forward(p: _Prepared, keep: bool = False, name: str | None = None):
     proj (T*B, G*H) pre-activations without biases, or None) — proj only with ``keep``."""
     name = _resolve() if name is None else name
     kind, T, B, H, dtype = p.kind, p.T, p.B, p.H, p.dtype
-    code = _KINDS[kind][0]
-    GH = p.wcat.shape[0]
-    carry = p.h0.reshape(B * H).copy()
     tmax = T if p.lens is None else (int(p.lens.max()) if B else 0)
     if name == "reference" or T * B * H == 0 or tmax == 0:
         proj = (p.x2 @ p.wcat.T).astype(dtype, copy=False) if keep else None
@@ -321,8 +318,16 @@ def _forward(p: _Prepared, keep: bool = False, name: str | None = None):
         y3, hn = _minrnn_reference(kind, _time_major(p.x2, p), p.wcat, p.bias, p.h0, p.lens)
         _time_major(y2, p)[...] = y3
         return y2, hn, proj
-    mod = _kernel(name)
-    nthreads = threads.get_num_threads()
+    return threads.call_with_threads(_forward_fast, p, keep, name, _kernel(name))
+
+
+def _forward_fast(p: _Prepared, keep: bool, name: str, mod, nthreads: int):
+    """_forward on a fast backend's kernel module `mod`, with `nthreads` threads."""
+    kind, T, B, H, dtype = p.kind, p.T, p.B, p.H, p.dtype
+    code = _KINDS[kind][0]
+    GH = p.wcat.shape[0]
+    carry = p.h0.reshape(B * H).copy()
+    tmax = T if p.lens is None else (int(p.lens.max()) if B else 0)
     # the projections of an inference call never leave it: reuse this thread's scratch
     # (a fresh 32 MB buffer per mingru-long call cost 13% of its time in page faults)
     proj = np.empty((T * B, GH), dtype) if keep else _engine.scratch("min_proj", (T * B, GH), dtype)
@@ -453,8 +458,8 @@ def minrnn_backward(p: _Prepared, proj: np.ndarray, y2: np.ndarray, dy, dhn, *,
         dPtm[..., :H] = k * (1.0 - f)
         dPtm[..., H:2 * H] = -k * (1.0 - i)
         dPtm[..., 2 * H:] = gm * c
-    threads.set_blas_threads(threads.get_num_threads())
-    dwcat = dP.T @ p.x2
+    with threads.blas_threads(threads.get_num_threads()):
+        dwcat = dP.T @ p.x2
+        dx2 = dP @ p.wcat
     dbias = dP.sum(axis=0)
-    dx2 = dP @ p.wcat
     return dx2.reshape(p.x_shape), dh0.astype(dtype), dwcat.astype(dtype), dbias.astype(dtype)

@@ -14,6 +14,7 @@ and asking it for more warns and keeps one. Processes started with the "spawn" o
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -28,7 +29,16 @@ _forked_after_parallel = False
 
 def _after_fork_in_child() -> None:
     global _num_threads, _forked_after_parallel
+    global _blas_depth, _blas_saved, _waiting, _blas_lock, _cv
     _inflight.clear()       # calls that were running in other threads of the parent do not exist here
+    _waiting = 0
+    # regions open in other threads of the parent do not exist here; BLAS keeps the counts
+    # it had at the fork (restoring them from an at-fork handler could start BLAS's threads
+    # while the child is still single-threaded C)
+    _blas_depth = 0
+    _blas_saved = None
+    _blas_lock = threading.Lock()       # another thread of the parent may have held them
+    _cv = threading.Condition(threading.Lock())
     if _parallel_ran:
         _forked_after_parallel = True
         _num_threads = 1
@@ -61,29 +71,67 @@ def set_num_threads(n: int) -> None:
     _num_threads = n
 
 
-# One entry per kernel call running now, from any Python thread: list.append / pop are
-# atomic (one C call each, also on free-threaded builds), so no lock is taken (a
-# lock-protected counter cost 0.35 us a call, 2 % of serving one token).
+# The thread counts of the kernel calls running now, from any Python thread, one
+# (thread ident, count) entry per call: together they never exceed the set count.
+# list.append / remove are atomic (one C call each, also on free-threaded builds), so a
+# call that finds no other takes the whole count without a lock (a lock-protected
+# counter cost 0.35 us a call, 2 % of serving one token); calls that meet others settle
+# under _cv, and wait while every thread is taken.
 _inflight: list = []
+_get_ident = threading.get_ident
+_cv = threading.Condition(threading.Lock())
+_waiting = 0
 
 
-def enter_call() -> int:
-    """Threads for a kernel call that starts now; pair it with :func:`leave_call`.
+def enter_call(most: int = 0) -> int:
+    """Threads for a kernel call that starts now, at most `most` (0: no limit of its own);
+    pair it with :func:`leave_call`.
 
-    The set count, divided among the calls in flight: a call that starts while others
-    run (several Python threads serving at once) gets ``max(1, n // k)`` for k calls,
-    so that the threads never outnumber the cores by much. Oversubscribed, the kernels'
-    per-step barriers wait on threads that have no core: two Python threads each
-    running 2-thread GRU(256) calls of 100 steps on 2 cores took 10.3 ms a call against
-    0.4 for one caller alone; sharing the count, 0.7 ms a call (one thread each).
+    A call alone takes the set count n. A call that starts while k - 1 others run (several
+    Python threads serving at once) takes ``min(free, max(1, n // k))`` of the threads
+    the others leave free, and waits until one is free when none is: the calls' threads
+    together never outnumber n. Oversubscribed, the kernels' per-step barriers wait on
+    threads that have no core: two Python threads each running 2-thread GRU(256) calls
+    of 100 steps on 2 cores took 10.3 ms a call against 0.4 for one caller alone. A call
+    made from inside another on the same Python thread shares that call's threads.
     """
     global _parallel_ran
-    _inflight.append(None)
-    k = len(_inflight)
-    n = _num_threads if k == 1 else max(1, _num_threads // k)
+    n = _num_threads if not most or most > _num_threads else most
+    entry = (_get_ident(), n)
+    _inflight.append(entry)
+    if len(_inflight) != 1:
+        n = _enter_contended(entry)
     if n > 1:
         _parallel_ran = True
     return n
+
+
+def _enter_contended(entry: tuple) -> int:
+    global _waiting
+    ident, most = entry
+    with _cv:
+        _inflight.remove(entry)
+        for other in _inflight:
+            if other[0] == ident:       # nested in a call of this thread: run on its threads
+                take = min(most, max(1, other[1]))
+                _inflight.append((ident, take))     # counted twice while it runs: others may wait
+                return take
+        while True:
+            n = _num_threads
+            free = n - sum(e[1] for e in _inflight)
+            if free >= 1:
+                take = min(free, most, max(1, n // (len(_inflight) + 1)))
+                mine = (ident, take)
+                _inflight.append(mine)
+                # a call that found no other meanwhile took its count without the lock
+                if sum(e[1] for e in _inflight) <= n:
+                    return take
+                _inflight.remove(mine)
+            _waiting += 1
+            try:
+                _cv.wait(0.01)
+            finally:
+                _waiting -= 1
 
 
 # When a call that ran OpenMP's threads last ended (time.monotonic_ns). For milliseconds
@@ -96,13 +144,16 @@ POOL_QUIET_NS = 20_000_000
 _monotonic_ns = time.monotonic_ns
 
 
-def leave_call(ran_region: bool = True) -> None:
-    """End a kernel call started with :func:`enter_call`; `ran_region`: it ran an
-    OpenMP parallel region (or may have)."""
+def leave_call(n: int, ran_region: bool = True) -> None:
+    """End a kernel call started with :func:`enter_call`, which gave it `n` threads;
+    `ran_region`: it ran an OpenMP parallel region (or may have)."""
     global _region_end_ns
-    _inflight.pop()
+    _inflight.remove((_get_ident(), n))     # entries of equal value are interchangeable
     if ran_region:
         _region_end_ns = _monotonic_ns()
+    if _waiting:
+        with _cv:
+            _cv.notify_all()
 
 
 def pool_ok() -> bool:
@@ -114,10 +165,12 @@ def pool_ok() -> bool:
 def call_with_threads(fn, *args):
     """``fn(*args, n)`` with n from :func:`enter_call`, the call ended however fn returns."""
     n = enter_call()
+    blas_enter()
     try:
         return fn(*args, n)
     finally:
-        leave_call(n > 1)
+        blas_exit()
+        leave_call(n, n > 1)
 
 
 def get_num_threads() -> int:
@@ -142,16 +195,78 @@ def _blas_libs():
     return _blas["libs"]
 
 
+# rnnfast's limits on the loaded BLAS libraries hold only inside its calls. A call opens
+# a region (blas_enter / blas_exit, counted over every Python thread); the first limit
+# set in it reads the libraries' counts as the caller left them, and the last region to
+# end puts those back. Read afresh in every outermost region, so a count the caller
+# changes between calls is neither lost nor mistaken for rnnfast's own.
+_blas_lock = threading.Lock()
+_blas_depth = 0
+_blas_saved: list | None = None     # the caller's counts, one per library, once a limit is set
+
+
+def blas_enter() -> None:
+    """Open a region in which :func:`set_blas_threads` may limit BLAS (nothing is read
+    or set until it does)."""
+    global _blas_depth
+    with _blas_lock:
+        _blas_depth += 1
+
+
+def blas_exit() -> None:
+    """Close a region of :func:`blas_enter`; the last one open restores the caller's BLAS
+    thread counts if a limit was set."""
+    global _blas_depth, _blas_saved
+    with _blas_lock:
+        _blas_depth -= 1
+        if _blas_depth or _blas_saved is None:
+            return
+        saved, _blas_saved = _blas_saved, None
+        _blas["current"] = None
+        for lib, n in zip(_blas_libs(), saved):
+            if n is not None:
+                try:
+                    lib.set_num_threads(n)
+                except Exception:  # noqa: BLE001 - a library that cannot be set was not changed
+                    pass
+
+
 def set_blas_threads(n: int) -> None:
-    """Set the thread count of every loaded BLAS (cheap when it is unchanged)."""
+    """Limit every loaded BLAS to `n` threads for the rest of the current region (cheap
+    when it is already so). Only inside :func:`blas_enter` / :func:`blas_exit`."""
+    global _blas_saved
     if _blas["current"] == n:
         return
-    for lib in _blas_libs():
-        try:
-            lib.set_num_threads(n)
-        except Exception:  # noqa: BLE001
-            pass
-    _blas["current"] = n
+    with _blas_lock:
+        if not _blas_depth:
+            raise RuntimeError("rnnfast.threads.set_blas_threads outside a call's BLAS region")
+        libs = _blas_libs()
+        if _blas_saved is None:
+            saved = []
+            for lib in libs:
+                try:
+                    saved.append(lib.get_num_threads())
+                except Exception:  # noqa: BLE001
+                    saved.append(None)
+            _blas_saved = saved
+        for lib in libs:
+            try:
+                lib.set_num_threads(n)
+            except Exception:  # noqa: BLE001
+                pass
+        _blas["current"] = n
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """Every loaded BLAS on `n` threads inside the ``with`` block, the caller's counts
+    restored after it (the bench's peer measurements)."""
+    blas_enter()
+    try:
+        set_blas_threads(n)
+        yield
+    finally:
+        blas_exit()
 
 
 def blas_info() -> list[dict]:

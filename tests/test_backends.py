@@ -258,3 +258,59 @@ def test_saturated_gates_stay_finite(be):
                 wy, wh = ref_stack(layer, x, None, ln)
                 assert np.all(np.isfinite(y))
                 np.testing.assert_allclose(y, wy, rtol=1e-5, atol=1e-5, err_msg=f"{kind} {opts} {scale}")
+
+
+# A meta-path finder that makes the Cython kernels missing (MODE "missing") or present
+# but failing to import (MODE "broken"), as after a failed or partial build.
+_CYTHON_GONE = '''
+import importlib.abc, importlib.machinery, sys
+MODE = {mode!r}
+class Gone(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("rnnfast.kernels.") and name.rsplit(".", 1)[1].startswith("cy_"):
+            if MODE == "missing":
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+            return importlib.machinery.ModuleSpec(name, self)
+        return None
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        raise ImportError("undefined symbol: GOMP_parallel (a broken build)")
+import numpy as np, rnnfast
+import rnnfast.kernels                  # its own finder first, then this one before it
+sys.meta_path.insert(0, Gone())
+from rnnfast import backends
+avail = rnnfast.available_backends()
+assert "cython" not in avail and "reference" in avail, avail
+why = backends.unavailable_backends()["cython"]
+assert ("does not import" in why) == (MODE == "broken"), why
+x = np.random.default_rng(0).standard_normal((6, 2, 3)).astype(np.float32)
+lay = rnnfast.LSTM(3, 4, seed=0)
+with rnnfast.backend("reference"):
+    want = lay(x)[0]
+    one = lay(x[:1])[0]
+for name in [b for b in avail if b != "reference"] + ["auto"]:
+    with rnnfast.backend(name):
+        np.testing.assert_allclose(lay(x)[0], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lay(x[:1])[0], one, rtol=1e-5, atol=1e-6)
+with rnnfast.backend("reference"):
+    np.testing.assert_array_equal(lay(x[:1])[0], one)
+try:
+    rnnfast.set_backend("cython")
+except ValueError as e:
+    assert "not available" in str(e)
+else:
+    raise AssertionError("cython accepted")
+print("ok")
+'''
+
+
+@pytest.mark.parametrize("mode", ["missing", "broken"])
+def test_layers_without_the_cython_kernels(mode):
+    """Regressions: a single-layer call needed the Cython kernel even under the "numba"
+    or "reference" backend (the serving plan was built before the backend was checked:
+    ModuleNotFoundError on every call without it), and a kernel module that exists but
+    does not import was listed by available_backends() and chosen by "auto", so every
+    layer call failed. Now such a backend is unavailable (with its reason) and every other
+    backend, "auto" included, runs single-layer calls and served tokens."""
+    assert _run_python(_CYTHON_GONE.format(mode=mode)) == "ok"

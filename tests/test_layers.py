@@ -558,3 +558,82 @@ def test_parameters_are_cache_line_aligned(kind):
 
 
 LAYER_CLS_BY_KIND = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
+
+
+# ------------------------------------------------------------------------- pickling
+_ZERO_COPY_CHILD = '''
+import pickle
+import numpy as np
+import rnnfast
+lay = rnnfast.LSTM(64, 64, seed=0)
+x = np.random.default_rng(0).standard_normal((1, 1, 64)).astype(np.float32)
+want = lay(x)[0]                         # builds the serving plan (and its call counter)
+bufs = []
+data = pickle.dumps(lay, protocol=5, buffer_callback=bufs.append)
+ro = [memoryview(bytes(b.raw())) for b in bufs]      # read-only, as an object store maps them
+back = pickle.loads(data, buffers=ro)
+assert not back.parameters()["weight_ih_l0"].flags.writeable
+for _ in range(3):
+    np.testing.assert_allclose(back(x)[0], want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(back(np.repeat(x, 5, axis=0))[0][:1], want, rtol=1e-6, atol=1e-7)
+print("ok")
+'''
+
+
+def test_zero_copy_unpickled_layer_serves_tokens():
+    """Regression: a layer unpickled from read-only buffers (what Ray's object store
+    hands out) crashed with SIGSEGV on its first one-step call: the serving plan's call
+    counter travelled in the pickle and the kernel wrote through it. Run in a child
+    process so that a crash fails this test instead of killing the run."""
+    import os
+    import subprocess
+    import sys
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(rnnfast.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [pkg_parent, os.environ.get("PYTHONPATH", "")] if p))
+    r = subprocess.run([sys.executable, "-c", _ZERO_COPY_CHILD], capture_output=True, text=True, env=env,
+                       timeout=120, check=False)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
+def test_serving_kernel_refuses_a_read_only_call_counter():
+    """No kernel writes through a pointer into an array it has not checked: the serving
+    kernel's call counter must be writeable."""
+    from rnnfast.kernels import cy_rnn
+    lay = rnnfast.GRU(8, 16, seed=0)
+    x = np.zeros((1, 1, 8), np.float32)
+    lay(x)
+    plan = lay._splan
+    plan.calls.setflags(write=False)
+    with pytest.raises(ValueError, match="call counter `state` is read-only"):
+        lay(x)
+    assert cy_rnn is not None
+
+
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.MinGRU])
+def test_pickle_carries_parameters_only(cls):
+    """Regression: after one training step an LSTM(256, 256) pickled to 113.5 MB (the
+    saved training context) instead of its 2 MB of parameters, also after later
+    inference calls. A pickle holds the configuration and the parameters; the copy
+    computes the same results and needs its own forward(train=True) before backward."""
+    import pickle
+    lay = cls(256, 256, seed=0)
+    x = np.random.default_rng(0).standard_normal((50, 16, 256)).astype(np.float32)
+    y, _ = lay.forward(x, train=True)
+    lay.backward(np.ones_like(y))
+    lay(x[:1])
+    lay(x)
+    pbytes = sum(v.nbytes for v in lay.parameters().values())
+    data = pickle.dumps(lay)
+    assert len(data) < pbytes + 100_000, (len(data), pbytes)
+    back = pickle.loads(data)
+    np.testing.assert_array_equal(back(x)[0], lay(x)[0])
+    np.testing.assert_array_equal(back(x[:1])[0], lay(x[:1])[0])
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        back.backward(np.ones_like(y))
+    assert lay.grads and not back.grads
+    y2, _ = back.forward(x, train=True)
+    back.backward(np.ones_like(y2))
+    for k, g in lay.grads.items():
+        np.testing.assert_allclose(back.grads[k], g, rtol=1e-5, atol=1e-6)

@@ -281,13 +281,61 @@ def test_concurrent_calls_from_python_threads():
                 np.testing.assert_array_equal(a, b)
 
 
-def test_threading_layer_is_threadsafe(nb):
-    kind, opts, x, dirs, h0, c0, lengths = _random_case(VARIANTS[0], np.float32, 3, H=300)
-    rnnfast.set_num_threads(2)
-    run_engine(kind, opts, x, [dirs], h0, c0, lengths, False)
+_WORKQUEUE_CHILD = """
+import threading
+import numba
+numba.config.THREADING_LAYER = "workqueue"     # the user's choice, made before rnnfast loads
+import numpy as np
+import rnnfast
+from rnnfast.kernels import numba_rnn, numba_scan, numba_train  # noqa: F401
+assert numba.config.THREADING_LAYER == "workqueue", numba.config.THREADING_LAYER
+rnnfast.set_num_threads(2)
+lay = rnnfast.GRU(16, 64, seed=0)
+x = np.random.default_rng(0).standard_normal((40, 8, 16)).astype(np.float32)
+with rnnfast.backend("reference"):
+    want = lay(x)[0]
+out = {}
+def work(i):
+    with rnnfast.backend("numba"):
+        for _ in range(5):
+            out[i] = lay(x)[0]
+ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+for t in ts: t.start()
+for t in ts: t.join()
+assert numba.threading_layer() == "workqueue"
+for y in out.values():
+    np.testing.assert_allclose(y, want, rtol=2e-4, atol=2e-5)
+print("ok", len(out))
+"""
+
+
+def test_threading_layer_left_to_the_user(nb):
+    """Importing the Numba kernels keeps the threading layer the user chose, and under
+    Numba's workqueue layer (not safe for parallel launches from several threads) calls
+    from four Python threads at once take turns and stay correct."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    r = subprocess.run([sys.executable, "-c", _WORKQUEUE_CHILD], capture_output=True, text=True, env=env,
+                       timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["ok", "4"]
+
+
+def test_numba_thread_count_of_the_caller_restored(nb):
+    """A kernel call sets Numba's thread count for itself and gives the calling thread
+    its own count back."""
     import numba
-    if not os.environ.get("NUMBA_THREADING_LAYER"):
-        assert numba.threading_layer() in ("omp", "tbb")
+    kind, opts, x, dirs, h0, c0, lengths = _random_case(VARIANTS[0], np.float32, 3, H=300)
+    prev = rnnfast.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        rnnfast.set_num_threads(2)
+        run_engine(kind, opts, x, [dirs], h0, c0, lengths, False)
+        assert numba.get_num_threads() == 1
+    finally:
+        rnnfast.set_num_threads(prev)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
 def test_readonly_inputs_and_no_input_modification():

@@ -242,11 +242,36 @@ def test_serving_calls_after_idle_and_other_team_sizes():
             time.sleep(0.005)
 
 
+class _Held:
+    """A kernel call in flight on another Python thread, holding at most `most` threads
+    until released."""
+
+    def __init__(self, most: int = 0):
+        from rnnfast import threads
+        self._go, self._got = threading.Event(), threading.Event()
+        self.n = None
+
+        def run():
+            self.n = threads.enter_call(most)
+            self._got.set()
+            self._go.wait(30)
+            threads.leave_call(self.n)
+
+        self._t = threading.Thread(target=run, daemon=True)
+        self._t.start()
+        assert self._got.wait(30)
+
+    def release(self):
+        self._go.set()
+        self._t.join(30)
+
+
 @pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
 def test_calls_in_flight_share_the_thread_count(monkeypatch):
-    """A kernel call that starts while others run gets the set count divided among the
-    calls in flight (max(1, n // k)), so that several serving threads do not oversubscribe
-    the cores; the count comes back when they end, also after a call that raised."""
+    """A kernel call that starts while others run takes its share of the threads they
+    leave free (min(free, max(1, n // k)) for k calls), so that several serving threads
+    never use more threads than the set count; the threads come back when the calls end,
+    also after a call that raised."""
     from rnnfast import threads
     seen = []
     fail = []
@@ -265,18 +290,16 @@ def test_calls_in_flight_share_the_thread_count(monkeypatch):
         with rnnfast.backend("cython"):
             want = lay(x)[0]
             assert seen[-1] == 4
-            threads.enter_call()                 # another call in flight
-            try:
-                np.testing.assert_array_equal(lay(x)[0], want)
-                assert seen[-1] == 2
-                threads.enter_call()             # two others
-                try:
-                    lay(x)
-                    assert seen[-1] == 1
-                finally:
-                    threads.leave_call()
-            finally:
-                threads.leave_call()
+            a = _Held(2)                         # another call in flight, on 2 threads
+            assert a.n == 2
+            np.testing.assert_array_equal(lay(x)[0], want)
+            assert seen[-1] == 2
+            b = _Held(1)                         # two others: one thread left
+            assert b.n == 1
+            lay(x)
+            assert seen[-1] == 1
+            b.release()
+            a.release()
             fail.append(True)
             with pytest.raises(RuntimeError, match="kernel failed"):
                 lay(x)
@@ -289,7 +312,7 @@ def test_calls_in_flight_share_the_thread_count(monkeypatch):
     # the lean serving path and training take part too
     counts = []
     real_enter = threads.enter_call
-    monkeypatch.setattr(threads, "enter_call", lambda: counts.append(len(threads._inflight)) or real_enter())
+    monkeypatch.setattr(threads, "enter_call", lambda most=0: counts.append(len(threads._inflight)) or real_enter(most))
     with rnnfast.backend("cython"):
         lay(x[:1])
         y, _ = lay.forward(x, train=True)
@@ -297,18 +320,95 @@ def test_calls_in_flight_share_the_thread_count(monkeypatch):
     assert len(counts) == 3 and len(threads._inflight) == 0
 
 
+@pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
+def test_call_waits_while_every_thread_is_taken(monkeypatch):
+    """Regression: the first call kept all the threads while later ones took a share on
+    top (two callers used 3 threads on 2 cores). A call that finds every thread taken
+    waits until one is free, then runs on what is free."""
+    from rnnfast import threads
+    seen = []
+    spy_run_layer(monkeypatch, lambda a, k: seen.append(a[-1]))
+    prev = rnnfast.get_num_threads()
+    lay = rnnfast.GRU(8, 16, seed=0)
+    x = np.random.default_rng(1).standard_normal((6, 3, 8)).astype(np.float32)
+    done = threading.Event()
+    out = []
+    try:
+        rnnfast.set_num_threads(2)
+        want = lay(x)[0]
+        seen.clear()
+        held = _Held()                           # alone: takes both threads
+        assert held.n == 2
+
+        def call():
+            with rnnfast.backend("cython"):
+                out.append(lay(x)[0])
+            done.set()
+
+        t = threading.Thread(target=call)
+        t.start()
+        assert not done.wait(0.3)                # no thread free: the call waits
+        assert seen == []
+        held.release()
+        assert done.wait(30)
+        t.join()
+        assert seen == [2]
+        np.testing.assert_array_equal(out[0], want)
+        assert threads._inflight == []
+    finally:
+        rnnfast.set_num_threads(prev)
+
+
+def test_threads_in_use_never_exceed_the_count():
+    """Eight Python threads calling layers at once: the kernels' thread counts in flight
+    never add up to more than the set count, and a call nested in another on the same
+    Python thread runs on that call's threads instead of waiting for itself."""
+    from rnnfast import threads
+    prev = rnnfast.get_num_threads()
+    peak = []
+    real_enter = threads.enter_call
+
+    def enter(most=0):
+        n = real_enter(most)
+        peak.append(sum(e[1] for e in list(threads._inflight)))
+        return n
+
+    lay = rnnfast.LSTM(16, 48, seed=1)
+    x = np.random.default_rng(2).standard_normal((12, 5, 16)).astype(np.float32)
+    want = lay(x)[0]
+    try:
+        rnnfast.set_num_threads(2)
+        threads.enter_call = enter
+        with ThreadPoolExecutor(8) as ex:
+            ys = list(ex.map(lambda i: lay(x)[0] if i % 2 else lay(x[:1])[0], range(64)))
+        threads.enter_call = real_enter
+        assert max(peak) <= 2, max(peak)
+        n = threads.enter_call()
+        try:
+            assert threads.enter_call() == n      # nested: no wait
+            threads.leave_call(n)
+        finally:
+            threads.leave_call(n)
+    finally:
+        threads.enter_call = real_enter
+        rnnfast.set_num_threads(prev)
+    assert threads._inflight == []
+    for i, y in enumerate(ys):
+        np.testing.assert_allclose(y, want if i % 2 else lay(x[:1])[0], rtol=1e-5, atol=1e-6)
+
+
 def test_forked_child_starts_with_no_calls_in_flight():
     """A child forked while the parent had a kernel call running (another thread) starts
     with none in flight: it does not share its thread count with calls it does not have."""
     import multiprocessing as mp
     from rnnfast import threads
-    threads.enter_call()
+    n = threads.enter_call()
     try:
         with mp.get_context("fork").Pool(1) as pool:
             assert pool.apply_async(_child_inflight).get(timeout=60) == 0
         assert len(threads._inflight) == 1
     finally:
-        threads.leave_call()
+        threads.leave_call(n)
 
 
 def _child_inflight():
@@ -435,3 +535,117 @@ def _serve_tokens(lay, x):
         y, hx = lay(x[t:t + 1], hx)
         ys.append(y)
     return np.concatenate(ys)
+
+
+# ------------------------------------------------- BLAS thread limits: inside calls only
+def _blas_counts():
+    import scipy.linalg.cython_blas  # noqa: F401 - the kernels' BLAS is loaded
+    from threadpoolctl import threadpool_info
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+def _every_entry(backend):
+    """Calls of every public kind that use BLAS: inference (general and serving paths),
+    training, a time-parallel scan and the minGRU layer."""
+    rng = np.random.default_rng(5)
+    lstm = rnnfast.LSTM(32, 64, seed=0)
+    gru = rnnfast.GRU(32, 64, num_layers=2, bidirectional=True, seed=0)
+    mg = rnnfast.MinGRU(32, 64, seed=0)
+    x = rng.standard_normal((40, 24, 32)).astype(np.float32)
+    with rnnfast.backend(backend):
+        lstm(x)
+        lstm(x[:3])                              # lean serving path with BLAS (72 rows)
+        gru(x, lengths=np.arange(24) % 40 + 1)
+        y, _ = lstm.forward(x, train=True)
+        lstm.backward(np.ones_like(y))
+        mg(np.repeat(x, 20, axis=0))
+        y, _ = mg.forward(x, train=True)
+        mg.backward(np.ones_like(y))
+        rnnfast.linear_scan(rng.random((3000, 64)), rng.standard_normal((3000, 64)))
+
+
+@pytest.mark.parametrize("be", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("user", [1, 2, 3])
+def test_blas_threads_of_the_caller_restored(be, user):
+    """Regression: NumPy's BLAS stayed on one thread for the whole process after any
+    rnnfast call (the user's np.dot then ran on one core). rnnfast limits BLAS inside its
+    calls only: the caller's counts are back after every kind of call."""
+    from threadpoolctl import threadpool_limits
+    prev = rnnfast.get_num_threads()
+    lim = threadpool_limits(limits=user, user_api="blas")
+    try:
+        rnnfast.set_num_threads(2)
+        before = _blas_counts()
+        assert before and all(n == user for n in before)
+        _every_entry(be)
+        assert _blas_counts() == before
+    finally:
+        lim.restore_original_limits()
+        rnnfast.set_num_threads(prev)
+
+
+@pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
+def test_blas_limited_inside_calls_after_the_caller_changes_it(monkeypatch):
+    """Regression: rnnfast remembered the BLAS count it last set and, once the user put
+    their own back, never limited BLAS again (its kernels then called a threaded BLAS from
+    their own threads: GRU B=32 T=200 2.2-3.5x slower, once 74x). The limit is applied
+    in every call, whatever the caller set between calls."""
+    from threadpoolctl import threadpool_limits
+    inside = []
+    spy_run_layer(monkeypatch, lambda a, k: inside.append(_blas_counts()))
+    prev = rnnfast.get_num_threads()
+    lay = rnnfast.GRU(16, 64, seed=0)
+    x = np.random.default_rng(0).standard_normal((20, 32, 16)).astype(np.float32)
+    lim = threadpool_limits(limits=2, user_api="blas")
+    try:
+        rnnfast.set_num_threads(2)
+        with rnnfast.backend("cython"):
+            for user in (2, 3, 2):
+                threadpool_limits(limits=user, user_api="blas")
+                lay(x)
+                assert all(n == 1 for n in inside[-1]), inside[-1]
+                assert all(n == user for n in _blas_counts())
+    finally:
+        lim.restore_original_limits()
+        rnnfast.set_num_threads(prev)
+
+
+def test_blas_restored_after_concurrent_calls():
+    """Calls from several Python threads at once, starting and ending in every order,
+    do not restore each other's limits: once all have ended, BLAS has the caller's
+    counts again."""
+    from threadpoolctl import threadpool_limits
+    prev = rnnfast.get_num_threads()
+    lim = threadpool_limits(limits=2, user_api="blas")
+    lay = rnnfast.LSTM(16, 64, seed=0)
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((int(t), 16, 16)).astype(np.float32) for t in rng.integers(1, 40, 48)]
+    try:
+        rnnfast.set_num_threads(2)
+        before = _blas_counts()
+
+        def work(i):
+            x = xs[i]
+            if i % 3 == 0:
+                y, _ = lay.forward(x, train=True)
+                return None
+            return lay(x)[0]
+
+        with ThreadPoolExecutor(6) as ex:
+            list(ex.map(work, range(len(xs))))
+        assert _blas_counts() == before
+        from rnnfast import threads
+        assert threads._blas_depth == 0 and threads._blas_saved is None
+    finally:
+        lim.restore_original_limits()
+        rnnfast.set_num_threads(prev)
+
+
+def test_blas_limit_needs_a_region():
+    """set_blas_threads outside a call's region would change the caller's BLAS for good:
+    it is refused."""
+    from rnnfast import threads
+    with pytest.raises(RuntimeError, match="outside a call's BLAS region"):
+        threads.set_blas_threads(1)
+    with threads.blas_threads(1):
+        assert all(n == 1 for n in _blas_counts())

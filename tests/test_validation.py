@@ -224,3 +224,65 @@ def test_results_do_not_alias_inputs_or_each_other(be):
         hn[...] = 0
         y2, _ = layer(x, h0)
     np.testing.assert_array_equal(y2, y_copy)
+
+
+# ------------------------------------------------------------ dtypes and odd containers
+@pytest.mark.parametrize("be", BACKENDS)
+def test_big_endian_float64_computes_in_float64(be):
+    """Regression: '>f8' weights were computed in float32 (the dtype test compared with
+    native float64). Functional and layer calls give float64 results equal to the
+    native-order call."""
+    rng = rng_for("bigendian", be)
+    x = rng.standard_normal((T, B, I))
+    w_ih, w_hh = rng.standard_normal((4 * H, I)) * 0.3, rng.standard_normal((4 * H, H)) * 0.3
+    with rnnfast.backend(be):
+        want = rnnfast.lstm(x, w_ih, w_hh)[0]
+        got = rnnfast.lstm(x.astype(">f8"), w_ih.astype(">f8"), w_hh.astype(">f8"))[0]
+        assert want.dtype == np.float64 and got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+        lay = rnnfast.GRU(I, H, dtype=">f8", seed=1)
+        assert lay.dtype == np.float64
+        assert lay(x.astype(">f8"))[0].dtype == np.float64
+        mg = rnnfast.mingru(x.astype(">f8"), w_ih[:H].astype(">f8"), w_ih[H:2 * H].astype(">f8"))[0]
+        assert mg.dtype == np.float64
+
+
+def test_long_double_is_a_clear_error():
+    x = np.zeros((T, B, I), np.longdouble)
+    w = np.zeros((4 * H, I), np.longdouble)
+    with pytest.raises(TypeError, match=r"w_ih: long double .* not supported"):
+        rnnfast.lstm(np.zeros((T, B, I)), w, np.zeros((4 * H, H)))
+    with pytest.raises(TypeError, match=r"x: long double .* not supported"):
+        rnnfast.LSTM(I, H)(x)
+    with pytest.raises(TypeError, match=r"x: long double .* not supported"):
+        rnnfast.mingru(x, np.zeros((H, I)), np.zeros((H, I)))
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_input_size_zero(be):
+    """Regression: an input size of 0 killed the process (SIGFPE in the Cython kernel's
+    projection for T >= 4). Every backend gives the same clear error (as the layers,
+    whose input_size is at least 1)."""
+    with rnnfast.backend(be):
+        for f, G in ((rnnfast.lstm, 4), (rnnfast.gru, 3), (rnnfast.rnn, 1)):
+            for steps in (1, 5, 40):
+                with pytest.raises(ValueError, match=r"w_ih: expected an input size of at least 1"):
+                    f(np.zeros((steps, 3, 0), "f4"), np.zeros((G * 6, 0), "f4"), np.ones((G * 6, 6), "f4"))
+
+
+def test_masked_arrays_refused():
+    """A masked array's mask would be ignored silently: it is refused, with the way to
+    give padding (lengths=)."""
+    x = np.ma.masked_array(np.zeros((T, B, I), "f4"), mask=False)
+    with pytest.raises(TypeError, match=r"x: masked arrays are not accepted.*lengths="):
+        rnnfast.LSTM(I, H)(x)
+    with pytest.raises(TypeError, match=r"w_ih: masked arrays are not accepted"):
+        rnnfast.gru(np.zeros((T, B, I), "f4"), np.ma.masked_array(np.zeros((3 * H, I), "f4")),
+                    np.zeros((3 * H, H), "f4"))
+
+
+def test_huge_unsigned_lengths_reported_as_given():
+    """Regression: uint64 lengths above 2**63 were reported wrapped (negative)."""
+    big = np.array([2 ** 64 - 1, 1, 1], np.uint64)
+    with pytest.raises(ValueError, match=r"lengths: every length must be in \[0, 6\], got min 1 max 18446744073709551615"):
+        rnnfast.LSTM(I, H)(np.zeros((T, B, I), "f4"), lengths=big)
