@@ -92,8 +92,12 @@ def _bits_as_f32(typingctx, v):
 
 @njit(fastmath=_STRICT, error_model="numpy", nogil=True, cache=True)
 def _expf(x):
-    """exp of a float32, Cephes expf: |rel err| ~ 1 ulp; clamps to the normal range."""
-    x = min(max(x, np.float32(-87.3)), np.float32(88.3))
+    """exp of a float32, Cephes expf: |rel err| ~ 1 ulp; clamps below to the normal range,
+    +inf above 88.3 (so that sigmoid(-inf) is exactly 0, as in PyTorch), NaN kept (the
+    selects are written so that a NaN compares false and passes through)."""
+    x0 = x
+    x = np.float32(-87.3) if x < np.float32(-87.3) else x
+    x = np.float32(88.3) if x > np.float32(88.3) else x
     fx = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
     x = x - fx * np.float32(0.693359375)
     x = x - fx * np.float32(-2.12194440e-4)
@@ -105,6 +109,8 @@ def _expf(x):
     p = p * x + np.float32(1.6666665459e-1)
     p = p * x + np.float32(5.0000001201e-1)
     p = p * z + x + np.float32(1.0)
+    if x0 > np.float32(88.3):
+        return np.float32(np.inf)
     return p * _bits_as_f32((np.int64(fx) + 127) << 23)
 
 
@@ -116,7 +122,8 @@ def _sigmoid_f32(x):
 @njit(fastmath=_STRICT, error_model="numpy", nogil=True, cache=True)
 def _tanh_f32(x):
     """Cephes tanhf: odd polynomial below 0.625, 1 - 2/(exp(2|x|)+1) above."""
-    a = min(abs(x), np.float32(9.0))
+    a = abs(x)
+    a = np.float32(9.0) if a > np.float32(9.0) else a       # NaN passes (min() would drop it)
     z = x * x
     small = ((((np.float32(-5.70498872745e-3) * z + np.float32(2.06390887954e-2)) * z
                - np.float32(5.37397155531e-2)) * z + np.float32(1.33314422036e-1)) * z

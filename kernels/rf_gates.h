@@ -107,10 +107,12 @@ static inline void rf_sync(rf_sync_t *b, int team) {
  * over [-4, 4]; on a Zen 5 core 6.7 cycles per 16 values against 16 for glibc's libmvec
  * expf (its AVX-512 variant), which made the sigmoids most of the gate math. x is
  * clamped to [-87.3, 88.3] so that 2^n stays a normal float (e^-87.3 ~ 1.2e-38 where expf
- * would go subnormal: the gates only take 1 / (1 + e), which that does not change); NaN
- * propagates (both comparisons are false, and p is NaN). */
-static inline float rf_expf(float x) {
-    x = x < -87.3f ? -87.3f : x;
+ * would go subnormal: the gates only take 1 / (1 + e), which that does not change); above
+ * 88.3 the result is +inf (expf overflows at 88.72), so that sigmoid(-inf) is exactly 0 as
+ * in PyTorch and 0 * inf gives NaN downstream as there (issue 17 #17). NaN propagates
+ * (every comparison is false, and p is NaN). */
+static inline float rf_expf(float x0) {
+    float x = x0 < -87.3f ? -87.3f : x0;
     x = x > 88.3f ? 88.3f : x;
     const float shift = 12582912.0f;        /* 1.5 * 2^23: x + shift - shift rounds to an integer */
     float n = (x * 1.44269504088896341f + shift) - shift;
@@ -126,7 +128,7 @@ static inline float rf_expf(float x) {
     int bits = ((int)n + 127) << 23;        /* 2^n, n in [-126, 127] */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return x0 > 88.3f ? __builtin_inff() : p * scale;
 }
 
 /* tanhf for the float gate math, inline and vectorisable like rf_expf (it replaced

@@ -268,3 +268,51 @@ def test_functional_state_shapes_are_per_spec(be):
         y, (h, c) = rnnfast.lstm(x, 0.3 * rng.standard_normal((4 * H, I)), w_hh_p, h0=np.zeros((B, P)),
                                  c0=np.zeros((B, H)), w_hr=0.3 * rng.standard_normal((P, H)))
         assert y.shape == (T, B, P) and h.shape == (B, P) and c.shape == (B, H)
+
+
+# --------------------------------------------------------------- IEEE special values
+def _special_case(kind, dt, T, rng):
+    """Weights whose recurrent products of an infinite state are +-inf without inf - inf:
+    GRU's reset gate gets -inf (r = 0 exactly) and its candidate product +inf, so that
+    r * (W_hn h) is 0 * inf = NaN, as PyTorch computes it."""
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
+    H, I = 20, 6
+    w_ih = (rng.standard_normal((G * H, I)) * 0.3).astype(dt)
+    w_hh = (np.abs(rng.standard_normal((G * H, H))) + 0.1).astype(dt)
+    w_hh[:H] *= -1
+    x = rng.standard_normal((T, 3, I)).astype(dt)
+    return x, w_ih, w_hh, H
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("be", BACKENDS)
+def test_special_values_propagate_as_in_the_reference(be, dtype):
+    """Regression: a GRU with an infinite initial state gave NaN in PyTorch and the
+    reference, finite values on the fast backends (their float32 sigmoid never reached
+    0: sigmoid(-inf) was 4.5e-39, and 4.5e-39 * inf is inf, not NaN). Infinite states and
+    NaN/inf inputs give the reference's NaN pattern, on the serving (T=1), per-step (T=3)
+    and fused (T=6) paths."""
+    rng = rng_for("special", be, np.dtype(dtype).name)
+    for kind, f, extra in (("gru", rnnfast.gru, {}), ("gru", rnnfast.gru, {"linear_before_reset": False}),
+                           ("lstm", rnnfast.lstm, {}), ("rnn", rnnfast.rnn, {})):
+        for T in (1, 3, 6):
+            x, w_ih, w_hh, H = _special_case(kind, dtype, T, rng)
+            cases = [(x, np.full((3, H), np.inf, dtype)), (x, np.full((3, H), -np.inf, dtype))]
+            xn = x.copy()
+            xn[0, 1, 2] = np.nan
+            xi = x.copy()
+            xi[0, 2, :] = np.inf
+            cases += [(xn, None), (xi, None)]
+            for xx, h0 in cases:
+                kw = dict(extra, h0=h0)
+                if kind == "lstm" and h0 is not None:
+                    kw["c0"] = np.zeros_like(h0)
+                with np.errstate(invalid="ignore", over="ignore"), rnnfast.backend("reference"):
+                    want = f(xx, w_ih, w_hh, **kw)[0]
+                with np.errstate(invalid="ignore", over="ignore"), rnnfast.backend(be):
+                    got = f(xx, w_ih, w_hh, **kw)[0]
+                label = (kind, extra, T, None if h0 is None else h0[0, 0])
+                np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=str(label))
+                fin = np.isfinite(want)
+                np.testing.assert_array_equal(np.isfinite(got), fin, err_msg=str(label))
+                np.testing.assert_allclose(got[fin], want[fin], rtol=2e-4, atol=2e-5, err_msg=str(label))
