@@ -17,6 +17,7 @@ from .backends import available_backends, backend, get_backend, set_backend
 from .functional import gru, lstm, rnn
 from .interop import from_torch
 from .layers import GRU, LSTM, RNN
+from .memory import memory_info, release_memory
 from .minrnn import MinGRU, MinLSTM
 from .scan import linear_scan, mingru, minlstm
 from .threads import get_num_threads, set_num_threads
@@ -26,5 +27,5 @@ from .training import (gru_backward, gru_forward_train, lstm_backward, lstm_forw
 __version__ = "0.1.0"
 
 __all__ = ["lstm", "gru", "rnn", "LSTM", "GRU", "RNN", "from_torch", "linear_scan", "mingru", "minlstm", "MinGRU", "MinLSTM", "available_backends", "set_backend", "get_backend", "backend",
-           "set_num_threads", "get_num_threads", "lstm_forward_train", "lstm_backward",
+           "set_num_threads", "get_num_threads", "release_memory", "memory_info", "lstm_forward_train", "lstm_backward",
            "gru_forward_train", "gru_backward", "rnn_forward_train", "rnn_backward", "__version__"]

@@ -9,75 +9,14 @@ padded work), and the result is scattered back to (T, B, F) once at the end. Wit
 """
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import backends, reference, threads, tuning
-from .cells import CELLS, LSTM_PROJ, GRU_LBR, GRU_NOLBR, RNN_RELU
-
-
-_workspace = threading.local()
-
-
-def scratch(key: str, shape: tuple, dtype) -> np.ndarray:
-    """A per-thread scratch array, reused across calls (no fresh pages, no page faults).
-
-    Only for buffers that never leave the engine: each Python thread has its own, so
-    concurrent calls never share one. The largest buffer of each kind stays allocated;
-    the view of each (kind, shape) asked for is kept too (0.59 -> 0.12 us a call, five
-    calls a layer, at most _SCRATCH_VIEWS of them), and a kind's views go when its
-    buffer is outgrown, so that the old buffer is freed.
-    """
-    views = _workspace.__dict__.get("views")
-    if views is None:
-        views = _workspace.views = {}
-    v = views.get((key, shape, dtype))
-    if v is not None:
-        return v
-    cache = getattr(_workspace, "bufs", None)
-    if cache is None:
-        cache = _workspace.bufs = {}
-    n = math.prod(shape)
-    dt = np.dtype(dtype)
-    buf = cache.get((key, dt))
-    if buf is None or buf.shape[0] < n:
-        if buf is not None:         # views of the outgrown buffer would keep it alive
-            for k in [k for k in views if k[0] == key and np.dtype(k[2]) == dt]:
-                del views[k]
-        buf = aligned_empty(max(n, 16), dt)
-        cache[(key, dt)] = buf
-    if len(views) >= _SCRATCH_VIEWS:
-        views.clear()
-    v = views[(key, shape, dtype)] = buf[:n].reshape(shape)
-    return v
-
-
-_SCRATCH_VIEWS = 256
-
-
-def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on an `align`-byte boundary.
-
-    Whole cache lines and vectors: the kernels store large projections with streaming
-    stores, and a weight row read as vectors that straddle two cache lines costs up to
-    twice the L2 bandwidth (measured 67 vs 113 GB/s for a 1 MB row-dot product).
-    """
-    dtype = np.dtype(dtype)
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    n = math.prod(shape)
-    raw = np.empty(n * dtype.itemsize + align, np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off:off + n * dtype.itemsize].view(dtype).reshape(shape)
-
-
-def aligned_copy(a: np.ndarray, dtype) -> np.ndarray:
-    """`a` converted to `dtype` in a new 64-byte aligned C-contiguous array."""
-    out = aligned_empty(a.shape, dtype)
-    out[...] = a
-    return out
+from .memory import SmallCache, aligned_copy, aligned_empty, scratch  # noqa: F401 - re-exported
+from .cells import CELLS, GRU_NOLBR, LSTM_PROJ, RNN_RELU
 
 
 _USE_FUSED = True     # private switch for measurements: False = BLAS per gate in every step
@@ -350,6 +289,7 @@ SMALL_MAX_T = 3       # below the fused kernel's FUSED_MIN_T: no weight packing
 _SMALL_1T_WBYTES = 640 << 10
 _SMALL_1T_ROWS = 8
 _small = threading.local()
+_SMALL_KEEP_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -395,13 +335,14 @@ def _small_bufs(plan: SmallPlan, T: int, B: int) -> tuple:
     """This thread's scratch of the lean path for `plan`'s shape and (T, B), made once."""
     cache = getattr(_small, "bufs", None)
     if cache is None:
-        cache = _small.bufs = {}
+        cache = _small.bufs = SmallCache()
     if len(cache) > 64:
         cache.clear()
     GH = plan.G * plan.H
-    bufs = cache[plan.key, T, B] = (
-        np.full(T, B, np.int64), aligned_empty((T * B, GH), plan.dtype), aligned_empty((2, B, plan.Hout), plan.dtype),
-        aligned_empty((B, GH), plan.dtype), aligned_empty((B, plan.H), plan.dtype))
+    bufs = (np.full(T, B, np.int64), aligned_empty((T * B, GH), plan.dtype), aligned_empty((2, B, plan.Hout), plan.dtype),
+            aligned_empty((B, GH), plan.dtype), aligned_empty((B, plan.H), plan.dtype))
+    if B * (T + 1) * GH * plan.dtype.itemsize <= _SMALL_KEEP_BYTES:   # served tokens, not a big batch
+        cache[plan.key, T, B] = bufs
     return bufs
 
 

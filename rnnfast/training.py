@@ -38,10 +38,10 @@ keeps BLAS single-threaded inside its kernels and NumPy's threaded BLAS for the 
 GEMMs. Small steps (see ``_PAR_MIN_WORK``) run on one thread.
 
 Scratch: large buffers that never reach the caller (the saved gates and cell states,
-the gate gradients, the packed weights) come from a small pool and go back to it when
-their context dies or the backward ends: a training loop then reuses the same memory
-at every step instead of page-faulting tens of MB (5-10% of a step).
-:func:`release_scratch` empties the pool.
+the gate gradients, the packed weights) come from the bounded pool of
+``rnnfast.memory`` and go back to it when their context dies or the backward ends: a
+training loop then reuses the same memory at every step instead of page-faulting tens of
+MB (5-10% of a step). ``rnnfast.release_memory()`` empties it.
 
 A context supports any number of backward calls (each recomputes from the saved state).
 
@@ -59,7 +59,7 @@ import weakref
 
 import numpy as np
 
-from . import _engine, backends, threads
+from . import _engine, backends, memory, threads
 from . import reference_backward as _rb
 from ._validation import check_float, check_input, check_lengths, check_state, to_numpy
 from .cells import CELLS, GRU_LBR, GRU_NOLBR, LSTM_PROJ, RNN_RELU, RNN_TANH, cell_code
@@ -135,76 +135,7 @@ def _np_gemm(A, B, C, beta: float = 0.0) -> None:
         C += A @ B
 
 
-class _ScratchPool:
-    """Large scratch buffers kept for reuse between calls.
-
-    A fresh buffer of tens of MB costs a page fault per 4 KB page at first touch (about
-    10 ms per 50 MB here, 5-10% of a training step); a training loop asks for the same
-    sizes at every step. Only buffers that never reach the caller go through the pool:
-    the saved gates and cell states (returned when their context dies), the gate
-    gradients and the other temporaries of backward, the packed weights.
-    """
-
-    MIN_BYTES = 1 << 20          # smaller ones come from the malloc heap without faults
-    MAX_PER_SIZE = 2
-    MAX_BYTES = 1 << 30
-
-    def __init__(self):
-        self._free: dict[int, list[np.ndarray]] = {}
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def take(self, shape, dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if n < self.MIN_BYTES:
-            return np.empty(shape, dtype)
-        raw = None
-        with self._lock:
-            lst = self._free.get(n)
-            if lst:
-                raw = lst.pop()
-                self._bytes -= n
-        if raw is None:
-            raw = np.empty(n, np.uint8)
-        return raw.view(dtype).reshape(shape)
-
-    @staticmethod
-    def raw(a):
-        """The pooled buffer behind `a` (from :meth:`take`), or None."""
-        if a is None:
-            return None
-        b = a.base
-        if b is not None and b.dtype == np.uint8 and b.ndim == 1 and b.nbytes == a.nbytes and b.flags.owndata:
-            return b
-        return None
-
-    def give(self, *arrays) -> None:
-        """Return buffers from :meth:`take` (their owner must not use them any more)."""
-        self.give_raw([self.raw(a) for a in arrays])
-
-    def give_raw(self, raws) -> None:
-        with self._lock:
-            for r in raws:
-                if r is None:
-                    continue
-                lst = self._free.setdefault(r.nbytes, [])
-                if len(lst) < self.MAX_PER_SIZE and self._bytes + r.nbytes <= self.MAX_BYTES:
-                    lst.append(r)
-                    self._bytes += r.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._bytes = 0
-
-
-_POOL = _ScratchPool()
-
-
-def release_scratch() -> None:
-    """Free the scratch buffers that training keeps for reuse between calls."""
-    _POOL.clear()
+_POOL = memory.POOL
 
 
 def _widths(code: int, H: int) -> tuple[int, int, int]:

@@ -393,7 +393,7 @@ def test_interleaved_training_loops_keep_results_intact(be):
             kept.append((y, dx, dh, {n: g for n, g in layer.grads.items()}))
             ref = make_layer("lstm", {}, I, 20, num_layers=2, dtype=np.float64, seed=(1, 2)[k])
             fresh.append(rnnfast_grads(ref, "reference", x * (step + 1), None, None, np.ones_like(y), None))
-    training.release_scratch()
+    rnnfast.release_memory()
     for (y, dx, dh, g), want in zip(kept, fresh):
         np.testing.assert_allclose(y, want["y"], rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(dx, want["dx"], rtol=1e-9, atol=1e-9)

@@ -3,6 +3,7 @@ NumPy's BLAS on the same operands) and several Python threads serving at once (c
 in flight share the thread count)."""
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -43,9 +44,17 @@ class Gemm:
             self.fn = lambda: cy_train.pgemm(self.a, self.b, self.c, 0.0, THREADS)
         else:
             from rnnfast import threads
-            threads.set_blas_threads(THREADS)
+            # NumPy's BLAS on the bench's threads for this benchmark only: the region
+            # restores the caller's count at teardown (threads.blas_threads)
+            self._stack = contextlib.ExitStack()
+            self._stack.enter_context(threads.blas_threads(THREADS))
             self.fn = lambda: np.matmul(self.a, self.b, out=self.c)
         self.fn()
+
+    def teardown(self, shape, impl):
+        stack = getattr(self, "_stack", None)
+        if stack is not None:
+            stack.close()
 
     def time_gemm(self, shape, impl):
         self.fn()
