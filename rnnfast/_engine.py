@@ -96,6 +96,7 @@ class Packing:
 
 
 _FULL: dict = {}
+_FULL_CACHE_MAX_T = 1 << 16     # the cache holds T-long arrays: long sequences are not kept
 
 
 def _full_packing(T: int, B: int) -> Packing:
@@ -105,13 +106,21 @@ def _full_packing(T: int, B: int) -> Packing:
         ls, bsz = np.full(B, T, np.int64), np.full(T, B, np.int64)
         ls.flags.writeable = bsz.flags.writeable = False
         pk = Packing(None, ls, bsz, None, None)
-        if len(_FULL) > 256:
-            _FULL.clear()
-        _FULL[(T, B)] = pk
+        if T <= _FULL_CACHE_MAX_T:
+            if len(_FULL) > 256:
+                _FULL.clear()
+            _FULL[(T, B)] = pk
     return pk
 
 
+_EMPTY_PACKING = Packing(None, np.zeros(0, np.int64), np.zeros(0, np.int64), None, None)
+for _a in (_EMPTY_PACKING.lengths_sorted, _EMPTY_PACKING.bsz):
+    _a.flags.writeable = False
+
+
 def make_packing(T: int, B: int, lengths: np.ndarray | None) -> Packing:
+    if B == 0:                      # no rows at any step, however long T is
+        return _EMPTY_PACKING
     if lengths is None or bool((lengths == T).all()):
         return _full_packing(T, B)
     perm = np.argsort(-lengths, kind="stable")

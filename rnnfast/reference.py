@@ -74,7 +74,8 @@ def run_direction(kind: str, x: np.ndarray, w_ih: np.ndarray, w_hh: np.ndarray,
         c = np.zeros((B, H)) if c0 is None else np.array(c0, np.float64)
     lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
     y = np.zeros((T, B, Hout))
-    steps = range(T - 1, -1, -1) if reverse else range(T)
+    tmax = min(T, int(lengths.max())) if B else 0      # steps past every length do nothing
+    steps = range(tmax - 1, -1, -1) if reverse else range(tmax)
     for t in steps:
         live = lengths > t
         if not live.any():

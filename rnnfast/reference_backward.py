@@ -53,7 +53,8 @@ def forward_direction(kind: str, code: int, x: np.ndarray, w_ih, w_hh, b_ih=None
     lengths = np.full(B, T, np.int64) if lengths is None else np.asarray(lengths, np.int64)
     y = np.zeros((T, B, Hout))
     steps = []
-    order = range(T - 1, -1, -1) if reverse else range(T)
+    tmax = min(T, int(lengths.max())) if B else 0      # steps past every length do nothing
+    order = range(tmax - 1, -1, -1) if reverse else range(tmax)
     for t in order:
         live = np.nonzero(lengths > t)[0]
         if live.size == 0:

@@ -113,6 +113,8 @@ def _scan_reference(a2: np.ndarray, b2: np.ndarray, carry: np.ndarray, reverse: 
     b2 = np.asarray(b2, np.float64)
     out = np.empty(a2.shape, np.float64)
     h = carry
+    if a2.size == 0:                # an empty batch: no work, however long
+        return out
     steps = range(a2.shape[0] - 1, -1, -1) if reverse else range(a2.shape[0])
     for t in steps:
         h = a2[t] * h + b2[t]
@@ -228,7 +230,7 @@ def _minrnn_reference(kind: str, x3: np.ndarray, wcat: np.ndarray, bias: np.ndar
     h = np.array(h0, np.float64)
     y = np.zeros((T, B, H))
     lens = np.full(B, T) if lens is None else lens
-    for t in range(T):
+    for t in range(min(T, int(lens.max())) if B else 0):     # steps past every length do nothing
         live = lens > t
         if not live.any():
             continue

@@ -411,40 +411,38 @@ def _prev_pairs(bsz: np.ndarray, offs: np.ndarray, rev: bool):
     into as few runs as possible; ``g_rows``/``h_rows`` pair the remaining gradient rows
     with rows of the initial state.
     """
-    T = bsz.shape[0]
     B, N = int(bsz[0]), int(offs[-1])
     if int(bsz[-1]) == B:                 # every step full: one shifted run plus one step of h0
         j = np.arange(B)
         if not rev:
             return ([(B, 0, N - B)] if N > B else []), j, j
         return ([(0, B, N - B)] if N > B else []), N - B + j, j
-    segs: list[list[int]] = []
-    g_rows, h_rows = [], []
-
-    def add(g0, y0, n):
-        if n <= 0:
-            return
-        if segs and segs[-1][0] + segs[-1][2] == g0 and segs[-1][1] + segs[-1][2] == y0:
-            segs[-1][2] += n
-        else:
-            segs.append([g0, y0, n])
-
+    # Steps of one run of equal batch sizes share one shift between gradient rows and
+    # previous-state rows: one segment (GEMM) per run, found without a loop over T.
+    Tp = int(np.count_nonzero(bsz))       # bsz does not increase (longest sequences first)
     if not rev:
-        g_rows.append(np.arange(int(bsz[0])))
-        h_rows.append(np.arange(int(bsz[0])))
-        for t in range(1, T):
-            add(int(offs[t]), int(offs[t - 1]), int(bsz[t]))
-    else:
-        for t in range(T):
-            nn = int(bsz[t + 1]) if t + 1 < T else 0
-            add(int(offs[t]), int(offs[t + 1]), nn)
-            if int(bsz[t]) > nn:
-                j = np.arange(nn, int(bsz[t]))
-                g_rows.append(int(offs[t]) + j)
-                h_rows.append(j)
-    g = np.concatenate(g_rows) if g_rows else np.zeros(0, np.int64)
-    h = np.concatenate(h_rows) if h_rows else np.zeros(0, np.int64)
-    return [tuple(s) for s in segs], g, h
+        t = np.arange(1, Tp)
+        brk = np.ones(t.size, bool)
+        brk[1:] = bsz[t[1:] - 1] != bsz[t[1:] - 2]
+        a = t[brk]
+        e = np.append(a[1:], Tp)
+        segs = list(zip(offs[a].tolist(), offs[a - 1].tolist(), (offs[e] - offs[a]).tolist()))
+        j = np.arange(B)
+        return segs, j, j
+    t = np.arange(Tp - 1)                 # steps followed by a live step
+    brk = np.ones(t.size, bool)
+    brk[1:] = bsz[t[1:]] != bsz[t[1:] - 1]
+    a = t[brk]
+    e = np.append(a[1:], Tp - 1)
+    segs = list(zip(offs[a].tolist(), offs[a + 1].tolist(), (offs[e + 1] - offs[a + 1]).tolist()))
+    # rows of step t with no row at step t + 1 start from the initial state
+    nxt = np.zeros(Tp, np.int64)
+    nxt[:-1] = bsz[1:Tp]
+    d = bsz[:Tp] - nxt
+    tt = np.repeat(np.arange(Tp), d)
+    first = np.cumsum(d) - d
+    j = nxt[tt] + (np.arange(tt.size) - first[tt])
+    return segs, offs[tt] + j, j
 
 
 def _as_index(idx: np.ndarray):

@@ -316,3 +316,41 @@ def test_special_values_propagate_as_in_the_reference(be, dtype):
                 fin = np.isfinite(want)
                 np.testing.assert_array_equal(np.isfinite(got), fin, err_msg=str(label))
                 np.testing.assert_allclose(got[fin], want[fin], rtol=2e-4, atol=2e-5, err_msg=str(label))
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_empty_batch_with_huge_T_costs_nothing(be):
+    """B=0 with T=2**40 (a zero-size view): every entry point returns at once with
+    (T, 0, .) outputs and allocates nothing T-long (it allocated 8 bytes a step on the
+    Cython backend and looped over every step on the reference)."""
+    import tracemalloc
+    T, I, H = 1 << 40, 4, 6
+    x = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (T, 0, I), (0, 0, 0))
+    rng = np.random.default_rng(0)
+    w = {k: rng.standard_normal((G * H, n)).astype(np.float32) for k, G, n in
+         (("l_ih", 4, I), ("l_hh", 4, H), ("g_ih", 3, I), ("g_hh", 3, H), ("r_ih", 1, I), ("r_hh", 1, H))}
+    wz, wh = rng.standard_normal((H, I)).astype(np.float32), rng.standard_normal((H, I)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        with rnnfast.backend(be):
+            y, (hn, cn) = rnnfast.lstm(x, w["l_ih"], w["l_hh"])
+            assert y.shape == (T, 0, H) and hn.shape == cn.shape == (0, H)
+            y, hn = rnnfast.gru(x, w["g_ih"], w["g_hh"], lengths=np.zeros(0, np.int64))
+            assert y.shape == (T, 0, H) and hn.shape == (0, H)
+            y, hn = rnnfast.rnn(x, w["r_ih"], w["r_hh"], reverse=True)
+            assert y.shape == (T, 0, H)
+            layer = rnnfast.GRU(I, H, num_layers=2, bidirectional=True, seed=0)
+            y, hn = layer(x)
+            assert y.shape == (T, 0, 2 * H) and hn.shape == (4, 0, H)
+            y, hn = layer.forward(x, train=True)
+            dx, dh0 = layer.backward(y)
+            assert dx.shape == (T, 0, I) and dh0.shape == (4, 0, H)
+            assert all(np.all(g == 0) for g in layer.grads.values())
+            y, hn = rnnfast.mingru(x, wz, wh)
+            assert y.shape == (T, 0, H) and hn.shape == (0, H)
+            a = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (T, 0), (0, 0))
+            assert rnnfast.linear_scan(a, a).shape == (T, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, peak         # first calls compile and import: small, never T-long
