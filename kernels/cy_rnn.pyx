@@ -126,8 +126,8 @@ def packed_size(int code, int H, int Hout, int I, bint is_double, int T) -> int:
         return 0
     cdef int G = _gates(code)
     cdef int up = rf_panel_units(G, is_double)
-    cdef int npan = (H + up - 1) // up
-    return npan * (Hout + I) * G * up
+    cdef int64_t npan = (H + up - 1) // up
+    return npan * (Hout + I) * G * up              # 64-bit: past 2**31 for large layers
 
 
 cdef inline void _gemm_nt(int n, int m, int k, const floating *A, int lda, const floating *W, int ldw,

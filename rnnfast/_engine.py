@@ -165,6 +165,7 @@ def run_stack(kind: str, code: int, x: np.ndarray, weights: list[list[DirWeights
     if kind == "lstm" and c0 is None:
         c0 = np.zeros((L * D, B, H), dtype)
     name = backends.resolve(kind, B, H, dtype, threads.get_num_threads())
+    name = backends.fit_sizes(name, T, B, x.shape[2], H, Hout, G, D)
     if name == "reference":
         return _run_reference(kind, code, x, weights, h0, c0, lengths, rev0)
     # the step forms measured on this machine (before this call takes any scratch: the

@@ -134,3 +134,26 @@ def _auto_first() -> str:
 def resolve(kind: str, batch: int, hidden: int, dtype, nthreads: int) -> str:
     """The concrete backend for one call under the current setting."""
     return resolve_fast()
+
+
+# The Cython kernels count steps, packed rows, feature sizes and the packed weights'
+# elements in C ints (their pointer offsets are 64-bit); the Numba kernels are 64-bit.
+CYTHON_INDEX_MAX = 2**31 - 1
+
+
+def fit_sizes(name: str, T: int, B: int, I: int, H: int, Hout: int, G: int, D: int) -> str:
+    """`name`, or the backend to use instead when a call's sizes pass the Cython kernels'
+    32-bit counts: under "auto" the Numba backend takes it; named, a clear ValueError
+    (before any kernel runs)."""
+    if name != "cython":
+        return name
+    Iw = max(I, D * Hout)           # a later layer's input
+    worst = max(T * B, T, Iw, D * G * H * 2, G * (H + 64) * (Iw + Hout + 64))
+    if worst <= CYTHON_INDEX_MAX:
+        return name
+    if get_backend() == "auto" and _usable("numba"):
+        return "numba"
+    raise ValueError(
+        f"this call needs {worst} rows or elements in one 32-bit count of the Cython kernels "
+        f"(at most {CYTHON_INDEX_MAX}: T={T}, B={B}, input {I}, hidden {H}); split the batch or "
+        "the sequence, or run it with backend('numba')")

@@ -219,6 +219,7 @@ def stack_forward_train(kind: str, code: int, xs: np.ndarray, weights, h0, c0, l
         c0 = np.zeros((L * D, B, H), dtype)
     ctx.masks = _draw_masks(rng, ctx.p, L, (T, B, D * Hout))
     name = backends.resolve(kind, B, H, dtype, threads.get_num_threads())
+    name = backends.fit_sizes(name, T, B, I, H, Hout, G, D)
     ctx.backend = name
     if name == "reference":
         y, hn, cn = _ref_forward(ctx, xs, weights, h0, c0)

@@ -314,3 +314,47 @@ def test_layers_without_the_cython_kernels(mode):
     layer call failed. Now such a backend is unavailable (with its reason) and every other
     backend, "auto" included, runs single-layer calls and served tokens."""
     assert _run_python(_CYTHON_GONE.format(mode=mode)) == "ok"
+
+
+def test_sizes_past_the_cython_kernels_32_bit_counts(monkeypatch):
+    """The Cython kernels count rows and sizes in C ints: a call past that is a clear
+    ValueError under backend("cython") before any kernel runs, and runs on the Numba backend under "auto"; the packed weights' size is 64-bit.
+    (Here a limit lowered to 30000 rows.)"""
+    from rnnfast import _engine, backends
+    if not {"cython", "numba"} <= set(rnnfast.available_backends()):
+        pytest.fail("this test needs both fast backends built")
+    from rnnfast.kernels import cy_rnn
+    # LSTM(40000, 40000): 4 * 40000 * 80000 elements, past 2**31 (it wrapped to 32 bits)
+    assert cy_rnn.packed_size(0, 40000, 40000, 40000, False, 100) >= 4 * 40000 * 80000
+    monkeypatch.setattr(backends, "CYTHON_INDEX_MAX", 30000)
+    calls = []
+    real = _engine.backends.kernel_module
+
+    class Spy:                                  # records which backend's kernels ran
+        def __init__(self, name):
+            self._name, self._mod = name, real(name)
+
+        def __getattr__(self, attr):
+            fn = getattr(self._mod, attr)
+            if attr not in ("run_layer", "run_small", "forward_layer"):
+                return fn
+            return lambda *a, **k: (calls.append(self._name), fn(*a, **k))[1]
+
+    monkeypatch.setattr(_engine.backends, "kernel_module", Spy)
+    layer = rnnfast.LSTM(4, 8, seed=0)
+    x = np.random.default_rng(0).standard_normal((3000, 11, 4)).astype(np.float32)     # 33000 rows
+    with rnnfast.backend("cython"):
+        with pytest.raises(ValueError, match=r"^this call needs 33000 rows or elements in one 32-bit count"):
+            layer(x)
+        with pytest.raises(ValueError, match=r"backend\('numba'\)"):
+            layer.forward(x, train=True)
+    assert calls == []
+    with rnnfast.backend("auto"):
+        y, _ = layer(x)
+        assert calls and set(calls) == {"numba"}
+    with rnnfast.backend("reference"):
+        want, _ = layer(x)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    with rnnfast.backend("cython"):
+        y, _ = layer(x[:, :5])                 # within the limit: Cython runs it
+    assert calls[-1] == "cython"
