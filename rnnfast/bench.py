@@ -1,7 +1,7 @@
 """``python -m rnnfast bench``: rnnfast against its NumPy reference backend, PyTorch and
 ONNX Runtime on the standard workloads of BENCHMARKS.md.
 
-The design is that of the project's referee (``../shared/tools/anchor_bench.py``), whose
+The design is that of the project's referee (``anchor_bench.py``), whose
 workload table this module repeats (same names, shapes and FLOP counts):
 
 * Before timing, every library's result is checked against an oracle: PyTorch when it

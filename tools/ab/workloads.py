@@ -2,7 +2,7 @@
 
 Used for A/B comparisons of two builds in alternating processes (see ab.sh):
     PYTHONPATH=/path/to/old/tree python tools/ab/workloads.py lstm-b8,bidir
-Names: see make(). Shapes follow ../shared/BENCHMARKS.md where they share a name.
+Names: see make(). Shapes follow the standard workloads (rnnfast.bench.WORKLOADS) where they share a name.
 """
 import sys, time, numpy as np, rnnfast
 rnnfast.set_num_threads(2)
