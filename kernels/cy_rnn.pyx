@@ -84,6 +84,8 @@ cdef extern from "rf_gates.h" nogil:
     void rf_copy_cols_f(int n, int u0, int u1, const float *src, int lds, float *dst, int ldd)
     void rf_copy_cols_d(int n, int u0, int u1, const double *src, int lds, double *dst, int ldd)
 
+include "rf_interrupt.pxi"
+
 # Cell codes: keep in step with rnnfast/cells.py.
 DEF LSTM = 0
 DEF LSTM_PROJ = 1
@@ -206,7 +208,8 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                   const floating **bh, const floating **w_hr,
                   floating *xg, floating *hbuf, floating *cst, floating *y,
                   floating *hg, floating *s2, floating *wpk, int npk, int xrows, int chunk,
-                  bint rec_rowdot, bint bsplit, rf_sync_t *bar, int onerow) noexcept nogil:
+                  bint rec_rowdot, bint bsplit, rf_sync_t *bar, int onerow,
+                  rf_intr_t *intr) noexcept nogil:
     cdef int G = _gates(code)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
@@ -266,6 +269,10 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     # 2. the recurrence; every `chunk` steps, each item projects the inputs of the next
     # chunk of steps for its own units (only it reads them: no barrier), into xg's rows
     for s in range(T):
+        if tid == 0 and s % 8 == 0:
+            rf_intr_poll(intr, bar, nthr)
+        if rf_sync_stopped(bar):        # a Ctrl-C: every thread leaves here (rf_interrupt.h)
+            break
         if s % chunk == 0:
             for d in range(ndir):
                 rev = rev0 if d == 0 else True
@@ -465,6 +472,7 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
     cdef int H = s2.shape[2]
     cdef int cpd, nitems, nthr, tid, npk = 0, maxchunks
     cdef rf_sync_t bar
+    cdef rf_intr_t intr
     cdef floating *wp = NULL
     cdef int G = _gates(code)
     cdef const floating *w_ih[MAX_DIRS]
@@ -500,19 +508,21 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
     if cpd < 2:
         batch_split = False
     rf_sync_init(&bar, nthr)
+    rf_intr_init(&intr, _main_ident)
     if nthr == 1:
         with nogil:
             _worker(0, 1, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
                     &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot,
-                    batch_split, &bar, 0)
+                    batch_split, &bar, 0, &intr)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
                     &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot,
-                    batch_split, &bar, 0)
+                    batch_split, &bar, 0, &intr)
+    rf_intr_raise(&intr)     # a signal handler raised during the call (Ctrl-C)
 
 
 cdef inline void* _data(object a) noexcept:
@@ -544,7 +554,7 @@ cdef inline void _small_job_t(floating *dummy, _SmallJob *j, int tid) noexcept n
             <const floating*>j.xp, <const floating**>j.wi, <const floating**>j.wh, <const floating**>j.bx,
             <const floating**>j.bh, <const floating**>j.wr, <floating*>j.xgp, <floating*>j.hb, <floating*>j.cst,
             <floating*>j.yp, <floating*>j.hgp, <floating*>j.s2p, NULL, 0, j.nb, 1, False, False,
-            j.bar, j.onerow)
+            j.bar, j.onerow, NULL)
 
 
 cdef void _small_job_f(void *arg, int tid) noexcept nogil:
@@ -617,12 +627,12 @@ cdef bint _run_small_t(floating *dummy, int code, object x, object bsz, object w
     if not pooled and nthr == 1:
         with nogil:
             _worker(0, 1, code, 1, 1, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, onerow)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, onerow, NULL)
     elif not pooled:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, rf_team_size(), code, 1, cpd, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, onerow)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, onerow, NULL)
     memcpy(_data(hn), hb + <size_t>(T % 2) * B * Hout, hbytes)
     return pooled
 

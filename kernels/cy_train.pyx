@@ -27,6 +27,7 @@ dominates for the few rows of a step) or, for large batches, on single-threaded 
 from cython cimport floating
 from cython.parallel cimport parallel, threadid
 from libc.stdint cimport int64_t
+from cpython.exc cimport PyErr_CheckSignals
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 cdef extern from "rf_train.h" nogil:
@@ -95,6 +96,8 @@ cdef extern from "rf_train.h" nogil:
                   int ldc, int beta)
     void rft_mm_d(int n, int K, const double *A, int lda, const double *P, size_t bs, int ncols, double *C,
                   int ldc, int beta)
+
+include "rf_interrupt.pxi"
 
 cdef extern from "rf_gemm.h" nogil:
     int rf_gemm_f(int ta, int tb, int M, int N, int K, const float *A, int lda, const float *B, int ldb,
@@ -230,6 +233,12 @@ cdef int _layout(object a, int itemsize, int *trans, int *ld, int *rows, int *co
     return -2
 
 
+# the most work of one uninterruptible piece of pgemm (0.1 s on one core at 160 GF/s):
+# the training products of the standard workloads stay whole
+cdef double _PGEMM_PIECE_FLOPS = 16e9
+cdef double _PGEMM_PIECE_BYTES = 64 << 20
+
+
 def pgemm(A, B, C, double beta=0.0, int nthreads=1):
     """``C = A @ B + beta * C`` split over ``nthreads`` OpenMP threads, each computing its
     block of C (rows, or columns when C is wider than tall) with the packed micro-kernel
@@ -248,12 +257,8 @@ def pgemm(A, B, C, double beta=0.0, int nthreads=1):
     pool (OpenMP's) runs everything and BLAS's own threads never compete with it.
     """
     import numpy as np
-    cdef int ta, tb, tc, lda, ldb, ldc, m, k, k2, n, cm, cn, nthr, tid, part, s0, s1, bm, bn
-    cdef char ca, cb
-    cdef float fb = <float>beta, fone = 1
-    cdef double done = 1
-    cdef size_t pa, pb, pc, oa, ob, oc
-    cdef bint by_rows
+    cdef int ta, tb, tc, lda, ldb, ldc, m, k, k2, n, cm, cn
+    cdef size_t pa, pb, pc
     if A.dtype != C.dtype or B.dtype != C.dtype or C.dtype not in (np.float32, np.float64):
         raise TypeError(f"pgemm: dtypes {A.dtype}, {B.dtype}, {C.dtype}")
     isz = C.dtype.itemsize
@@ -278,9 +283,51 @@ def pgemm(A, B, C, double beta=0.0, int nthreads=1):
     pa = A.__array_interface__["data"][0]
     pb = B.__array_interface__["data"][0]
     pc = C.__array_interface__["data"][0]
-    ca = b'T' if ta else b'N'
-    cb = b'T' if tb else b'N'
-    by_rows = m >= n
+    # A long product runs in pieces (along m, or along k summing into C when C is small)
+    # so that a Ctrl-C between them is honoured: a piece is at most _PGEMM_PIECE_FLOPS and
+    # writes at most _PGEMM_PIECE_BYTES of C (a fresh C costs a page fault per 4 KB)
+    cdef double flops = 2.0 * m * n * k
+    cdef double cbytes = <double>m * n * isz
+    cdef int pieces = <int>max(flops / _PGEMM_PIECE_FLOPS, cbytes / _PGEMM_PIECE_BYTES) + 1
+    cdef int q0, q1, qs
+    cdef double bp
+    cdef size_t iz = isz
+    if pieces == 1:
+        _pgemm_run(iz, ta, tb, m, n, k, pa, lda, pb, ldb, beta, pc, ldc, nthreads)
+        return
+    if k >= m and cbytes <= _PGEMM_PIECE_BYTES:
+        qs = (((k + pieces - 1) // pieces) + 63) // 64 * 64
+        q0 = 0
+        while q0 < k:
+            q1 = q0 + qs if q0 + qs < k else k
+            bp = beta if q0 == 0 else 1.0
+            _pgemm_run(iz, ta, tb, m, n, q1 - q0,
+                       pa + <size_t>q0 * (<size_t>lda if ta else 1) * iz, lda,
+                       pb + <size_t>q0 * (1 if tb else <size_t>ldb) * iz, ldb, bp, pc, ldc, nthreads)
+            PyErr_CheckSignals()
+            q0 = q1
+    else:
+        qs = (((m + pieces - 1) // pieces) + 63) // 64 * 64
+        q0 = 0
+        while q0 < m:
+            q1 = q0 + qs if q0 + qs < m else m
+            _pgemm_run(iz, ta, tb, q1 - q0, n, k,
+                       pa + <size_t>q0 * (1 if ta else <size_t>lda) * iz, lda,
+                       pb, ldb, beta, pc + <size_t>q0 * ldc * iz, ldc, nthreads)
+            PyErr_CheckSignals()
+            q0 = q1
+
+
+cdef void _pgemm_run(size_t isz, int ta, int tb, int m, int n, int k, size_t pa, int lda, size_t pb, int ldb,
+                     double beta, size_t pc, int ldc, int nthreads) noexcept:
+    """One product C[m, n] = op(A) op(B) + beta C on pgemm's threads (addresses in bytes)."""
+    cdef char ca = b'T' if ta else b'N'
+    cdef char cb = b'T' if tb else b'N'
+    cdef float fb = <float>beta, fone = 1
+    cdef double done = 1
+    cdef size_t oa, ob, oc
+    cdef int nthr, tid, part, s0, s1, bm, bn
+    cdef bint by_rows = m >= n
     nthr = nthreads if nthreads > 1 and rf_have_openmp() else 1
     # at least 64 rows / columns per part
     if by_rows:
@@ -320,14 +367,16 @@ def pgemm(A, B, C, double beta=0.0, int nthreads=1):
             oc = <size_t>s0
         if bm > 0 and bn > 0:
             if isz == 4:
-                if rf_gemm_f(ta, tb, bm, bn, k, <float*>pa + oa, lda, <float*>pb + ob, ldb, fb,
-                             <float*>pc + oc, ldc) != 0:
-                    sgemm(&cb, &ca, &bn, &bm, &k, &fone, <float*>pb + ob, &ldb, <float*>pa + oa, &lda, &fb,
-                          <float*>pc + oc, &ldc)
-            elif rf_gemm_d(ta, tb, bm, bn, k, <double*>pa + oa, lda, <double*>pb + ob, ldb, beta,
-                           <double*>pc + oc, ldc) != 0:
-                dgemm(&cb, &ca, &bn, &bm, &k, &done, <double*>pb + ob, &ldb, <double*>pa + oa, &lda, &beta,
-                      <double*>pc + oc, &ldc)
+                if rf_gemm_f(ta, tb, bm, bn, k, <float*>(pa + oa * 4), lda, <float*>(pb + ob * 4), ldb, fb,
+                             <float*>(pc + oc * 4), ldc) != 0:
+                    sgemm(&cb, &ca, &bn, &bm, &k, &fone, <float*>(pb + ob * 4), &ldb, <float*>(pa + oa * 4), &lda, &fb,
+                          <float*>(pc + oc * 4), &ldc)
+            elif rf_gemm_d(ta, tb, bm, bn, k, <double*>(pa + oa * 8), lda, <double*>(pb + ob * 8), ldb, beta,
+                           <double*>(pc + oc * 8), ldc) != 0:
+                dgemm(&cb, &ca, &bn, &bm, &k, &done, <double*>(pb + ob * 8), &ldb, <double*>(pa + oa * 8), &lda, &beta,
+                      <double*>(pc + oc * 8), &ldc)
+
+
 
 
 # ----------------------------------------------------------------------------- forward
@@ -337,7 +386,8 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                       const floating **w_hh, const floating **bx, const floating **bh,
                       const floating **w_hr, const floating *h0, const floating *c0,
                       floating *y, floating *cb, floating *hg, floating *s2,
-                      floating *wpk, size_t wsz, rf_sync_t *bar) noexcept nogil:
+                      floating *wpk, size_t wsz, rf_sync_t *bar,
+                      rf_intr_t *intr) noexcept nogil:
     cdef int G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
@@ -374,6 +424,10 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
             it = it + nthr
         rf_sync(bar, nthr)
     for s in range(T):
+        if tid == 0 and s % 8 == 0:
+            rf_intr_poll(intr, bar, nthr)
+        if rf_sync_stopped(bar):        # a Ctrl-C: every thread leaves here (rf_interrupt.h)
+            break
         for phase in range(2):
             if phase == 1 and code != LSTM_PROJ and code != GRU_NOLBR:
                 break
@@ -525,6 +579,7 @@ def forward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int
     cdef int H = s2.shape[2]
     cdef int cpd = 1, nthr, tid
     cdef rf_sync_t bar
+    cdef rf_intr_t intr
     cdef const floating *w_hh[MAX_DIRS]
     cdef const floating *bx[MAX_DIRS]
     cdef const floating *bh[MAX_DIRS]
@@ -535,17 +590,19 @@ def forward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int
     w_hh[1] = &w_hh1[0, 0]; bx[1] = &bx1[0]; bh[1] = &bh1[0]; w_hr[1] = &w_hr1[0, 0]
     nthr = _items(nthreads, ndir, H, &cpd)
     rf_sync_init(&bar, nthr)
+    rf_intr_init(&intr, _main_ident)
     if nthr == 1:
         with nogil:
             _fwd_worker(0, 1, code, ndir, cpd, rev0, T, N, B, H, Hout, GS, &bsz[0], &offs[0], &xg[0, 0, 0],
                         w_hh, bx, bh, w_hr, &h0[0, 0, 0], &c0[0, 0, 0], &y[0, 0], &cb[0, 0, 0],
-                        &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz, &bar)
+                        &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz, &bar, &intr)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _fwd_worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, H, Hout, GS, &bsz[0], &offs[0],
                         &xg[0, 0, 0], w_hh, bx, bh, w_hr, &h0[0, 0, 0], &c0[0, 0, 0], &y[0, 0],
-                        &cb[0, 0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz, &bar)
+                        &cb[0, 0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz, &bar, &intr)
+    rf_intr_raise(&intr)     # a signal handler raised during the call (Ctrl-C)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -555,7 +612,8 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                       const floating *cb, const floating *y, const floating *h0, const floating *c0,
                       const floating **w_hh, const floating **w_hr, const floating *dy,
                       floating *dh, floating *dc, floating *dg, floating *aux, floating *dhs,
-                      floating *scr, floating *wpk, size_t wsz, double *db, rf_sync_t *bar) noexcept nogil:
+                      floating *scr, floating *wpk, size_t wsz, double *db, rf_sync_t *bar,
+                      rf_intr_t *intr) noexcept nogil:
     cdef int G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
@@ -615,6 +673,10 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     g0 = 1 if code == GRU_NOLBR else 0
     g1 = 3 if code == GRU_NOLBR else (1 if code >= RNN_TANH else 4)
     for s in range(T):
+        if tid == 0 and s % 8 == 0:
+            rf_intr_poll(intr, bar, nthr)
+        if rf_sync_stopped(bar):        # a Ctrl-C: every thread leaves here (rf_interrupt.h)
+            break
         for phase in range(nphase):
             it = tid
             while it < nitems:
@@ -780,6 +842,7 @@ def backward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, in
     cdef int H = scr.shape[2]
     cdef int cpd = 1, nthr, tid
     cdef rf_sync_t bar
+    cdef rf_intr_t intr
     cdef const floating *w_hh[MAX_DIRS]
     cdef const floating *w_hr[MAX_DIRS]
     if T == 0 or N == 0:
@@ -788,16 +851,18 @@ def backward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, in
     w_hh[1] = &w_hh1[0, 0]; w_hr[1] = &w_hr1[0, 0]
     nthr = _items(nthreads, ndir, H, &cpd)
     rf_sync_init(&bar, nthr)
+    rf_intr_init(&intr, _main_ident)
     if nthr == 1:
         with nogil:
             _bwd_worker(0, 1, code, ndir, cpd, rev0, T, N, B, H, Hout, GS, GSb, &bsz[0], &offs[0],
                         &xg[0, 0, 0], &cb[0, 0, 0], &y[0, 0], &h0[0, 0, 0], &c0[0, 0, 0], w_hh, w_hr,
                         &dy[0, 0], &dh[0, 0, 0], &dc[0, 0, 0], &dg[0, 0, 0], &aux[0, 0, 0],
-                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0], &bar)
+                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0], &bar, &intr)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _bwd_worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, H, Hout, GS, GSb, &bsz[0], &offs[0],
                         &xg[0, 0, 0], &cb[0, 0, 0], &y[0, 0], &h0[0, 0, 0], &c0[0, 0, 0], w_hh, w_hr,
                         &dy[0, 0], &dh[0, 0, 0], &dc[0, 0, 0], &dg[0, 0, 0], &aux[0, 0, 0],
-                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0], &bar)
+                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0], &bar, &intr)
+    rf_intr_raise(&intr)     # a signal handler raised during the call (Ctrl-C)

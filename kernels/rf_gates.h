@@ -68,12 +68,25 @@ static inline int rf_team_size(void) { return 1; }
  * before the futex made calls 10x slower than spinning and yielding (156 vs 15 ms). */
 #define RF_SYNC_MAX 32
 typedef struct { unsigned count; char pad[60]; } __attribute__((aligned(64))) rf_sync_slot_t;
-typedef struct { int n; rf_sync_slot_t slot[RF_SYNC_MAX]; } __attribute__((aligned(64))) rf_sync_t;
+/* `stop`: set once by rf_sync_stop (a Ctrl-C, rf_interrupt.h); from then on every
+ * rf_sync returns at once and the kernels' step loops end at their next step, so that no
+ * thread waits for one that has left. Only a team of the size asked for uses it (the
+ * OpenMP barrier cannot be left): rf_sync_stoppable says whether this team can. */
+typedef struct { int n; int stop; rf_sync_slot_t slot[RF_SYNC_MAX]; } __attribute__((aligned(64))) rf_sync_t;
 
 static inline void rf_sync_init(rf_sync_t *b, int n) {
     b->n = n;
+    b->stop = 0;
     for (int i = 0; i < n && i < RF_SYNC_MAX; ++i) b->slot[i].count = 0;
 }
+
+static inline int rf_sync_stoppable(const rf_sync_t *b, int team) {
+    return team <= 1 || (team == b->n && team <= RF_SYNC_MAX);
+}
+
+static inline void rf_sync_stop(rf_sync_t *b) { __atomic_store_n(&b->stop, 1, __ATOMIC_RELEASE); }
+
+static inline int rf_sync_stopped(const rf_sync_t *b) { return __atomic_load_n(&b->stop, __ATOMIC_ACQUIRE); }
 
 static inline void rf_sync(rf_sync_t *b, int team) {
 #if defined(_OPENMP)
@@ -87,6 +100,7 @@ static inline void rf_sync(rf_sync_t *b, int team) {
         if (j == me) continue;
         /* (a thread that went on to the next barrier has counted one more: >= holds) */
         while ((int)(__atomic_load_n(&b->slot[j].count, __ATOMIC_ACQUIRE) - c) < 0) {
+            if (__atomic_load_n(&b->stop, __ATOMIC_RELAXED)) return;
             if (spins++ < 4096u) {
 #if defined(__x86_64__) || defined(__i386__)
                 __builtin_ia32_pause();

@@ -145,7 +145,7 @@ def fit_sizes(name: str, T: int, B: int, I: int, H: int, Hout: int, G: int, D: i
     """`name`, or the backend to use instead when a call's sizes pass the Cython kernels'
     32-bit counts: under "auto" the Numba backend takes it; named, a clear ValueError
     (before any kernel runs)."""
-    if name != "cython":
+    if name != "cython" or B == 0:    # (an empty batch runs no kernel, however long)
         return name
     Iw = max(I, D * Hout)           # a later layer's input
     worst = max(T * B, T, Iw, D * G * H * 2, G * (H + 64) * (Iw + Hout + 64))

@@ -284,3 +284,58 @@ def test_float32_gates_saturate_and_propagate_nan(variant, train, backend):
     ok[2] = False
     np.testing.assert_allclose(got[:, ok], want[:, ok], rtol=2e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
     np.testing.assert_allclose(got[:3, 2], want[:3, 2], rtol=2e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
+_INTERRUPT_CHILD = r"""
+import os, signal, sys, threading, time
+import numpy as np
+import rnnfast
+mode, nthr = sys.argv[1], int(sys.argv[2])
+rnnfast.set_num_threads(nthr)
+layer = rnnfast.LSTM(64, 256, seed=0)
+x = np.random.default_rng(0).standard_normal((40000, 8, 64)).astype(np.float32)
+want, _ = layer(x[:30])
+with rnnfast.backend("cython"):
+    t0 = time.perf_counter()
+    layer(x[:2000])
+    full = (time.perf_counter() - t0) * 20
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    t0 = time.perf_counter()
+    try:
+        if mode == "train":
+            y, _ = layer.forward(x, train=True)
+            layer.backward(y)
+        elif mode == "gemm":
+            from rnnfast.kernels import cy_train
+            a = np.ones((4096, 4096), np.float32)
+            for _ in range(40):
+                cy_train.pgemm(a, a, np.empty_like(a), 0.0, nthr)
+        else:
+            layer(x)
+        print("not interrupted")
+    except KeyboardInterrupt:
+        print(f"late {time.perf_counter() - t0 - 0.3:.3f} full {full:.2f}")
+    got, _ = layer(x[:30])
+    print("next call", bool(np.array_equal(got, want)))
+"""
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("mode", ["infer", "train", "gemm"])
+def test_ctrl_c_stops_a_long_call(mode, nthreads):
+    """SIGINT during a long Cython call (inference, training, a GEMM of training) raises
+    KeyboardInterrupt within 0.5 s (the kernels ran to their end before: seconds), and the
+    next call is right."""
+    import os
+    import subprocess
+    import sys
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(rnnfast.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
+    out = subprocess.run([sys.executable, "-c", _INTERRUPT_CHILD, mode, str(nthreads)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert lines[0].startswith("late "), out.stdout
+    late, full = float(lines[0].split()[1]), float(lines[0].split()[3])
+    assert late < 0.5, (late, full)
+    assert lines[1] == "next call True", out.stdout

@@ -2,8 +2,9 @@
 shape against NumPy's product in float64."""
 import numpy as np
 import pytest
+from conftest import require_oracle
 
-cy_train = pytest.importorskip("rnnfast.kernels.cy_train")
+cy_train = require_oracle("rnnfast.kernels.cy_train")
 
 # shapes around the blocking: 6-row slivers, 64/32-column panels, 256-deep K blocks,
 # 8-panel B blocks, 96-row blocks of a transposed A, and the 48/64 splits between threads
@@ -84,3 +85,22 @@ def test_pgemm_from_short_lived_threads():
         for t in ts:
             t.join()
     assert len(errs) == 4 * 6 * 5 and max(errs) < 3e-5 * np.sqrt(300)
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+@pytest.mark.parametrize("shape", [(2100, 2048, 2048), (8300, 1024, 1000), (17000, 1040, 64)])
+def test_pgemm_long_products_run_in_pieces(ta, tb, shape):
+    """Products of more than _PGEMM_PIECE_FLOPS (16e9) or C larger than _PGEMM_PIECE_BYTES
+    (64 MB) run in pieces, along k (summed into C with the caller's beta first) or along m,
+    so that a Ctrl-C is honoured between them:
+    the same product as NumPy's, with beta and operand layouts."""
+    M, N, K = shape
+    rng = np.random.default_rng(M)
+    A = _operand(rng, M, K, ta, np.float32, 3)
+    B = _operand(rng, K, N, tb, np.float32, 5)
+    C0 = rng.standard_normal((M, N)).astype(np.float32)
+    C = C0.copy()
+    cy_train.pgemm(A, B, C, 0.5, 2)
+    want = A.astype(np.float64) @ B.astype(np.float64) + 0.5 * C0.astype(np.float64)
+    np.testing.assert_allclose(C, want, rtol=2e-4, atol=2e-3 * np.sqrt(K))
