@@ -7,6 +7,7 @@ the equations of SPEC.md written out by hand.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import zlib
 
@@ -20,7 +21,8 @@ os.environ.setdefault("RNNFAST_TUNE", "0")
 import rnnfast  # noqa: E402
 from rnnfast import reference  # noqa: E402
 
-# Every available backend; RNNFAST_TEST_BACKENDS="cython,reference" restricts the run to some.
+# Every available backend; RNNFAST_TEST_BACKENDS="cython,reference" restricts the run to some
+# (reported in the run's header, and refused by CI: .ci/run).
 BACKENDS = rnnfast.available_backends()
 if os.environ.get("RNNFAST_TEST_BACKENDS"):
     BACKENDS = [b for b in BACKENDS if b in os.environ["RNNFAST_TEST_BACKENDS"].split(",")]
@@ -43,6 +45,48 @@ LAYER_CLS = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
 F64_TOL = dict(rtol=1e-10, atol=1e-10)
 F64_TORCH_TOL = dict(rtol=1e-9, atol=1e-9)
 F32_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def require_oracle(modname: str):
+    """Import `modname` (an oracle such as torch, onnx, onnxruntime, or a built kernel the
+    tests need). Where it is missing, the test or module is skipped as with
+    ``pytest.importorskip``, except under RNNFAST_REQUIRE_ORACLES=1 (CI), where a missing
+    oracle fails the run instead of letting its tests vanish."""
+    if os.environ.get("RNNFAST_REQUIRE_ORACLES") == "1":
+        try:
+            return importlib.import_module(modname)
+        except ImportError as e:
+            pytest.fail(f"RNNFAST_REQUIRE_ORACLES=1 but {modname!r} does not import: "
+                        f"{type(e).__name__}: {e}", pytrace=False)
+    return pytest.importorskip(modname)
+
+
+def pytest_report_header(config):
+    """Say which backends the run covers, and whether it was narrowed."""
+    lines = [(f"rnnfast backends under test: {', '.join(BACKENDS)} "
+              f"(available: {', '.join(rnnfast.available_backends())})")]
+    from rnnfast import backends as _backends
+    broken = _backends.unavailable_backends()
+    if broken:
+        lines.append("rnnfast backends NOT available: "
+                     + "; ".join(f"{k}: {v}" for k, v in sorted(broken.items())))
+    sel = os.environ.get("RNNFAST_TEST_BACKENDS")
+    if sel:
+        lines.append(f"RNNFAST_TEST_BACKENDS={sel!r}: the suite is RESTRICTED to these backends")
+    if os.environ.get("RNNFAST_ISA"):
+        lines.append(f"RNNFAST_ISA={os.environ['RNNFAST_ISA']!r}")
+    lines.append("RNNFAST_REQUIRE_ORACLES=1: missing oracles fail the run"
+                 if os.environ.get("RNNFAST_REQUIRE_ORACLES") == "1"
+                 else "oracles (torch, onnx, onnxruntime) are skipped where missing (RNNFAST_REQUIRE_ORACLES unset)")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Repeat a backend restriction at the end, where ``-q`` runs show it too."""
+    sel = os.environ.get("RNNFAST_TEST_BACKENDS")
+    if sel:
+        terminalreporter.write_line(f"rnnfast: RNNFAST_TEST_BACKENDS={sel!r} restricted this run to the "
+                                    f"backends {BACKENDS}", yellow=True)
 
 
 def tol_for(dtype) -> dict:
@@ -223,7 +267,7 @@ def lengths_case(name: str, T: int, B: int) -> np.ndarray | None:
 def torch_module(kind, opts, I, H, *, num_layers=1, bidirectional=False, batch_first=False,
                  bias=True, dtype=np.float64, seed=0):
     """A torch.nn.LSTM/GRU/RNN of the variant (PyTorch has no GRU linear_before_reset=False)."""
-    torch = pytest.importorskip("torch")
+    torch = require_oracle("torch")
     assert opts.get("linear_before_reset", True), "PyTorch has no linear_before_reset=False GRU"
     torch.manual_seed(seed)
     kw = dict(num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias)

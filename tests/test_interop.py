@@ -8,9 +8,9 @@ import pytest
 
 import rnnfast
 
-from conftest import BACKENDS, F64_TORCH_TOL, flat_states, rng_for, torch_run
+from conftest import BACKENDS, F64_TORCH_TOL, flat_states, require_oracle, rng_for, torch_run
 
-torch = pytest.importorskip("torch")
+torch = require_oracle("torch")
 
 T, B, I, H = 6, 3, 4, 6
 

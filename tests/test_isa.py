@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import require_oracle
 from rnnfast.kernels import _isa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +97,7 @@ def test_info_reports_level():
 # --- the spill check's detector, on hand-written disassembly -------------------------
 
 sys.path.insert(0, os.path.join(ROOT, "tools", "spill_check"))
-spill_check = pytest.importorskip("spill_check")
+spill_check = require_oracle("spill_check")
 
 _SPILLED = """
 0000000000001000 <rf_gemm_blk_6_0_f>:

@@ -1,6 +1,6 @@
 """ONNX Runtime's GRU (linear_before_reset=0 and 1), LSTM and RNN operators as a peer.
 
-The model is built with onnx.helper as in ../shared/tools/anchor_bench.py ``make_ort``:
+The model is built with onnx.helper as in the project's referee benchmark (anchor_bench.py, ``make_ort``):
 gate rows permuted from PyTorch's order (GRU r,z,n -> ONNX z,r,h; LSTM i,f,g,o -> ONNX
 i,o,f,c), biases concatenated [W_b, R_b]. ORT's CPU kernels for these operators are
 float32 only ("does not support double yet" in 1.32); the float64 test runs where an
@@ -13,10 +13,10 @@ import pytest
 
 import rnnfast
 
-from conftest import BACKENDS, flat_states, make_layer, ref_stack, rng_for
+from conftest import BACKENDS, flat_states, make_layer, ref_stack, require_oracle, rng_for
 
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
+ort = require_oracle("onnxruntime")
+onnx = require_oracle("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 T, B, I, H = 7, 4, 3, 5

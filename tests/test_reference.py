@@ -9,9 +9,9 @@ import pytest
 
 from rnnfast import reference
 
-from conftest import F64_TORCH_TOL, rng_for, torch_module, torch_run, torch_state_dict
+from conftest import F64_TORCH_TOL, require_oracle, rng_for, torch_module, torch_run, torch_state_dict
 
-torch = pytest.importorskip("torch")
+torch = require_oracle("torch")
 
 
 def _sig(x):

@@ -7,7 +7,7 @@ import pytest
 
 import rnnfast
 
-from conftest import BACKENDS, F64_TOL, flat_states, make_layer, random_hx, rng_for
+from conftest import BACKENDS, F64_TOL, flat_states, make_layer, random_hx, require_oracle, rng_for
 
 T, B, I, H = 6, 3, 4, 5
 
@@ -47,18 +47,18 @@ def _tolist(a):
 
 
 def _torch(a):
-    torch = pytest.importorskip("torch")
+    torch = require_oracle("torch")
     return torch.from_numpy(np.array(a, copy=True))
 
 
 def _torch_grad(a):
-    torch = pytest.importorskip("torch")
+    torch = require_oracle("torch")
     t = torch.from_numpy(np.array(a, copy=True))
     return t.requires_grad_(True) if t.is_floating_point() else t
 
 
 def _torch_noncontig(a):
-    torch = pytest.importorskip("torch")
+    torch = require_oracle("torch")
     a = np.asarray(a)
     if a.ndim < 2:
         return torch.from_numpy(a.copy())
