@@ -259,8 +259,26 @@ def pgemm(A, B, C, double beta=0.0, int nthreads=1):
     import numpy as np
     cdef int ta, tb, tc, lda, ldb, ldc, m, k, k2, n, cm, cn
     cdef size_t pa, pb, pc
+    if not (isinstance(A, np.ndarray) and isinstance(B, np.ndarray) and isinstance(C, np.ndarray)):
+        raise TypeError("pgemm: A, B and C must be NumPy arrays")
     if A.dtype != C.dtype or B.dtype != C.dtype or C.dtype not in (np.float32, np.float64):
         raise TypeError(f"pgemm: dtypes {A.dtype}, {B.dtype}, {C.dtype}")
+    if A.ndim != 2 or B.ndim != 2 or C.ndim != 2:
+        raise ValueError(f"pgemm: 2-D operands expected, got {A.ndim}-D @ {B.ndim}-D -> {C.ndim}-D")
+    if A.shape[1] != B.shape[0] or C.shape != (A.shape[0], B.shape[1]):
+        raise ValueError(f"pgemm: shapes {A.shape} @ {B.shape} -> {C.shape}")
+    if max(A.shape + B.shape) > 2**31 - 1 or max([abs(v) for v in A.strides + B.strides + C.strides]) > (2**31 - 1) * C.itemsize:
+        raise ValueError("pgemm: sizes and strides are C ints (at most 2**31 - 1 elements)")
+    if not C.flags.writeable:       # written through its raw pointer below
+        raise ValueError("pgemm: C is read-only")
+    if C.size == 0:
+        return
+    if A.shape[1] == 0:             # an empty sum
+        if beta == 0.0:
+            C[...] = 0
+        else:
+            C *= beta
+        return
     isz = C.dtype.itemsize
     if _layout(A, isz, &ta, &lda, &m, &k) != 0:
         A = np.ascontiguousarray(A)
@@ -272,14 +290,6 @@ def pgemm(A, B, C, double beta=0.0, int nthreads=1):
         raise ValueError("pgemm: C needs a unit column stride")
     if k != k2 or cm != m or cn != n:
         raise ValueError(f"pgemm: shapes {A.shape} @ {B.shape} -> {C.shape}")
-    if m == 0 or n == 0:
-        return
-    if k == 0:
-        if beta == 0.0:
-            C[...] = 0
-        else:
-            C *= beta
-        return
     pa = A.__array_interface__["data"][0]
     pb = B.__array_interface__["data"][0]
     pc = C.__array_interface__["data"][0]

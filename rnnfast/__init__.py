@@ -15,6 +15,7 @@ __path__ = _pkgutil.extend_path(__path__, __name__)
 
 from .backends import available_backends, backend, get_backend, set_backend
 from .functional import gru, lstm, rnn
+from .info import show_config
 from .interop import from_torch
 from .layers import GRU, LSTM, RNN
 from .memory import memory_info, release_memory
@@ -27,5 +28,5 @@ from .training import (gru_backward, gru_forward_train, lstm_backward, lstm_forw
 __version__ = "0.1.0"
 
 __all__ = ["lstm", "gru", "rnn", "LSTM", "GRU", "RNN", "from_torch", "linear_scan", "mingru", "minlstm", "MinGRU", "MinLSTM", "available_backends", "set_backend", "get_backend", "backend",
-           "set_num_threads", "get_num_threads", "release_memory", "memory_info", "lstm_forward_train", "lstm_backward",
+           "set_num_threads", "get_num_threads", "release_memory", "memory_info", "show_config", "lstm_forward_train", "lstm_backward",
            "gru_forward_train", "gru_backward", "rnn_forward_train", "rnn_backward", "__version__"]

@@ -24,6 +24,7 @@ AUTO_CASES = (("lstm B=1 H=256", "lstm", 1, 256), ("lstm B=64 H=512", "lstm", 64
               ("gru B=1 H=256", "gru", 1, 256), ("gru B=64 H=512", "gru", 64, 512),
               ("rnn B=64 H=512", "rnn", 64, 512))
 
+ENV_PREFIXES = ("RNNFAST_", "OPENBLAS_", "OMP_", "MKL_", "NUMBA_", "GOMP_", "KMP_")
 THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OMP_PROC_BIND", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER",
               "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -200,9 +201,12 @@ def collect(trigger_numba: bool = True) -> dict:
         "rnnfast": {"version": rf.__version__, "path": os.path.dirname(rf.__file__)},
         "python": {"version": platform.python_version(), "implementation": platform.python_implementation(),
                    "executable": sys.executable, "platform": platform.platform()},
-        "backends": {"available": avail, "selected": rf.get_backend(), "auto": auto},
+        "backends": {"available": avail, "selected": rf.get_backend(), "auto": auto,
+                     "unavailable": _b.unavailable_backends()},
         "threads": {"rnnfast": rf.get_num_threads(), "cpu_count": os.cpu_count(),
                     "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ}},
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+        "memory": rf.memory_info(),
         "cython": _cython_info(),
         "tuning": _tuning_info(rf.get_num_threads()),
         "numba": _numba_threading(trigger_numba, avail),
@@ -220,6 +224,8 @@ def format_info(info: dict) -> str:
     lines.append(f"rnnfast {r['version']}  ({r['path']})")
     lines.append(f"python {p['version']} {p['implementation']}  {p['platform']}")
     lines.append(f"backends: available {', '.join(b['available'])}; selected {b['selected']!r}")
+    for name, why in b.get("unavailable", {}).items():
+        lines.append(f"  {name} unavailable: {why}")
     lines.append("auto dispatch (float32, " + f"{t['rnnfast']} threads): "
                  + "; ".join(f"{k} -> {v}" for k, v in b["auto"].items()))
     env = " ".join(f"{k}={v}" for k, v in t["env"].items()) or "none set"
@@ -267,6 +273,12 @@ def format_info(info: dict) -> str:
         lines.append(f"blas: {lib.get('internal_api')} {lib.get('version')} arch {lib.get('architecture')} "
                      f"threading {lib.get('threading_layer')} threads {lib.get('num_threads')}  "
                      f"({lib.get('filepath')})")
+    mem = info.get("memory")
+    if mem is not None:
+        lines.append("memory kept between calls: " + ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in mem.items())
+                     + " (rnnfast.release_memory() frees it)")
+    envs = " ".join(f"{k}={v}" for k, v in info.get("env", {}).items())
+    lines.append(f"environment: {envs or 'no RNNFAST_, OPENBLAS_, OMP_, MKL_ or NUMBA_ variables set'}")
     cpu = info["cpu"]
     usable = f", {cpu['usable_cpus']} usable" if "usable_cpus" in cpu else ""
     lines.append(f"cpu: {cpu['model'] or '?'} ({cpu['machine']}, {cpu['logical_cpus']} logical{usable})")
@@ -301,3 +313,19 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def show_config(mode: str = "stdout") -> dict | None:
+    """Print (``mode="stdout"``) or return (``mode="dicts"``) what a bug report needs: the
+    version, Python, backends (and why any is unavailable), threads, the kernels' ISA
+    level and build, the measured step forms, Numba's threading layer, the BLAS libraries
+    and their thread counts, the CPU, the relevant environment variables, the memory kept
+    between calls and the versions of the libraries involved (as ``python -m rnnfast info``).
+    """
+    if mode not in ("stdout", "dicts"):
+        raise ValueError(f"mode must be 'stdout' or 'dicts', got {mode!r}")
+    info = collect()
+    if mode == "dicts":
+        return info
+    print(format_info(info))
+    return None

@@ -233,6 +233,7 @@ def test_roofline_section_measures_both_gemms():
     """The bench's roofline: both GEMMs timed (positive, finite GF/s), the roofline the
     higher one, and a large-batch workload's share computed from its own GF/s."""
     import math
+
     from rnnfast.bench_roofline import format_roofline, run_roofline
     roof = run_roofline(2, rounds=1, n=256)
     assert roof["numpy_gflops"] > 0 and math.isfinite(roof["numpy_gflops"])
@@ -241,3 +242,24 @@ def test_roofline_section_measures_both_gemms():
     rec = {"name": "lstm-b64", "results": {"rnnfast:auto": {"gflops": roof["roofline_gflops"] / 2}}}
     lines = format_roofline(roof, [rec, {"name": "lstm-b1", "results": {}}])
     assert len(lines) == 2 and "lstm-b64 50%" in lines[1] and "lstm-b1" not in lines[1]
+
+
+def test_show_config_reports_what_a_bug_report_needs(capsys, monkeypatch):
+    """rnnfast.show_config() prints what ``python -m rnnfast info`` prints (version, backends
+    and why one is unavailable, ISA level, threads, BLAS, CPU, environment, memory kept);
+    mode="dicts" returns it."""
+    import rnnfast
+    from rnnfast import backends
+    monkeypatch.setenv("RNNFAST_TUNE", "0")
+    monkeypatch.setitem(backends._broken, "numba-test", "ImportError: no module named numba_test")
+    assert rnnfast.show_config() is None
+    out = capsys.readouterr().out
+    for want in ("rnnfast " + rnnfast.__version__, "backends: available", "numba-test unavailable: ImportError",
+                 "isa level:", "threads: rnnfast", "blas:", "cpu:", "environment: ", "RNNFAST_TUNE=0",
+                 "memory kept between calls: scratch", "versions: numpy"):
+        assert want in out, want
+    d = rnnfast.show_config(mode="dicts")
+    assert {"rnnfast", "backends", "threads", "cython", "blas", "cpu", "env", "memory", "versions"} <= d.keys()
+    assert d["env"]["RNNFAST_TUNE"] == "0" and set(d["memory"]) == {"scratch", "serving", "pool"}
+    with pytest.raises(ValueError, match=r"^mode must be 'stdout' or 'dicts', got 'json'"):
+        rnnfast.show_config(mode="json")
