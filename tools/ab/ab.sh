@@ -5,6 +5,11 @@
 # noisy: compare the medians of several rounds, never one.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+# With this tree installed editable, rnnfast.kernels resolves to the installed tree's
+# kernels/ (pkgutil.extend_path); a link inside the old tree's package makes it load its own.
+if [ -d "$1/kernels" ] && [ ! -e "$1/rnnfast/kernels" ]; then
+  ln -s ../kernels "$1/rnnfast/kernels"
+fi
 cd /tmp
 for r in $(seq 1 "${3:-4}"); do
   echo "old: $(PYTHONPATH="$1" python "$here/workloads.py" "$2")"
