@@ -87,12 +87,15 @@ cdef extern from "rf_gates.h" nogil:
 include "rf_interrupt.pxi"
 
 # Cell codes: keep in step with rnnfast/cells.py.
-DEF LSTM = 0
-DEF LSTM_PROJ = 1
-DEF GRU_LBR = 2
-DEF GRU_NOLBR = 3
-DEF RNN_TANH = 4
-DEF RNN_RELU = 5
+cdef extern from "rf_cells.h":
+    # the cell codes (rf_cells.h, one copy of rnnfast/cells.py's)
+    enum:
+        LSTM "RF_LSTM"
+        LSTM_PROJ "RF_LSTM_PROJ"
+        GRU_LBR "RF_GRU_LBR"
+        GRU_NOLBR "RF_GRU_NOLBR"
+        RNN_TANH "RF_RNN_TANH"
+        RNN_RELU "RF_RNN_RELU"
 
 DEF UNIT_BLOCK = 16     # hidden-unit slices are multiples of this (one AVX-512 vector)
 DEF MAX_DIRS = 2
@@ -105,7 +108,9 @@ def build_info():
     the most rows a product may have without calling BLAS (rnnfast limits BLAS's threads
     only around calls that may call it)."""
     return {"level": RF_ISA_LEVEL.decode(), "vector_bytes": RF_VBYTES, "rows_per_block": RF_MR,
-            "rowdot_max_rows": ROWDOT_MAX_ROWS}
+            "rowdot_max_rows": ROWDOT_MAX_ROWS,
+            "cell_codes": {"LSTM": LSTM, "LSTM_PROJ": LSTM_PROJ, "GRU_LBR": GRU_LBR, "GRU_NOLBR": GRU_NOLBR,
+                           "RNN_TANH": RNN_TANH, "RNN_RELU": RNN_RELU}}
 
 
 def have_openmp() -> bool:

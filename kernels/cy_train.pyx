@@ -109,12 +109,15 @@ cdef extern from "rf_gemm.h" nogil:
 FUSED_BIAS_GRADS = True
 
 # Cell codes: keep in step with rnnfast/cells.py.
-DEF LSTM = 0
-DEF LSTM_PROJ = 1
-DEF GRU_LBR = 2
-DEF GRU_NOLBR = 3
-DEF RNN_TANH = 4
-DEF RNN_RELU = 5
+cdef extern from "rf_cells.h":
+    # the cell codes (rf_cells.h, one copy of rnnfast/cells.py's)
+    enum:
+        LSTM "RF_LSTM"
+        LSTM_PROJ "RF_LSTM_PROJ"
+        GRU_LBR "RF_GRU_LBR"
+        GRU_NOLBR "RF_GRU_NOLBR"
+        RNN_TANH "RF_RNN_TANH"
+        RNN_RELU "RF_RNN_RELU"
 
 DEF UNIT_BLOCK = 16
 DEF MAX_DIRS = 2

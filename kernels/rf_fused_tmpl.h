@@ -311,14 +311,14 @@ static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, in
                 const RF_T *t = tile - ua;
                 const RF_T *xr = xg + (size_t)r0 * ldx;
                 RF_T *o1 = h1 + (size_t)r0 * ld1, *o2 = h2 ? h2 + (size_t)r0 * ld2 : NULL;
-                if (code <= 1)
+                if (code <= RF_LSTM_PROJ)
                     RF_FN(rf_lstm_gates)(r1 - r0, H, ua, ub, xr, ldx, t, TS, UP, bx, bh,
                                          c + (size_t)r0 * ldc, ldc, o1, ld1, o2, ld2);
-                else if (code == 2)
+                else if (code == RF_GRU_LBR)
                     RF_FN(rf_gru_gates)(r1 - r0, H, ua, ub, xr, ldx, t, TS, UP, bx, bh,
                                         hp + (size_t)r0 * ldp, ldp, o1, ld1, o2, ld2);
                 else
-                    RF_FN(rf_rnn_gates)(r1 - r0, code == 5, ua, ub, xr, ldx, t, TS, bx, bh,
+                    RF_FN(rf_rnn_gates)(r1 - r0, code == RF_RNN_RELU, ua, ub, xr, ldx, t, TS, bx, bh,
                                         o1, ld1, o2, ld2);
             }
         }

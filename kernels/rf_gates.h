@@ -17,6 +17,7 @@
  */
 #ifndef RF_GATES_H
 #define RF_GATES_H
+#include "rf_cells.h"
 
 #include <math.h>
 #include <string.h>

@@ -15,7 +15,7 @@ import pytest
 import rnnfast
 from rnnfast import _engine, backends
 
-from conftest import VARIANT_IDS, VARIANTS, make_layer, ref_stack, rng_for, spy_run_layer  # noqa: E402
+from conftest import VARIANT_IDS, VARIANTS, make_layer, ref_stack, rng_for, spy_run_layer
 
 pytestmark = pytest.mark.skipif("cython" not in rnnfast.available_backends(), reason="cython kernels not built")
 
@@ -160,7 +160,8 @@ def test_long_input_is_projected_in_chunks(monkeypatch):
     x = rng_for("long").standard_normal((T, B, I)).astype(np.float32)
     asked = {}
     real = _engine.scratch
-    monkeypatch.setattr(_engine, "scratch", lambda key, shape, dtype: asked.setdefault(key, shape) and real(key, shape, dtype))
+    monkeypatch.setattr(_engine, "scratch",
+                        lambda key, shape, dtype: asked.setdefault(key, shape) and real(key, shape, dtype))
     with rnnfast.backend("cython"):
         got = lay(x)
     want = ref_stack(lay, x)
@@ -339,3 +340,22 @@ def test_ctrl_c_stops_a_long_call(mode, nthreads):
     late, full = float(lines[0].split()[1]), float(lines[0].split()[3])
     assert late < 0.5, (late, full)
     assert lines[1] == "next call True", out.stdout
+
+
+def test_cell_codes_are_one_definition():
+    """The kernels' cell enum (kernels/rf_cells.h, compiled into cy_rnn and cy_train) has
+    the values of rnnfast/cells.py, and no .pyx or C header repeats them as DEF or numbers."""
+    import pathlib
+    import re
+    from rnnfast import cells
+    from rnnfast.kernels import cy_rnn
+    codes = cy_rnn.build_info()["cell_codes"]
+    assert codes == {n: getattr(cells, n) for n in ("LSTM", "LSTM_PROJ", "GRU_LBR", "GRU_NOLBR", "RNN_TANH",
+                                                     "RNN_RELU")}
+    kdir = pathlib.Path(__file__).resolve().parent.parent / "kernels"
+    if not kdir.is_dir():
+        pytest.fail(f"the kernels' sources are not beside the tests ({kdir})")
+    for f in [*kdir.glob("*.pyx"), *kdir.glob("*.h")]:
+        text = f.read_text()
+        assert not re.search(r"^DEF (LSTM|GRU|RNN)", text, re.M), f.name
+        assert not re.search(r"\bcode\s*(==|<=|>=|!=|<|>)\s*\d", text), f.name
