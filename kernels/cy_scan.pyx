@@ -247,22 +247,25 @@ cdef extern from *:
      * a = f/(f+i) = (1+ei)/(2+ei+ef), b = i/(f+i) * h~ with ef = exp(-pf), ei = exp(-pi),
      * numerator and denominator scaled by exp(-m), m = max(-pf, -pi, 0), so that nothing
      * overflows and the denominator stays >= 1 (exact where f and i both underflow).
-     * minGRU's exponent is clamped (80 / 700): z then underflows to a normal tiny value. */
+     * Infinite pre-activations give what the reference's formulas give in IEEE arithmetic
+     * (sigmoid(-inf) = 0 exactly, so 0 * inf = NaN where h~ is infinite; f = i = 0: NaN):
+     * exp overflowing to inf makes z = 0 and a = 1, and the term of the largest exponent
+     * is 1 without evaluating inf - inf. */
     /* The coefficients (a, b) of one unit from its projections (no bias yet): the one
      * definition of the gate math, used by the gate pass and the fused gate-scan pass. */
     #define RFS_GRU_COEF(DT, EXP, CL, pz, bz, ph, bh, A, BB) {                                 \
         DT v_ = -((pz) + (bz));                                                                 \
-        v_ = v_ < (DT)CL ? v_ : (DT)CL;                                                         \
         DT e_ = EXP(v_);                                                                        \
         DT z_ = (DT)1 / ((DT)1 + e_);                                                           \
-        A = e_ * z_; BB = z_ * ((ph) + (bh));                                                   \
+        A = e_ == (DT)INFINITY ? (DT)1 : e_ * z_; BB = z_ * ((ph) + (bh));                      \
     }
     #define RFS_LSTM_COEF(DT, EXP, pf, bf, pi, bi, ph, bh, A, BB) {                            \
         DT vf_ = -((pf) + (bf)), vi_ = -((pi) + (bi));                                          \
         DT m_ = vf_ > vi_ ? vf_ : vi_;                                                          \
         m_ = m_ > (DT)0 ? m_ : (DT)0;                                                           \
-        DT e0_ = EXP(-m_), ef_ = EXP(vf_ - m_), ei_ = EXP(vi_ - m_);                            \
-        DT r2_ = (DT)1 / ((DT)2 * e0_ + ef_ + ei_);                                             \
+        DT e0_ = EXP(-m_);                                                                      \
+        DT ef_ = vf_ == m_ ? (DT)1 : EXP(vf_ - m_), ei_ = vi_ == m_ ? (DT)1 : EXP(vi_ - m_);    \
+        DT r2_ = m_ == (DT)INFINITY && vf_ == vi_ ? (DT)NAN : (DT)1 / ((DT)2 * e0_ + ef_ + ei_); \
         A = (e0_ + ei_) * r2_; BB = (e0_ + ef_) * r2_ * ((ph) + (bh));                          \
     }
     #define RFS_GSCAN(DT, S, KIND, COEF)                                                        \

@@ -22,6 +22,12 @@ _serial = threading.Lock()
 _layer: list = []       # the threading layer once Numba has launched one
 
 
+# The fast-math flags of every Numba kernel, defined once. Never "nnan"/"ninf": NaN and
+# inf must propagate as IEEE (exp overflowing to inf gives sigmoid 0, not garbage).
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# ... and of the scans, without "reassoc": the order of a recurrence is its meaning.
+FASTMATH_ORDERED = FASTMATH - {"reassoc"}
+
 def _thread_safe_layer() -> bool:
     if not _layer:
         try:

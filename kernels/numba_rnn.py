@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -50,11 +49,8 @@ from numba.np.linalg import ensure_blas
 
 from .. import threads
 from ..cells import GRU_LBR, GRU_NOLBR, LSTM, LSTM_PROJ, RNN_TANH
-from .numba_common import kernel_threads
+from .numba_common import FASTMATH, kernel_threads
 
-# Flags of every kernel loop. Never "nnan"/"ninf": padded or saturated values must
-# stay IEEE (exp overflow to inf gives sigmoid 0, not garbage).
-FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # The polynomial approximations below rely on the exact order of their operations
 # (Cody-Waite range reduction): only contraction into FMAs is allowed there.
 _STRICT = {"contract"}
@@ -207,7 +203,8 @@ def _xgemm(typingctx, transa, transb, m, n, k, a, a_off, lda, b, b_off, ldb, bet
         dt = sig.args[12].dtype
         one = context.get_constant(dt, 1.0)
         betav = context.cast(builder, beta_, sig.args[11], dt)
-        ext = lambda v, t: context.cast(builder, v, t, types.int64)
+        def ext(v, t):
+            return context.cast(builder, v, t, types.int64)
         return builder.call(fn, [
             ir.Constant(i8, kind), builder.trunc(ta, i8), builder.trunc(tb, i8),
             ext(m_, sig.args[2]), ext(n_, sig.args[3]), ext(k_, sig.args[4]),
@@ -239,7 +236,8 @@ def _xgemv(typingctx, trans, m, n, a, a_off, lda, x, x_off, beta, y, y_off):
         dt = sig.args[9].dtype
         one = context.get_constant(dt, 1.0)
         betav = context.cast(builder, beta_, sig.args[8], dt)
-        ext = lambda v, t: context.cast(builder, v, t, types.int64)
+        def ext(v, t):
+            return context.cast(builder, v, t, types.int64)
         return builder.call(fn, [
             ir.Constant(i8, kind), builder.trunc(tr, i8), ext(m_, sig.args[1]), ext(n_, sig.args[2]),
             _slot(builder, context, dt, one),

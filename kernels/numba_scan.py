@@ -5,7 +5,8 @@ validates and allocates everything. The algorithm is the same chunked scan (``pr
 over chunks): chunk 0 is scanned from the initial state while chunks 1..P-1 are reduced
 to their pairs (A, H) = (prod a, result from a zero state); the pairs give each chunk its
 carry-in; then chunks 1..P are scanned (``linear_scan``: P+1 chunks for P threads;
-minGRU/minLSTM: P chunks, chunk 0 then waits, so that the projections are spread evenly). States and carries are float64 whatever the data
+minGRU/minLSTM: P chunks, chunk 0 then waits, so that the projections are spread evenly).
+States and carries are float64 whatever the data
 type (a float32 state drifts on long runs of a ~ 1). Loops are vectorised over
 features by LLVM, a row at a time.
 
@@ -21,15 +22,12 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange
 
-from .numba_common import kernel_threads
+from .numba_common import FASTMATH_ORDERED, kernel_threads
 
-# Never "nnan"/"ninf" (NaN and inf must propagate as IEEE) nor "reassoc" (the order of
-# a recurrence is its meaning).
-FASTMATH = {"nsz", "arcp", "contract", "afn"}
+FASTMATH = FASTMATH_ORDERED         # (numba_common: no "reassoc" in a recurrence)
 
 # Products of many |a| < 1 underflow; denormal operands are ~100x slower on x86, so a
 # product below this (it scales a carry by less than 1e-180) is set to 0.
@@ -153,18 +151,21 @@ def linear_scan(a, b, out, carry, reverse, nthreads, rho=1.0, min_steps=256, min
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def _gate(kind, pr, bias, u, H):
     """(a, b) of unit u from one projection row pr (pre-activations without bias)."""
+    # infinite pre-activations as in IEEE arithmetic on the reference's formulas (see
+    # cy_scan's RFS_GRU_COEF): z = 0 exactly where exp overflows, a = 1 there
     if kind == 0:
-        v = min(-(np.float64(pr[u]) + bias[u]), 700.0)
+        v = -(np.float64(pr[u]) + bias[u])
         e = math.exp(v)
         z = 1.0 / (1.0 + e)
-        return e * z, z * (np.float64(pr[H + u]) + bias[H + u])
+        return (1.0 if e == math.inf else e * z), z * (np.float64(pr[H + u]) + bias[H + u])
     vf = -(np.float64(pr[u]) + bias[u])
     vi = -(np.float64(pr[H + u]) + bias[H + u])
-    m = max(vf, vi, 0.0)          # scale by exp(-m): no overflow, denominator >= 1
+    m = vf if vf > vi else vi     # scale by exp(-m): no overflow, denominator >= 1
+    m = m if m > 0.0 else 0.0
     e0 = math.exp(-m)
-    ef = math.exp(vf - m)
-    ei = math.exp(vi - m)
-    r2 = 1.0 / (2.0 * e0 + ef + ei)
+    ef = 1.0 if vf == m else math.exp(vf - m)
+    ei = 1.0 if vi == m else math.exp(vi - m)
+    r2 = math.nan if (m == math.inf and vf == vi) else 1.0 / (2.0 * e0 + ef + ei)
     return (e0 + ei) * r2, (e0 + ef) * r2 * (np.float64(pr[2 * H + u]) + bias[2 * H + u])
 
 

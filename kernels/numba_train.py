@@ -26,18 +26,11 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange
 
-from .numba_common import kernel_threads
-
-# The one set of fast-math flags of every kernel: never "nnan"/"ninf" (padded or
-# saturated values must stay IEEE: exp overflowing to inf gives sigmoid 0).
-FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-
-# Cell codes: keep in step with rnnfast/cells.py.
-LSTM, LSTM_PROJ, GRU_LBR, GRU_NOLBR, RNN_TANH, RNN_RELU = range(6)
+from ..cells import GRU_LBR, GRU_NOLBR, LSTM, LSTM_PROJ, RNN_TANH
+from .numba_common import FASTMATH, kernel_threads
 
 _UNIT_BLOCK = 16
 FUSED_BIAS_GRADS = False
@@ -430,7 +423,6 @@ def _bwd(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0, w_hh1, w_
     Hout = h0.shape[2]
     H = scr.shape[2]
     G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
-    GH = G * H
     proj = code == LSTM_PROJ
     gru = code == GRU_LBR or code == GRU_NOLBR
     info = np.zeros((2, 6), np.int64)

@@ -289,7 +289,7 @@ def test_saturated_gates_stay_finite(backend, kind):
 # ---------------------------------------------------------------------------- errors and inputs
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_errors(kind):
-    x, params, h0 = make_case(kind, 6, 2, 3, 4, seed=7)
+    x, params, _h0 = make_case(kind, 6, 2, 3, 4, seed=7)
     gates = KINDS[kind][1]
     f = FUNCS[kind]
     ws = [params[f"weight_{g}"] for g in gates]
@@ -312,7 +312,7 @@ def test_errors(kind):
     with pytest.raises(ValueError, match=rf"^{wn[0]}: expected a 2-D \(H, I\) array, got shape \(3,\)$"):
         f(x, ws[0][0], *ws[1:])
     with pytest.raises(ValueError, match=r"b_h: expected shape \(4,\), got \(3,\)"):
-        f(x, *ws, **{"b_h": np.zeros(3)})
+        f(x, *ws, b_h=np.zeros(3))
     with pytest.raises(ValueError, match=r"^x: expected input feature size 3, got 5 \(shape \(6, 2, 5\)\)$"):
         f(np.zeros((6, 2, 5)), *ws)
     with pytest.raises(ValueError, match=r"x: expected a 2-D \(T, I\) or 3-D"):
@@ -516,13 +516,13 @@ def test_backward_float32_and_grads_overwritten(kind, parallel_small):
     cls, _ = KINDS[kind]
     lay = cls(4, 5, seed=3)
     x = np.random.default_rng(0).standard_normal((300, 2, 4)).astype(np.float32)
-    y, hn = lay.forward(x, train=True)
+    y, _hn = lay.forward(x, train=True)
     dy = np.ones_like(y)
     dx, dh0 = lay.backward(dy)
     assert dx.dtype == np.float32 and dh0.dtype == np.float32
     assert all(v.dtype == np.float32 for v in lay.grads.values())
     p64 = {k: v.astype(np.float64) for k, v in lay.state_dict().items()}
-    gx, gh0, gp = torch_grads(kind, x.astype(np.float64), p64, np.zeros((2, 5)), None, False,
+    gx, _gh0, gp = torch_grads(kind, x.astype(np.float64), p64, np.zeros((2, 5)), None, False,
                               dy.astype(np.float64), None)
     np.testing.assert_allclose(dx, gx, rtol=1e-4, atol=1e-4)
     for k in gp:
@@ -541,7 +541,7 @@ def test_backward_float32_and_grads_overwritten(kind, parallel_small):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_backward_finite_differences_reference(kind):
     """Directional derivatives of the loss against central differences (reference backend)."""
-    cls, gates = KINDS[kind]
+    cls, _gates = KINDS[kind]
     T, B, I, H = 8, 3, 3, 4
     rng = np.random.default_rng(12)
     lay = cls(I, H, dtype=np.float64, seed=4)
@@ -623,3 +623,25 @@ def test_backward_empty_and_all_zero_lengths(backend, kind):
         dx, dh0 = lay.backward(np.ones((5, 2, 4)), dhn)      # outputs are constant 0: no gradient
         np.testing.assert_array_equal(dh0, dhn)
         assert not np.any(dx) and all(not np.any(g) for g in lay.grads.values())
+
+
+@pytest.mark.parametrize("be", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("which", ["mingru", "minlstm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_infinite_preactivations_as_in_the_reference(be, which, dtype):
+    """±inf and NaN inputs give the reference's values, NaN where it has NaN: sigmoid(-inf)
+    is exactly 0, so z * h~ is NaN for an infinite h~ (the fast kernels clamped the
+    exponent and gave ±inf), and minLSTM's f = 0 or i = 0 gives a = 0 or 1 (it gave NaN)."""
+    G = 2 if which == "mingru" else 3
+    vals = np.array([-np.inf, np.inf, np.nan, 0.5, -200.0, 200.0])
+    x = np.array(np.meshgrid(vals, vals)).reshape(2, -1).T[None].astype(dtype)   # (1, 36, 2)
+    x = np.concatenate([x, np.ones_like(x)], axis=0)                              # a second step
+    rng = np.random.default_rng(3)
+    ws = [rng.choice([-1.0, 1.0], (4, 2)).astype(dtype) for _ in range(G)]
+    fn = getattr(rnnfast, which)
+    with rnnfast.backend("reference"):
+        want, hw = fn(x, *ws)
+    with rnnfast.backend(be):
+        got, hg = fn(x, *ws)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(hg, hw, rtol=1e-5, atol=1e-6, equal_nan=True)
