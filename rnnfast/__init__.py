@@ -22,11 +22,27 @@ from .memory import memory_info, release_memory
 from .minrnn import MinGRU, MinLSTM
 from .scan import linear_scan, mingru, minlstm
 from .threads import get_num_threads, set_num_threads
-from .training import (gru_backward, gru_forward_train, lstm_backward, lstm_forward_train, rnn_backward,
-                       rnn_forward_train)
+from .training import (
+                       gru_backward,
+                       gru_forward_train,
+                       lstm_backward,
+                       lstm_forward_train,
+                       rnn_backward,
+                       rnn_forward_train,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["lstm", "gru", "rnn", "LSTM", "GRU", "RNN", "from_torch", "linear_scan", "mingru", "minlstm", "MinGRU", "MinLSTM", "available_backends", "set_backend", "get_backend", "backend",
-           "set_num_threads", "get_num_threads", "release_memory", "memory_info", "show_config", "lstm_forward_train", "lstm_backward",
-           "gru_forward_train", "gru_backward", "rnn_forward_train", "rnn_backward", "__version__"]
+__all__ = [
+    # inference
+    "lstm", "gru", "rnn", "LSTM", "GRU", "RNN", "from_torch",
+    # recurrences parallel over time
+    "linear_scan", "mingru", "minlstm", "MinGRU", "MinLSTM",
+    # backends, threads, memory, configuration
+    "available_backends", "set_backend", "get_backend", "backend", "set_num_threads", "get_num_threads",
+    "release_memory", "memory_info", "show_config",
+    # training, functional
+    "lstm_forward_train", "lstm_backward", "gru_forward_train", "gru_backward", "rnn_forward_train",
+    "rnn_backward",
+    "__version__",
+]

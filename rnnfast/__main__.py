@@ -44,6 +44,7 @@ def main(argv=None) -> int:
 
 def _tune(args) -> int:
     import rnnfast
+
     from . import tuning
     if not tuning.enabled():
         print("rnnfast tune: RNNFAST_TUNE=0 turns measuring off; unset it to tune", file=sys.stderr)

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backends, reference, threads, tuning
-from .memory import SmallCache, aligned_copy, aligned_empty, scratch  # noqa: F401 - re-exported
 from .cells import CELLS, GRU_NOLBR, LSTM_PROJ, RNN_RELU
-
+from .memory import SmallCache, aligned_copy, aligned_empty, scratch  # noqa: F401 - re-exported
 
 _USE_FUSED = True     # private switch for measurements: False = BLAS per gate in every step
 
@@ -349,7 +348,8 @@ def _small_bufs(plan: SmallPlan, T: int, B: int) -> tuple:
     if len(cache) > 64:
         cache.clear()
     GH = plan.G * plan.H
-    bufs = (np.full(T, B, np.int64), aligned_empty((T * B, GH), plan.dtype), aligned_empty((2, B, plan.Hout), plan.dtype),
+    bufs = (np.full(T, B, np.int64), aligned_empty((T * B, GH), plan.dtype),
+            aligned_empty((2, B, plan.Hout), plan.dtype),
             aligned_empty((B, GH), plan.dtype), aligned_empty((B, plan.H), plan.dtype))
     if B * (T + 1) * GH * plan.dtype.itemsize <= _SMALL_KEEP_BYTES:   # served tokens, not a big batch
         cache[plan.key, T, B] = bufs

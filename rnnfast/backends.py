@@ -11,7 +11,7 @@ import contextvars
 import importlib
 import importlib.util
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 BACKENDS = ("cython", "numba", "reference")
 _global = {"name": "auto"}

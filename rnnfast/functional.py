@@ -1,10 +1,8 @@
 """Functional API: one layer, one direction (SPEC "Functional API")."""
 from __future__ import annotations
 
-import numpy as np
-
 from . import _engine
-from ._validation import as_compute, check_input, check_lengths, check_state, to_numpy, check_float, weight_dtype
+from ._validation import as_compute, check_float, check_input, check_lengths, check_state, to_numpy, weight_dtype
 from .cells import CELLS, NONLINEARITIES, cell_code
 
 

@@ -183,6 +183,7 @@ def _cython_info() -> dict:
 def collect(trigger_numba: bool = True) -> dict:
     """Everything ``info`` reports, as a dict."""
     import rnnfast as rf
+
     from . import backends as _b
     from . import threads as _t
     avail = rf.available_backends()

@@ -15,7 +15,6 @@ layer); ``backward(dy, dhx_n=None)`` returns ``(dx, dhx)`` and fills ``grads``.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from . import _engine, scan

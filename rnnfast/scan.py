@@ -249,7 +249,7 @@ class _Prepared:
 
 def _prepare(kind: str, x, weights, biases, h0, lengths, batch_first: bool,
              h0_name: str = "h0") -> _Prepared:
-    code, wnames, bnames = _KINDS[kind]
+    _code, wnames, bnames = _KINDS[kind]
     ws = [check_float(to_numpy(w, n), n) for w, n in zip(weights, wnames)]
     bs = [None if v is None else check_float(to_numpy(v, n), n) for v, n in zip(biases, bnames)]
     dtype = weight_dtype(*ws)

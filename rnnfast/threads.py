@@ -58,7 +58,7 @@ def set_num_threads(n: int) -> None:
         Thread count, at least 1.
     """
     global _num_threads
-    if isinstance(n, bool) or not isinstance(n, (int,)) and not hasattr(n, "__index__"):
+    if isinstance(n, bool) or (not isinstance(n, (int,)) and not hasattr(n, "__index__")):
         raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
     n = int(n)
     if n < 1:

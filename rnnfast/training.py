@@ -469,7 +469,7 @@ def _grad_hh(gemm, dgp, yd, h0d, segs, g_rows, h_rows, out, use_h0: bool) -> Non
 def _fast_backward(ctx, mod, dy, dhn, dcn, weights, nthreads):
     T, B, I = ctx.T, ctx.B, ctx.I
     kind, code, L, D, H, Hout, dtype = ctx.kind, ctx.code, ctx.L, ctx.D, ctx.H, ctx.Hout, ctx.dtype
-    G, GS, GSb = _widths(code, H)
+    G, _GS, GSb = _widths(code, H)
     GH = G * H
     pk, N = ctx.pk, ctx.N
     lstm = kind == "lstm"

@@ -133,8 +133,8 @@ def measure(nthreads: int, rounds: int = ROUNDS) -> dict:
                 layer = rnnfast.LSTM(256, 256, seed=0)
                 x = rng.standard_normal((100, rows, 256)).astype(np.float32)
                 layer(x)
-                ratio = _time_pair(lambda layer=layer, x=x: layer(x), dict(DEFAULTS), {**DEFAULTS, form: ON_VALUES[form]},
-                                   rounds)
+                ratio = _time_pair(lambda layer=layer, x=x: layer(x), dict(DEFAULTS),
+                                   {**DEFAULTS, form: ON_VALUES[form]}, rounds)
                 measured[label] = ratio
                 if ratio < 1.0 - MIN_GAIN:
                     prof[form] = ON_VALUES[form]

@@ -18,8 +18,8 @@ import pytest
 # tests that force each form, and tests/test_tuning.py, cover the choice.
 os.environ.setdefault("RNNFAST_TUNE", "0")
 
-import rnnfast  # noqa: E402
-from rnnfast import reference  # noqa: E402
+import rnnfast
+from rnnfast import reference
 
 # Every available backend; RNNFAST_TEST_BACKENDS="cython,reference" restricts the run to some
 # (reported in the run's header, and refused by CI: .ci/run).
@@ -169,7 +169,7 @@ def ref_stack(layer, x, hx=None, lengths=None):
         x = x[:, None]
     elif layer.batch_first:
         x = x.transpose(1, 0, 2)
-    T, B, _ = x.shape
+    _T, B, _ = x.shape
     L, D = layer.num_layers, layer.num_directions
     H, Hout = layer.hidden_size, layer.output_size
     h0 = np.zeros((L * D, B, Hout))

@@ -13,8 +13,20 @@ import pytest
 import rnnfast
 from rnnfast import backends as _backends
 
-from conftest import (ALL_BACKENDS, BACKENDS, FAST_BACKENDS, F32_TOL, VARIANT_IDS, VARIANTS, assert_result_close,
-                      flat_states, make_layer, random_hx, ref_stack, rng_for)
+from conftest import (
+    ALL_BACKENDS,
+    BACKENDS,
+    F32_TOL,
+    FAST_BACKENDS,
+    VARIANT_IDS,
+    VARIANTS,
+    assert_result_close,
+    flat_states,
+    make_layer,
+    random_hx,
+    ref_stack,
+    rng_for,
+)
 
 # the directory holding the rnnfast package under test, so a subprocess imports the same one
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(rnnfast.__file__)))
@@ -175,7 +187,7 @@ def test_all_backends_agree(variant, dtype):
         assert_result_close(results[be], want, dtype)
     if dtype == np.float64:
         first = results[ALL_BACKENDS[0]]
-        for be, r in results.items():
+        for r in results.values():
             np.testing.assert_allclose(r[0], first[0], rtol=1e-9, atol=1e-9)
             for a, b in zip(flat_states(r[1]), flat_states(first[1])):
                 np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
@@ -254,8 +266,8 @@ def test_saturated_gates_stay_finite(be):
                 x = (scale * rng.standard_normal((6, 7, 3))).astype(dtype)
                 ln = [6, 5, 4, 3, 2, 1, 6]
                 with rnnfast.backend(be):
-                    y, hn = layer(x, None, ln)
-                wy, wh = ref_stack(layer, x, None, ln)
+                    y, _hn = layer(x, None, ln)
+                wy, _wh = ref_stack(layer, x, None, ln)
                 assert np.all(np.isfinite(y))
                 np.testing.assert_allclose(y, wy, rtol=1e-5, atol=1e-5, err_msg=f"{kind} {opts} {scale}")
 
@@ -318,7 +330,8 @@ def test_layers_without_the_cython_kernels(mode):
 
 def test_sizes_past_the_cython_kernels_32_bit_counts(monkeypatch):
     """The Cython kernels count rows and sizes in C ints: a call past that is a clear
-    ValueError under backend("cython") before any kernel runs, and runs on the Numba backend under "auto"; the packed weights' size is 64-bit.
+    ValueError under backend("cython") before any kernel runs, and runs on the Numba backend under
+    "auto"; the packed weights' size is 64-bit.
     (Here a limit lowered to 30000 rows.)"""
     from rnnfast import _engine, backends
     if not {"cython", "numba"} <= set(rnnfast.available_backends()):

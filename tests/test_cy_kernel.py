@@ -347,6 +347,7 @@ def test_cell_codes_are_one_definition():
     the values of rnnfast/cells.py, and no .pyx or C header repeats them as DEF or numbers."""
     import pathlib
     import re
+
     from rnnfast import cells
     from rnnfast.kernels import cy_rnn
     codes = cy_rnn.build_info()["cell_codes"]

@@ -10,8 +10,20 @@ import pytest
 import rnnfast
 from rnnfast import reference
 
-from conftest import (ALL_BACKENDS, BACKENDS, F64_TORCH_TOL, GATES, VARIANT_IDS, VARIANTS, lengths_case,
-                      rng_for, tol_for, torch_module, torch_run, torch_state_dict)
+from conftest import (
+    ALL_BACKENDS,
+    BACKENDS,
+    F64_TORCH_TOL,
+    GATES,
+    VARIANT_IDS,
+    VARIANTS,
+    lengths_case,
+    rng_for,
+    tol_for,
+    torch_module,
+    torch_run,
+    torch_state_dict,
+)
 
 T, B, I, H = 7, 4, 3, 5
 P = 3   # projection width of lstm-proj

@@ -2,6 +2,7 @@
 shape against NumPy's product in float64."""
 import numpy as np
 import pytest
+
 from conftest import require_oracle
 
 cy_train = require_oracle("rnnfast.kernels.cy_train")

@@ -10,8 +10,10 @@ import sys
 import textwrap
 
 import pytest
-from conftest import require_oracle
+
 from rnnfast.kernels import _isa
+
+from conftest import require_oracle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEVELS = _isa.built_levels()
@@ -59,7 +61,8 @@ def test_forced_level_loads_and_matches_reference(level):
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["choice"] == [level, "forced by RNNFAST_ISA"]
     assert out["build"]["level"] == level
-    assert out["build"]["vector_bytes"] == {"baseline": 16, "avx2": 32, "avx512": 64}.get(level, out["build"]["vector_bytes"])
+    want_bytes = {"baseline": 16, "avx2": 32, "avx512": 64}.get(level, out["build"]["vector_bytes"])
+    assert out["build"]["vector_bytes"] == want_bytes
     assert max(out["errs"].values()) < 2e-5, out["errs"]
     assert out["gemm_err"] < 1e-4
 

@@ -11,9 +11,23 @@ import pytest
 import rnnfast
 from rnnfast import _engine
 
-from conftest import (ALL_BACKENDS, BACKENDS, F64_TORCH_TOL, VARIANT_IDS, VARIANTS, assert_result_close,
-                      flat_states, lengths_case, make_layer, random_hx, ref_stack, require_oracle, rng_for,
-                      torch_module, torch_run)
+from conftest import (
+    ALL_BACKENDS,
+    BACKENDS,
+    F64_TORCH_TOL,
+    VARIANT_IDS,
+    VARIANTS,
+    assert_result_close,
+    flat_states,
+    lengths_case,
+    make_layer,
+    random_hx,
+    ref_stack,
+    require_oracle,
+    rng_for,
+    torch_module,
+    torch_run,
+)
 
 T, B, I, H = 7, 4, 3, 6
 TORCH_VARIANTS = [v for v in VARIANTS if v[0] != "gru-nolbr"]
@@ -86,7 +100,9 @@ def test_layer_dtype_rule(be, variant):
         layer = make_layer(kind, opts, I, H, num_layers=2, bidirectional=True, dtype=dtype, seed=1)
         x = rng.standard_normal((T, B, I))
         hx = random_hx(layer, B, rng, np.float64)
-        cast = lambda s, dt: tuple(a.astype(dt) for a in s) if isinstance(s, tuple) else s.astype(dt)
+        def cast(s, dt):
+            return tuple(a.astype(dt) for a in s) if isinstance(s, tuple) else s.astype(dt)
+
         with rnnfast.backend(be):
             y1, h1 = layer(x.astype(other), cast(hx, other))
             y2, h2 = layer(x.astype(other).astype(dtype), cast(cast(hx, other), dtype))
@@ -513,7 +529,7 @@ def test_small_calls_from_several_threads():
     def work(i):
         try:
             for _ in range(200):
-                y, (h, c) = lay(xs[i])
+                y, (_h, c) = lay(xs[i])
                 np.testing.assert_array_equal(y, want[i][0])
                 np.testing.assert_array_equal(c, want[i][1][1])
         except Exception as e:  # noqa: BLE001

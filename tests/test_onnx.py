@@ -140,7 +140,9 @@ def test_gru_nolbr_functional_reverse_matches_onnxruntime(be):
     Bb = np.concatenate([_perm("gru", sd["bias_ih_l0"], H), _perm("gru", sd["bias_hh_l0"], H)])[None]
     node = helper.make_node("GRU", ["X", "W", "R", "B", "seq", "h0"], ["Y", "Y_h"], hidden_size=H,
                             direction="reverse", linear_before_reset=0)
-    f32 = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+    def f32(n):
+        return helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+
     graph = helper.make_graph([node], "g", [f32("X"), helper.make_tensor_value_info("seq", TensorProto.INT32, None),
                                             f32("h0")], [f32("Y"), f32("Y_h")],
                               [numpy_helper.from_array(a, n) for a, n in [(W, "W"), (R, "R"), (Bb, "B")]])
@@ -162,7 +164,7 @@ def test_gru_nolbr_float64_matches_onnxruntime_if_supported():
     ln = np.array([7, 3, 1, 6])
     try:
         want = run_session(sess, layer, x, None, ln)
-    except Exception as e:  # noqa: BLE001 - ORT's CPU GRU kernel is float32 only
+    except Exception as e:  # ORT's CPU GRU kernel is float32 only
         if "double" in str(e):
             pytest.skip(f"this ONNX Runtime has no float64 GRU: {str(e)[:100]}")
         raise

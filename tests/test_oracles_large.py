@@ -14,6 +14,10 @@ import contextlib
 
 import numpy as np
 import pytest
+
+import rnnfast
+from rnnfast import _engine
+
 from conftest import (
     FAST_BACKENDS,
     flat_states,
@@ -26,11 +30,9 @@ from conftest import (
     torch_run,
 )
 
-import rnnfast
-from rnnfast import _engine
-
 torch = require_oracle("torch")
-from test_training import assert_grads_close, random_grads, rnnfast_grads, torch_grads
+# after require_oracle: test_training imports torch at its top
+from test_training import assert_grads_close, random_grads, rnnfast_grads, torch_grads  # noqa: E402
 
 I = 200
 T = 60

@@ -10,10 +10,19 @@ from hypothesis import strategies as st
 
 import rnnfast
 
-from conftest import (BACKENDS, FAST_BACKENDS, VARIANTS, assert_result_close, flat_states, layer_kwargs,
-                      ref_stack, tol_for)
+from conftest import (
+    BACKENDS,
+    FAST_BACKENDS,
+    VARIANTS,
+    assert_result_close,
+    flat_states,
+    layer_kwargs,
+    ref_stack,
+    tol_for,
+)
 
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("RNNFAST_HYPOTHESIS_EXAMPLES", "40")), deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=int(__import__("os").environ.get("RNNFAST_HYPOTHESIS_EXAMPLES", "40")),
+                    deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # the reference backend is the oracle itself: properties are checked on the fast ones
 PROP_BACKENDS = FAST_BACKENDS or BACKENDS
@@ -65,8 +74,8 @@ def build(c):
     if c["with_hx"]:
         LD = c["L"] * (2 if c["bidir"] else 1)
         pre = (LD,) if c["unbatched"] else (LD, B)
-        h = (0.5 * rng.standard_normal(pre + (layer.output_size,))).astype(c["dtype"])
-        hx = (h, (0.5 * rng.standard_normal(pre + (c["H"],))).astype(c["dtype"])) if c["kind"] == "lstm" else h
+        h = (0.5 * rng.standard_normal((*pre, layer.output_size))).astype(c["dtype"])
+        hx = (h, (0.5 * rng.standard_normal((*pre, c["H"]))).astype(c["dtype"])) if c["kind"] == "lstm" else h
     lengths = c["lengths"]
     if lengths is not None and c["unbatched"]:
         lengths = lengths[0]

@@ -126,7 +126,7 @@ def test_reference_lengths_semantics():
         np.testing.assert_array_equal(hn[1], h0[1])
         np.testing.assert_array_equal(cn[1], c0[1])
         # sequence 0 alone, truncated to its 2 steps
-        y0, h0n, c0n = reference.run_direction("lstm", x[:2, :1], w_ih, w_hh, h0=h0[:1], c0=c0[:1],
+        y0, h0n, _c0n = reference.run_direction("lstm", x[:2, :1], w_ih, w_hh, h0=h0[:1], c0=c0[:1],
                                                reverse=reverse)
         np.testing.assert_allclose(y[:2, :1], y0, rtol=1e-13, atol=1e-13)
         np.testing.assert_allclose(hn[:1], h0n, rtol=1e-13, atol=1e-13)

@@ -102,7 +102,7 @@ def test_float32_accuracy_long(backend, case, nthreads):
     assert got.dtype == np.float32
     err = np.max(np.abs(got - want)) / np.max(np.abs(want))
     assert err <= 1e-4, err
-    for reverse in (True,):
+    for _reverse in (True,):
         with rnnfast.backend(backend):
             got = linear_scan(a32, b32, reverse=True)
         want = seq_scan(a32, b32, reverse=True)

@@ -9,8 +9,18 @@ import pytest
 
 import rnnfast
 
-from conftest import (BACKENDS, VARIANT_IDS, VARIANTS, flat_states, make_layer, random_hx, ref_stack, rng_for,
-                      spy_run_layer, tol_for)
+from conftest import (
+    BACKENDS,
+    VARIANT_IDS,
+    VARIANTS,
+    flat_states,
+    make_layer,
+    random_hx,
+    ref_stack,
+    rng_for,
+    spy_run_layer,
+    tol_for,
+)
 
 
 def test_thread_count_set_get():
@@ -88,7 +98,7 @@ def test_concurrent_calls_on_one_layer(be):
         with rnnfast.backend(be):
             serial = [_result(layer, *j) for j in jobs]
 
-        def work(j):
+        def work(j, layer=layer):
             with rnnfast.backend(be):
                 return _result(layer, *j)
 
@@ -142,7 +152,7 @@ def test_thread_count_applies_to_calls_from_other_threads(be):
         with rnnfast.backend(be):
             main = _result(layer, x)
 
-        def work():
+        def work(n=n):
             with rnnfast.backend(be):
                 assert rnnfast.get_num_threads() == n
                 return _result(layer, x)
@@ -401,6 +411,7 @@ def test_forked_child_starts_with_no_calls_in_flight():
     """A child forked while the parent had a kernel call running (another thread) starts
     with none in flight: it does not share its thread count with calls it does not have."""
     import multiprocessing as mp
+
     from rnnfast import threads
     n = threads.enter_call()
     try:
@@ -627,7 +638,7 @@ def test_blas_restored_after_concurrent_calls():
         def work(i):
             x = xs[i]
             if i % 3 == 0:
-                y, _ = lay.forward(x, train=True)
+                _y, _ = lay.forward(x, train=True)
                 return None
             return lay(x)[0]
 

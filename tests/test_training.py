@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import rnnfast
 from rnnfast import training
 
-from conftest import BACKENDS, VARIANTS, VARIANT_IDS, make_layer, random_hx, rng_for
+from conftest import BACKENDS, VARIANT_IDS, VARIANTS, make_layer, random_hx, rng_for
 
 T, B, I, H = 5, 4, 3, 6
 TORCH_VARIANTS = [v for v in VARIANTS if v[0] != "gru-nolbr"]
@@ -110,13 +110,13 @@ def random_grads(layer, x, rng, unbatched=False, states=True):
     else:
         Tn, Bn = x.shape[:2]
     ylead = (Tn,) if unbatched else ((Bn, Tn) if layer.batch_first else (Tn, Bn))
-    dy = rng.standard_normal(ylead + (D * layer.output_size,))
+    dy = rng.standard_normal((*ylead, D * layer.output_size))
     if not states:
         return dy, None
     sb = () if unbatched else (Bn,)
-    dh = rng.standard_normal((LD,) + sb + (layer.output_size,))
+    dh = rng.standard_normal((LD, *sb, layer.output_size))
     if layer._kind == "lstm":
-        return dy, (dh, rng.standard_normal((LD,) + sb + (layer.hidden_size,)))
+        return dy, (dh, rng.standard_normal((LD, *sb, layer.hidden_size)))
     return dy, dh
 
 
@@ -177,7 +177,7 @@ def test_grads_match_torch_without_state_grads(be):
     dy, _ = random_grads(layer, x, rng, states=False)
     got = rnnfast_grads(layer, be, x, None, None, dy, None)
     want = torch_grads(torch_layer(layer), x, None, None, dy, None)
-    assert_grads_close(got, want, ["y", "dx"] + list(layer.parameters()))
+    assert_grads_close(got, want, ["y", "dx", *layer.parameters()])
     assert got["dh0"].shape == (2, B, layer.output_size) and got["dc0"].shape == (2, B, H)
 
 
@@ -219,7 +219,7 @@ def test_float32_matches_float64_reference(be, variant):
     dy, dhx_n = random_grads(l32, x, rng)
     got = rnnfast_grads(l32, be, x, None, lengths, dy.astype(np.float32), dhx_n)
     want = rnnfast_grads(l64, "reference", x.astype(np.float64), None, lengths, dy, dhx_n)
-    for k in ["dx", "dh0"] + list(l32.grads):
+    for k in ["dx", "dh0", *l32.grads]:
         assert got[k].dtype == np.float32, k
         scale = max(1.0, float(np.abs(want[k]).max()))
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-5 * scale, err_msg=k)
@@ -239,7 +239,7 @@ def test_thread_counts_agree(be, kind, batch):
         rnnfast.set_num_threads(n)
         res.append(rnnfast_grads(layer, be, x, None, lengths, dy, dh))
     for r in res[1:]:
-        assert_grads_close(r, res[0], ["y", "dx", "dh0"] + list(layer.grads), rtol=1e-11, atol=1e-11)
+        assert_grads_close(r, res[0], ["y", "dx", "dh0", *layer.grads], rtol=1e-11, atol=1e-11)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
@@ -258,7 +258,7 @@ def test_blas_and_packed_recurrent_products_agree(variant, monkeypatch):
     for rows in (10**9, 0):
         monkeypatch.setattr(training, "_MK_ROWS", rows)
         res.append(rnnfast_grads(layer, "cython", x, hx, [T, 2, 0, 1, 4, T], dy, dhx_n))
-    assert_grads_close(res[1], res[0], ["y", "dx", "dh0"] + list(layer.grads), rtol=1e-11, atol=1e-11)
+    assert_grads_close(res[1], res[0], ["y", "dx", "dh0", *layer.grads], rtol=1e-11, atol=1e-11)
 
 
 # ----------------------------------------------------------------------------- finite differences
@@ -345,7 +345,7 @@ def test_repeated_forward_backward_identical(be, variant):
     dy, dhx_n = random_grads(layer, x, rng)
     a = rnnfast_grads(layer, be, x, None, [T, 2, 1, 4], dy, dhx_n)
     b = rnnfast_grads(layer, be, x, None, [T, 2, 1, 4], dy, dhx_n)
-    for k in ["y", "dx", "dh0"] + list(layer.grads):
+    for k in ["y", "dx", "dh0", *layer.grads]:
         assert np.array_equal(a[k], b[k]), k
 
 
@@ -391,11 +391,11 @@ def test_interleaved_training_loops_keep_results_intact(be):
             with rnnfast.backend(be):
                 y, _ = layer.forward(x * (step + 1), train=True)
                 dx, dh = layer.backward(np.ones_like(y))
-            kept.append((y, dx, dh, {n: g for n, g in layer.grads.items()}))
+            kept.append((y, dx, dh, dict(layer.grads)))
             ref = make_layer("lstm", {}, I, 20, num_layers=2, dtype=np.float64, seed=(1, 2)[k])
             fresh.append(rnnfast_grads(ref, "reference", x * (step + 1), None, None, np.ones_like(y), None))
     rnnfast.release_memory()
-    for (y, dx, dh, g), want in zip(kept, fresh):
+    for (y, dx, _dh, g), want in zip(kept, fresh):
         np.testing.assert_allclose(y, want["y"], rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(dx, want["dx"], rtol=1e-9, atol=1e-9)
         for n in g:
@@ -465,7 +465,7 @@ def test_dropout_zero_is_no_dropout(be):
     want = torch_grads(torch_layer(a), x, None, None, np.ones((T, B, H)), None)
     a.dropout = 0.0
     got = rnnfast_grads(a, be, x, None, None, np.ones((T, B, H)), None)
-    assert_grads_close(got, want, ["y", "dx"] + list(a.parameters()))
+    assert_grads_close(got, want, ["y", "dx", *a.parameters()])
 
 
 @pytest.mark.parametrize("be", BACKENDS)
@@ -475,7 +475,7 @@ def test_dropout_one_zeroes_the_inter_layer_signal(be):
     rng = rng_for("train-p1", be)
     x = rng.standard_normal((T, B, I))
     with rnnfast.backend(be):
-        y, (hn, cn) = layer.forward(x, train=True)
+        y, (_hn, _cn) = layer.forward(x, train=True)
         dx, (dh0, _) = layer.backward(np.ones_like(y))
         # the second layer alone, on zeros
         top = rnnfast.LSTM(2 * H, H, bidirectional=True, dtype=np.float64)
@@ -552,7 +552,7 @@ def test_functional_lstm_backward_matches_torch(be):
     h0, c0 = rng.standard_normal((B, 3)), rng.standard_normal((B, H))
     dy, dh, dc = rng.standard_normal((B, T, 3)), rng.standard_normal((B, 3)), rng.standard_normal((B, H))
     with rnnfast.backend(be):
-        y, (hn, cn), ctx = rnnfast.training.lstm_forward_train(
+        y, (_hn, _cn), ctx = rnnfast.training.lstm_forward_train(
             x, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"], h0=h0, c0=c0,
             w_hr=p["weight_hr_l0"], batch_first=True)
         dx, (dh0, dc0), g = rnnfast.training.lstm_backward(ctx, dy, dh, dc)
@@ -570,9 +570,9 @@ def test_functional_reverse_unbatched_and_no_bias(be):
     w_ih, w_hh = 0.4 * rng.standard_normal((3 * H, I)), 0.4 * rng.standard_normal((3 * H, H))
     x, dy, dh = rng.standard_normal((T, I)), rng.standard_normal((T, H)), rng.standard_normal(H)
     with rnnfast.backend(be):
-        y, hn, ctx = rnnfast.training.gru_forward_train(x, w_ih, w_hh, reverse=True)
+        y, _hn, ctx = rnnfast.training.gru_forward_train(x, w_ih, w_hh, reverse=True)
         dx, dh0, g = rnnfast.training.gru_backward(ctx, dy, dh)
-        y2, hn2, ctx2 = rnnfast.training.gru_forward_train(x[::-1], w_ih, w_hh)
+        y2, _hn2, ctx2 = rnnfast.training.gru_forward_train(x[::-1], w_ih, w_hh)
         dx2, dh02, g2 = rnnfast.training.gru_backward(ctx2, dy[::-1], dh)
     assert set(g) == {"w_ih", "w_hh"} and dx.shape == (T, I) and dh0.shape == (H,)
     np.testing.assert_allclose(y, y2[::-1], rtol=1e-12, atol=1e-12)
@@ -599,7 +599,7 @@ def test_functional_rnn_and_gru_nolbr_against_reference(be, nonlinearity):
             yg, hg, ctxg = rnnfast.training.gru_forward_train(x, *wg, h0=h0, lengths=lengths,
                                                               linear_before_reset=False)
             rg = rnnfast.training.gru_backward(ctxg, dy, dh)
-        out[name] = (y, hn, yg, hg) + r[:2] + tuple(r[2].values()) + rg[:2] + tuple(rg[2].values())
+        out[name] = (y, hn, yg, hg, *r[:2], *r[2].values(), *rg[:2], *rg[2].values())
     for a, b_ in zip(out[be], out["reference"]):
         np.testing.assert_allclose(a, b_, rtol=1e-9, atol=1e-9)
     # the reference itself against torch (RNN)
@@ -688,7 +688,9 @@ def _prev_pairs_loop(bsz, offs, rev):
                 j = np.arange(nn, int(bsz[t]))
                 g_rows.append(int(offs[t]) + j)
                 h_rows.append(j)
-    cat = (lambda r: np.concatenate(r) if r else np.zeros(0, np.int64))
+    def cat(r):
+        return np.concatenate(r) if r else np.zeros(0, np.int64)
+
     return [tuple(s) for s in segs], cat(g_rows), cat(h_rows)
 
 
@@ -718,6 +720,7 @@ def test_prev_pairs_without_a_loop_over_time_matches_its_twin(rev):
 def test_prev_pairs_runs_no_python_loop_over_time():
     """The lines _prev_pairs runs do not grow with T (10,000 steps of variable lengths)."""
     import sys
+
     from rnnfast import _engine
     T, B = 10_000, 6
     lengths = np.array([T, T - 1, 5000, 4999, 17, 1])

@@ -25,7 +25,7 @@ def _fortran(a):
 def _strided(a):
     """A non-contiguous view with the same values (every other element of a bigger array)."""
     a = np.asarray(a)
-    big = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype) if a.ndim else np.zeros(2, a.dtype)
+    big = np.zeros((*a.shape[:-1], 2 * a.shape[-1]), a.dtype) if a.ndim else np.zeros(2, a.dtype)
     if a.ndim == 0:
         return a
     big[..., ::2] = a
@@ -284,5 +284,6 @@ def test_masked_arrays_refused():
 def test_huge_unsigned_lengths_reported_as_given():
     """Regression: uint64 lengths above 2**63 were reported wrapped (negative)."""
     big = np.array([2 ** 64 - 1, 1, 1], np.uint64)
-    with pytest.raises(ValueError, match=r"lengths: every length must be in \[0, 6\], got min 1 max 18446744073709551615"):
+    with pytest.raises(ValueError,
+                       match=r"lengths: every length must be in \[0, 6\], got min 1 max 18446744073709551615"):
         rnnfast.LSTM(I, H)(np.zeros((T, B, I), "f4"), lengths=big)

@@ -6,8 +6,7 @@ import time
 
 import rnnfast
 
-from .common import (BACKENDS, FAST_BACKENDS, INFERENCE, PRODUCT_BACKENDS, TRAINING, make_call,
-                     numpy_alloc_peak_mb)
+from .common import BACKENDS, FAST_BACKENDS, INFERENCE, PRODUCT_BACKENDS, TRAINING, make_call, numpy_alloc_peak_mb
 
 
 class Inference:

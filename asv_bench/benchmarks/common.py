@@ -61,7 +61,7 @@ def make_call(name: str, backend: str, threads: int = THREADS):
         if backend != "reference" and key not in _warmed:
             fn()
             _warmed.add(key)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         why = na_reason(e)
         if why is None:
             raise

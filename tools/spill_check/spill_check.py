@@ -68,7 +68,7 @@ def _blocks(insns):
     """Basic blocks of a function: (start index, end index) pairs and successor lists."""
     addrs = {a: i for i, (a, _, _) in enumerate(insns)}
     lead = {0}
-    for i, (a, op, ar) in enumerate(insns):
+    for i, (_a, op, ar) in enumerate(insns):
         if _JUMP.match(op) or op.startswith("ret"):
             if i + 1 < len(insns):
                 lead.add(i + 1)
@@ -80,7 +80,7 @@ def _blocks(insns):
               for k, s in enumerate(starts)]
     block_of = {s: k for k, (s, _) in enumerate(bounds)}
     succ = []
-    for s, e in bounds:
+    for _s, e in bounds:
         _, op, ar = insns[e]
         out = []
         t = _target(ar) if _JUMP.match(op) else None
@@ -107,12 +107,18 @@ def _sccs(nodes: set[int], succ) -> list[set[int]]:
         if root in index:
             continue
         work = [(root, iter([s for s in succ[root] if s in nodes]))]
-        index[root] = low[root] = n[0]; n[0] += 1; stack.append(root); on.add(root)
+        index[root] = low[root] = n[0]
+        n[0] += 1
+        stack.append(root)
+        on.add(root)
         while work:
             v, it = work[-1]
             for w in it:
                 if w not in index:
-                    index[w] = low[w] = n[0]; n[0] += 1; stack.append(w); on.add(w)
+                    index[w] = low[w] = n[0]
+                    n[0] += 1
+                    stack.append(w)
+                    on.add(w)
                     work.append((w, iter([s for s in succ[w] if s in nodes])))
                     break
                 if w in on:
@@ -124,7 +130,9 @@ def _sccs(nodes: set[int], succ) -> list[set[int]]:
                 if low[v] == index[v]:
                     comp = set()
                     while True:
-                        w = stack.pop(); on.discard(w); comp.add(w)
+                        w = stack.pop()
+                        on.discard(w)
+                        comp.add(w)
                         if w == v:
                             break
                     if len(comp) > 1 or v in succ[v]:
@@ -160,7 +168,8 @@ _STORE_STACK = re.compile(r"%[xyz]mm\d+,\s*-?(0x[0-9a-f]+)?\(%r[sb]p[,)]")
 # row-dot kernels are inlined into their chk_ wrappers. Other loops with FMAs (the gate
 # math inlined into the fused step) are reported, not failed.
 # (rf_gemm_rows_*, rf_mk_[fd], rft_mm_*: where the blocks were inlined before, commit history)
-MICRO = re.compile(r"^(rf_mk_\d|rf_mk_[fd]$|rf_mkh_|rf_gemm_blk_|rf_gemm_rows_|rft_mk_|rft_mm_|rf_rowdot|chk_rowdot|chk_mm_|chk_gemm_)")
+MICRO = re.compile(r"^(rf_mk_\d|rf_mk_[fd]$|rf_mkh_|rf_gemm_blk_|rf_gemm_rows_|rft_mk_|rft_mm_"
+                   r"|rf_rowdot|chk_rowdot|chk_mm_|chk_gemm_)")
 
 
 def spills(funcs, micro: bool = True) -> list[str]:
@@ -174,7 +183,7 @@ def spills(funcs, micro: bool = True) -> list[str]:
             continue
         for idx in loops(insns):
             body = [insns[i] for i in idx]
-            if sum(1 for _, op, _ in body if op.startswith("vfmadd") or op.startswith("vfnmadd")) < 4:
+            if sum(1 for _, op, _ in body if op.startswith(("vfmadd", "vfnmadd"))) < 4:
                 continue        # not a product's k loop (copies, packing, partial tiles)
             st = [(a, op, ar) for a, op, ar in body if _STORE_STACK.search(ar) and not op.startswith("vpbroadcast")]
             if st:
