@@ -25,11 +25,12 @@ the sequences sorted by length (longest first), so the live rows of a step are a
 prefix of the batch and padded steps cost nothing.
 """
 from cython cimport floating
+
+include "rf_blas.pxi"
 from cython.parallel cimport parallel, threadid
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
 cimport numpy as cnp
-from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 cnp.import_array()
 
@@ -141,10 +142,6 @@ cdef inline void _gemm_nt(int n, int m, int k, const floating *A, int lda, const
                           floating *C, int ldc, floating beta) noexcept nogil:
     """C[n, m] (row-major, ld ldc) = A[n, k] @ W[m, k]^T + beta*C: rf_rowdot for a few rows
     (beta 0; single-threaded BLAS loses most of its speed there), else single-threaded BLAS."""
-    cdef char tr = b'T'
-    cdef char nt = b'N'
-    cdef floating one = 1
-    cdef int inc = 1
     if n <= 0 or m <= 0:
         return
     if n <= ROWDOT_MAX_ROWS and beta == 0:
@@ -152,16 +149,8 @@ cdef inline void _gemm_nt(int n, int m, int k, const floating *A, int lda, const
             rf_rowdot_f(n, m, k, A, lda, W, ldw, C, ldc)
         else:
             rf_rowdot_d(n, m, k, A, lda, W, ldw, C, ldc)
-    elif n == 1:
-        if floating is float:
-            sgemv(&tr, &k, &m, &one, <float*>W, &ldw, <float*>A, &inc, &beta, C, &inc)
-        else:
-            dgemv(&tr, &k, &m, &one, <double*>W, &ldw, <double*>A, &inc, &beta, C, &inc)
     else:
-        if floating is float:
-            sgemm(&tr, &nt, &m, &n, &k, &one, <float*>W, &ldw, <float*>A, &lda, &beta, C, &ldc)
-        else:
-            dgemm(&tr, &nt, &m, &n, &k, &one, <double*>W, &ldw, <double*>A, &lda, &beta, C, &ldc)
+        rf_blas_gemm_nt(n, m, k, A, lda, W, ldw, C, ldc, beta)
 
 
 cdef inline void _rowdot1_gates(int ng, int m, int k, const floating *a, const floating *W, int H,

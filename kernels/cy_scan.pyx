@@ -43,6 +43,8 @@ block at once. Sequences with ``lengths`` stop at their length: the state is fro
 the output is zero past it.
 """
 from cython cimport floating
+
+include "rf_blas.pxi"
 from cython.parallel cimport parallel, threadid
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
@@ -50,7 +52,6 @@ from libc.stdlib cimport malloc, free
 cdef extern from "<stdlib.h>" nogil:
     void *aligned_alloc(size_t alignment, size_t size)
 from libc.string cimport memcpy
-from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 include "rf_fused_decl.pxi"
 
@@ -852,28 +853,6 @@ def linear_scan(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, 
 
 
 # ------------------------------------------------------------------------------ minGRU / minLSTM
-cdef inline void _gemm_nt(int64_t n, int64_t m, int64_t k, const floating *A, int64_t lda,
-                          const floating *W, int64_t ldw, floating *C, int64_t ldc) noexcept nogil:
-    """C[n, m] (row-major, ld ldc) = A[n, k] @ W[m, k]^T, single-threaded BLAS."""
-    cdef char tr = b'T'
-    cdef char nn = b'N'
-    cdef floating one = 1
-    cdef floating zero = 0
-    cdef int in_ = <int>n, im = <int>m, ik = <int>k, ilda = <int>lda, ildw = <int>ldw, ildc = <int>ldc
-    cdef int64_t i, j
-    if n <= 0 or m <= 0:
-        return
-    if k <= 0:
-        for i in range(n):
-            for j in range(m):
-                C[i * ldc + j] = 0
-        return
-    if floating is float:
-        sgemm(&tr, &nn, &im, &in_, &ik, &one, <float*>W, &ildw, <float*>A, &ilda, &zero, C, &ildc)
-    else:
-        dgemm(&tr, &nn, &im, &in_, &ik, &one, <double*>W, &ildw, <double*>A, &ilda, &zero, C, &ildc)
-
-
 cdef inline void _gates(int kind, int64_t n, int64_t H, const floating *p, int64_t lds,
                         const floating *bias, floating *q, int64_t ldd) noexcept nogil:
     if floating is float:
@@ -917,7 +896,7 @@ cdef inline void _proj(const MinJob *jb, int64_t n, const floating *x, const flo
             rf_gemm_panels_d(1, <int>jb.GH, <int>jb.nin, <int>n, 0, jb.npan, x, <int>jb.nin,
                              <const double*>jb.wpk, out, <int>jb.GH)
     else:
-        _gemm_nt(n, jb.GH, jb.nin, x, jb.nin, w, jb.nin, out, jb.GH)
+        rf_blas_gemm_nt(<int>n, <int>jb.GH, <int>jb.nin, x, <int>jb.nin, w, <int>jb.nin, out, <int>jb.GH, <floating>0)
 
 
 cdef void _min_block(const MinJob *jb, int64_t s0, int64_t s1, const floating *x, const floating *w,

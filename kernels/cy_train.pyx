@@ -25,10 +25,11 @@ a register-blocked micro-kernel; BLAS re-packs its operand at every call, which
 dominates for the few rows of a step) or, for large batches, on single-threaded BLAS.
 """
 from cython cimport floating
+
+include "rf_blas.pxi"
 from cython.parallel cimport parallel, threadid
 from libc.stdint cimport int64_t
 from cpython.exc cimport PyErr_CheckSignals
-from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 cdef extern from "rf_train.h" nogil:
     ctypedef struct rf_sync_t:
@@ -129,45 +130,6 @@ def have_openmp() -> bool:
 
 
 # ----------------------------------------------------------------------------- BLAS helpers
-cdef inline void _gemm_nt(int n, int m, int k, const floating *A, int lda, const floating *W, int ldw,
-                          floating *C, int ldc, floating beta) noexcept nogil:
-    """C[n, m] = A[n, k] @ W[m, k]^T + beta*C (row-major), single-threaded BLAS."""
-    cdef char tr = b'T'
-    cdef char nt = b'N'
-    cdef floating one = 1
-    cdef int inc = 1
-    if n <= 0 or m <= 0:
-        return
-    if n == 1:
-        if floating is float:
-            sgemv(&tr, &k, &m, &one, <float*>W, &ldw, <float*>A, &inc, &beta, C, &inc)
-        else:
-            dgemv(&tr, &k, &m, &one, <double*>W, &ldw, <double*>A, &inc, &beta, C, &inc)
-    elif floating is float:
-        sgemm(&tr, &nt, &m, &n, &k, &one, <float*>W, &ldw, <float*>A, &lda, &beta, C, &ldc)
-    else:
-        dgemm(&tr, &nt, &m, &n, &k, &one, <double*>W, &ldw, <double*>A, &lda, &beta, C, &ldc)
-
-
-cdef inline void _gemm_nn(int n, int m, int k, const floating *A, int lda, const floating *Bm, int ldb,
-                          floating *C, int ldc, floating beta) noexcept nogil:
-    """C[n, m] = A[n, k] @ B[k, m] + beta*C (row-major), single-threaded BLAS."""
-    cdef char nt = b'N'
-    cdef floating one = 1
-    cdef int inc = 1
-    if n <= 0 or m <= 0:
-        return
-    if n == 1:
-        if floating is float:
-            sgemv(&nt, &m, &k, &one, <float*>Bm, &ldb, <float*>A, &inc, &beta, C, &inc)
-        else:
-            dgemv(&nt, &m, &k, &one, <double*>Bm, &ldb, <double*>A, &inc, &beta, C, &inc)
-    elif floating is float:
-        sgemm(&nt, &nt, &m, &n, &k, &one, <float*>Bm, &ldb, <float*>A, &lda, &beta, C, &ldc)
-    else:
-        dgemm(&nt, &nt, &m, &n, &k, &one, <double*>Bm, &ldb, <double*>A, &lda, &beta, C, &ldc)
-
-
 cdef inline int _vl(floating dummy) noexcept nogil:
     if floating is float:
         return RFT_VLF
@@ -479,8 +441,8 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                                 bs, u1 - u0, hgd + <size_t>nc * GH + g * H + u0, GH, 0)
                         else:
                             W = w_hh[d] + <size_t>(g * H + u0) * Hout
-                            _gemm_nt(nc, u1 - u0, Hout, yp, ldy, W, Hout, hgd + g * H + u0, GH, zero)
-                            _gemm_nt(n - nc, u1 - u0, Hout, h0d + <size_t>nc * Hout, Hout, W, Hout,
+                            rf_blas_gemm_nt(nc, u1 - u0, Hout, yp, ldy, W, Hout, hgd + g * H + u0, GH, zero)
+                            rf_blas_gemm_nt(n - nc, u1 - u0, Hout, h0d + <size_t>nc * Hout, Hout, W, Hout,
                                      hgd + <size_t>nc * GH + g * H + u0, GH, zero)
                     if code == LSTM or code == LSTM_PROJ:
                         if floating is float:
@@ -521,12 +483,12 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                     if wpk != NULL:
                         _mm(n, H, s2d, H, WrT + <size_t>(p0 // vl) * bsr, bsr, p1 - p0, yt + p0, ldy, 0)
                     else:
-                        _gemm_nt(n, p1 - p0, H, s2d, H, w_hr[d] + <size_t>p0 * H, H, yt + p0, ldy, zero)
+                        rf_blas_gemm_nt(n, p1 - p0, H, s2d, H, w_hr[d] + <size_t>p0 * H, H, yt + p0, ldy, zero)
                 else:   # GRU_NOLBR, phase 2
                     if wpk != NULL:
                         _mm(n, H, s2d, H, WT + (<size_t>2 * nbH + u0 // vl) * bs, bs, u1 - u0, hgd + 2 * H + u0, GH, 0)
                     else:
-                        _gemm_nt(n, u1 - u0, H, s2d, H, w_hh[d] + <size_t>(2 * H + u0) * Hout, Hout,
+                        rf_blas_gemm_nt(n, u1 - u0, H, s2d, H, w_hh[d] + <size_t>(2 * H + u0) * Hout, Hout,
                                  hgd + 2 * H + u0, GH, zero)
                     if floating is float:
                         rft_gru_n_fwd_f(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, yt, ldy)
@@ -735,7 +697,7 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                         if wpk != NULL:
                             _mm(n, Hout, dhd, Hout, Wrb + <size_t>(u0 // vl) * bsr, bsr, u1 - u0, scrd + u0, H, 0)
                         else:
-                            _gemm_nn(n, u1 - u0, Hout, dhd, Hout, w_hr[d] + u0, H, scrd + u0, H, zero)
+                            rf_blas_gemm_nn(n, u1 - u0, Hout, dhd, Hout, w_hr[d] + u0, H, scrd + u0, H, zero)
                         if floating is float:
                             rft_lstm_bwd_f(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, scrd, H, dcd, H, dgt, GSb, auxt, H)
                             rft_lstm_bwd_f(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, scrd, H, dcd, H, dgt, GSb, auxt, H)
@@ -772,7 +734,7 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                         _mm(n, H, dgt + 2 * H, GSb, Wb + <size_t>(u0 // vl) * bs + <size_t>2 * H * vl, bs, u1 - u0,
                             scrd + u0, H, 0)
                     else:
-                        _gemm_nn(n, u1 - u0, H, dgt + 2 * H, GSb, w_hh[d] + <size_t>(2 * H) * Hout + u0, Hout,
+                        rf_blas_gemm_nn(n, u1 - u0, H, dgt + 2 * H, GSb, w_hh[d] + <size_t>(2 * H) * Hout + u0, Hout,
                                  scrd + u0, H, zero)
                     if floating is float:
                         rft_gru_nolbr_bwd2_f(0, nc, u0, u1, gt, GS, yp, ldy, scrd, H, dhd, Hout, dgt, GSb)
@@ -797,13 +759,13 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                         else:
                             _mm(n, GH, dgt, GSb, Wb + <size_t>(p0 // vl) * bs, bs, p1 - p0, dhd + p0, Hout, 0)
                     elif code == GRU_LBR:
-                        _gemm_nn(n, p1 - p0, 2 * H, dgt, GSb, w_hh[d] + p0, Hout, dhd + p0, Hout, one)
-                        _gemm_nn(n, p1 - p0, H, dgt + 3 * H, GSb, w_hh[d] + <size_t>(2 * H) * Hout + p0, Hout,
+                        rf_blas_gemm_nn(n, p1 - p0, 2 * H, dgt, GSb, w_hh[d] + p0, Hout, dhd + p0, Hout, one)
+                        rf_blas_gemm_nn(n, p1 - p0, H, dgt + 3 * H, GSb, w_hh[d] + <size_t>(2 * H) * Hout + p0, Hout,
                                  dhd + p0, Hout, one)
                     elif code == GRU_NOLBR:
-                        _gemm_nn(n, p1 - p0, 2 * H, dgt, GSb, w_hh[d] + p0, Hout, dhd + p0, Hout, one)
+                        rf_blas_gemm_nn(n, p1 - p0, 2 * H, dgt, GSb, w_hh[d] + p0, Hout, dhd + p0, Hout, one)
                     else:
-                        _gemm_nn(n, p1 - p0, GH, dgt, GSb, w_hh[d] + p0, Hout, dhd + p0, Hout, zero)
+                        rf_blas_gemm_nn(n, p1 - p0, GH, dgt, GSb, w_hh[d] + p0, Hout, dhd + p0, Hout, zero)
                     if 0 <= tn < T:
                         dhsn = dhs + (<size_t>d * N + <size_t>offs[tn]) * Hout if code == LSTM_PROJ else NULL
                         if floating is float:
