@@ -12,15 +12,74 @@ import importlib
 import importlib.util
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 BACKENDS = ("cython", "numba", "reference")
 _global = {"name": "auto"}
 _scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("rnnfast_backend", default=None)
-_modules: dict[str, object] = {}
+_modules: dict[tuple[str, str], object] = {}    # (backend, part) -> module
 _lock = threading.Lock()
 _broken: dict[str, str] = {}    # backend -> why its kernel module does not import
 
-_KERNEL_MODULE = {"cython": "rnnfast.kernels.cy_rnn", "numba": "rnnfast.kernels.numba_rnn"}
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """The contract between rnnfast's API and a compute backend: its three kernel modules
+    and what each offers beyond the common entry points. The API validates, allocates and
+    packs; a kernel module only computes (kernels/__init__.py).
+
+    Every backend's modules provide:
+
+    - ``inference``: ``run_layer(code, x, bsz, weights of both directions, ndir, rev0,
+      xg, hbuf, cst, y, hg, s2, nthreads, ...)``, one layer over packed rows
+      (rnnfast._engine._run_packed builds its arguments);
+    - ``training``: ``forward_layer`` and ``backward_layer``, one layer's recurrence of a
+      training step (rnnfast.training._fast_forward / _fast_backward);
+    - ``scans``: ``linear_scan`` and ``minrnn_forward`` (rnnfast.scan).
+
+    and, where the flags say so: ``serving`` (``inference.run_small``, ``packed_size``,
+    ``build_info``: the short-call path), ``own_gemm`` (``training.pgemm``: the training
+    GEMMs on the kernels' own threads; otherwise NumPy's BLAS runs them) and
+    ``packed_training`` (``training.packed_size``: recurrent weights packed per call).
+    """
+
+    name: str
+    inference: str
+    training: str
+    scans: str
+    serving: bool = False
+    own_gemm: bool = False
+    packed_training: bool = False
+
+    def module(self, part: str):
+        """Import (once, thread-safely) and return the ``part`` module ("inference",
+        "training" or "scans"); ImportError when it does not import."""
+        key = (self.name, part)
+        mod = _modules.get(key)
+        if mod is None:
+            with _lock:
+                mod = _modules.get(key)
+                if mod is None:
+                    mod = importlib.import_module(getattr(self, part))
+                    _modules[key] = mod
+        return mod
+
+
+KERNEL_SETS = {
+    "cython": KernelSet("cython", "rnnfast.kernels.cy_rnn", "rnnfast.kernels.cy_train", "rnnfast.kernels.cy_scan",
+                        serving=True, own_gemm=True, packed_training=True),
+    "numba": KernelSet("numba", "rnnfast.kernels.numba_rnn", "rnnfast.kernels.numba_train",
+                       "rnnfast.kernels.numba_scan"),
+}
+
+
+def kernel_set(name: str) -> KernelSet:
+    """The kernels of backend `name` ("cython" or "numba")."""
+    try:
+        return KERNEL_SETS[name]
+    except KeyError:
+        raise NotImplementedError(f"backend {name!r} has no kernels (the reference backend is NumPy code)") from None
 
 
 def _found(module: str) -> bool:
@@ -33,11 +92,11 @@ def _found(module: str) -> bool:
 def _usable(name: str) -> bool:
     """Whether backend `name`'s kernel module imports (tried once; the reason it does not
     is kept for :func:`unavailable_backends`)."""
-    if name == "reference" or name in _modules:
+    if name == "reference" or (name, "inference") in _modules:
         return True
     if name in _broken:
         return False
-    module = _KERNEL_MODULE[name]
+    module = KERNEL_SETS[name].inference
     if not _found(module) or (name == "numba" and not _found("numba")):
         _broken[name] = f"{module} is not installed" + (" (numba missing)" if name == "numba" else "")
         return False
@@ -95,15 +154,8 @@ def backend(name: str) -> Iterator[str]:
 
 
 def kernel_module(name: str):
-    """Import (once) and return the kernel module of backend `name`."""
-    mod = _modules.get(name)
-    if mod is None:
-        with _lock:
-            mod = _modules.get(name)
-            if mod is None:
-                mod = importlib.import_module(_KERNEL_MODULE[name])
-                _modules[name] = mod
-    return mod
+    """Import (once) and return the inference kernel module of backend `name`."""
+    return KERNEL_SETS[name].module("inference")
 
 
 # "auto": a fixed table written from measurements (see README, "Dispatch"); the same

@@ -34,9 +34,7 @@ underflowing products never run into the ~100x slower denormal arithmetic.
 """
 from __future__ import annotations
 
-import importlib
 import math
-import threading
 
 import numpy as np
 
@@ -48,10 +46,7 @@ __all__ = ["linear_scan", "mingru", "minlstm"]
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
 # ---------------------------------------------------------------------------- kernels
-_KERNEL_MODULES = {"cython": "rnnfast.kernels.cy_scan", "numba": "rnnfast.kernels.numba_scan"}
-_kernels: dict[str, object] = {}
 _broken: dict[str, str] = {}
-_klock = threading.Lock()
 _AUTO_ORDER = ("cython", "numba")
 
 
@@ -71,23 +66,16 @@ _TUNE = {"ls_rho": {"cython": 0.6, "numba": 1.0}, "ls_min_steps": 256, "ls_min_w
 
 
 def _kernel(name: str):
-    """Import (once, thread-safely) and return the scan kernel module of backend `name`."""
-    mod = _kernels.get(name)
-    if mod is not None:
-        return mod
-    with _klock:
-        mod = _kernels.get(name)
-        if mod is None:
-            if name in _broken:
-                raise RuntimeError(_broken[name])
-            try:
-                mod = importlib.import_module(_KERNEL_MODULES[name])
-            except ImportError as e:
-                _broken[name] = (f"backend {name!r}: kernel module {_KERNEL_MODULES[name]} cannot be "
-                                 f"imported ({e}); rebuild with `pip install -e .`")
-                raise RuntimeError(_broken[name]) from None
-            _kernels[name] = mod
-    return mod
+    """The scan kernel module of backend `name` (backends.KernelSet.scans, imported once)."""
+    if name in _broken:
+        raise RuntimeError(_broken[name])
+    ks = backends.kernel_set(name)
+    try:
+        return ks.module("scans")
+    except ImportError as e:
+        _broken[name] = (f"backend {name!r}: kernel module {ks.scans} cannot be "
+                         f"imported ({e}); rebuild with `pip install -e .`")
+        raise RuntimeError(_broken[name]) from None
 
 
 def _resolve() -> str:

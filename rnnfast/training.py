@@ -53,8 +53,6 @@ saved output itself, returned read-only (no copy); copy it to modify it.
 """
 from __future__ import annotations
 
-import importlib
-import threading
 import weakref
 
 import numpy as np
@@ -64,31 +62,21 @@ from . import reference_backward as _rb
 from ._validation import check_float, check_input, check_lengths, check_state, to_numpy
 from .cells import CELLS, GRU_LBR, GRU_NOLBR, LSTM_PROJ, RNN_RELU, RNN_TANH, cell_code
 
-_TRAIN_KERNELS = {"cython": "rnnfast.kernels.cy_train", "numba": "rnnfast.kernels.numba_train"}
-_kmods: dict[str, object] = {}
-_klock = threading.Lock()
-
 
 def _train_kernels(name: str):
-    """Import (once, lazily) the training kernel module of backend `name`."""
-    mod = _kmods.get(name)
-    if mod is None:
-        with _klock:
-            mod = _kmods.get(name)
-            if mod is None:
-                modname = _TRAIN_KERNELS.get(name)
-                if modname is None:
-                    raise NotImplementedError(f"training is not implemented for backend {name!r}")
-                try:
-                    mod = importlib.import_module(modname)
-                except ImportError as e:
-                    raise NotImplementedError(
-                        f"training (forward(train=True) / backward) is not available in the {name!r} "
-                        f"backend: its kernel module {modname} cannot be imported ({e}). Rebuild with "
-                        f"`pip install -e .` or select another backend, e.g. rnnfast.backend('reference')."
-                    ) from e
-                _kmods[name] = mod
-    return mod
+    """The training kernel module of backend `name` (imported once, lazily)."""
+    try:
+        ks = backends.kernel_set(name)
+    except NotImplementedError:
+        raise NotImplementedError(f"training is not implemented for backend {name!r}") from None
+    try:
+        return ks.module("training")
+    except ImportError as e:
+        raise NotImplementedError(
+            f"training (forward(train=True) / backward) is not available in the {name!r} "
+            f"backend: its kernel module {ks.training} cannot be imported ({e}). Rebuild with "
+            f"`pip install -e .` or select another backend, e.g. rnnfast.backend('reference')."
+        ) from e
 
 
 # A recurrence kernel runs on one thread when a step has fewer multiply-adds than this
@@ -105,22 +93,23 @@ def _kernel_threads(nthreads: int, rows: int, D: int, G: int, H: int, Hout: int)
 _MK_ROWS = 128
 
 
-def _packed(mod, code, H, Hout, D, dtype, rows, backward):
+def _packed(backend, mod, code, H, Hout, D, dtype, rows, backward):
     """Packed-weight scratch for a kernel call, or an empty array (BLAS per step)."""
-    if not hasattr(mod, "packed_size") or rows > _MK_ROWS:
+    if not backends.kernel_set(backend).packed_training or rows > _MK_ROWS:
         return np.empty(0, dtype)
     return _POOL.take((D * mod.packed_size(code, H, Hout, dtype == np.float64, backward),), dtype)
 
 
-def _gemm_for(mod, nthreads: int):
+def _gemm_for(backend: str, mod, nthreads: int):
     """The GEMM of a backend and the BLAS thread count to run it with.
 
-    With a ``pgemm`` (Cython), every product runs on OpenMP threads each calling
-    single-threaded BLAS, so the kernels' OpenMP threads never share the cores with BLAS's
-    own (still spinning) threads; otherwise NumPy's BLAS, threaded.
+    With its own GEMM (KernelSet.own_gemm: Cython's ``pgemm``), every product runs on
+    OpenMP threads each calling single-threaded BLAS, so the kernels' OpenMP threads never
+    share the cores with BLAS's own (still spinning) threads; otherwise NumPy's BLAS,
+    threaded.
     """
-    pg = getattr(mod, "pgemm", None)
-    if pg is not None:
+    if backends.kernel_set(backend).own_gemm:
+        pg = mod.pgemm
         threads.set_blas_threads(1)
         return lambda A, B, C, beta=0.0: pg(A, B, C, beta, nthreads)
     threads.set_blas_threads(nthreads)
@@ -357,7 +346,7 @@ def _fast_forward(ctx, mod, xs, weights, h0, c0, nthreads):
     inp = x0
     for layer, dirs in enumerate(weights):
         xg = _POOL.take((D, N, GS), dtype)
-        gemm = _gemm_for(mod, nthreads)
+        gemm = _gemm_for(ctx.backend, mod, nthreads)
         for d, w in enumerate(dirs):
             gemm(inp, w.w_ih.T, xg[d, :, :GH])
         y = np.empty((N, D * Hout), dtype)
@@ -369,7 +358,7 @@ def _fast_forward(ctx, mod, xs, weights, h0, c0, nthreads):
             args += [wd.w_hh, zeros_b if wd.b_ih is None else wd.b_ih, zeros_b if wd.b_hh is None else wd.b_hh,
                      dummy_hr if wd.w_hr is None else wd.w_hr]
         _kernel_blas_threads(ctx.backend, nthreads)
-        wpk = _packed(mod, code, H, Hout, D, dtype, int(bsz[0]), False)
+        wpk = _packed(ctx.backend, mod, code, H, Hout, D, dtype, int(bsz[0]), False)
         mod.forward_layer(code, bsz, offs, D, ctx.rev0, xg, *args, h0l, c0l, y, cb, hg, s2, wpk,
                           _kernel_threads(nthreads, int(bsz[0]), D, G, H, Hout))
         _POOL.give(wpk)
@@ -521,7 +510,7 @@ def _fast_backward(ctx, mod, dy, dhn, dcn, weights, nthreads):
         w_hr = [dummy_hr if w.w_hr is None else w.w_hr for w in (dirs[0], dirs[-1])]
         db = np.zeros((D, GSb), np.float64)
         _kernel_blas_threads(ctx.backend, nthreads)
-        wpk = _packed(mod, code, H, Hout, D, dtype, int(bsz[0]), True)
+        wpk = _packed(ctx.backend, mod, code, H, Hout, D, dtype, int(bsz[0]), True)
         mod.backward_layer(code, bsz, offs, D, ctx.rev0,
                            dummy3 if sv["xg"] is None else sv["xg"], dummy3 if sv["cb"] is None else sv["cb"],
                            y, sv["h0"], dummy3 if sv["c0"] is None else sv["c0"],
@@ -532,7 +521,7 @@ def _fast_backward(ctx, mod, dy, dhn, dcn, weights, nthreads):
         if lstm:
             dc0_s[layer * D:(layer + 1) * D] = dc
         # ---- the large GEMMs over all rows
-        gemm = _gemm_for(mod, nthreads)
+        gemm = _gemm_for(ctx.backend, mod, nthreads)
         inp = ctx.x0 if layer == 0 else _dropout(ctx, layer - 1, ctx.layers[layer - 1]["y"], ctx.masks_packed)
         # layer 0's becomes the caller's dx: never pooled
         dinp = np.empty((N, inp.shape[1]), dtype) if layer == 0 else _POOL.take((N, inp.shape[1]), dtype)

@@ -371,3 +371,18 @@ def test_sizes_past_the_cython_kernels_32_bit_counts(monkeypatch):
     with rnnfast.backend("cython"):
         y, _ = layer(x[:, :5])                 # within the limit: Cython runs it
     assert calls[-1] == "cython"
+
+
+@pytest.mark.parametrize("name", [b for b in rnnfast.available_backends() if b != "reference"])
+def test_kernel_sets_keep_their_contract(name):
+    """Each backend's KernelSet names modules that provide the common entry points, and
+    exactly the extras its flags promise (the API branches on the flags, never on hasattr)."""
+    ks = _backends.kernel_set(name)
+    inf, tr, sc = ks.module("inference"), ks.module("training"), ks.module("scans")
+    assert callable(inf.run_layer) and callable(tr.forward_layer) and callable(tr.backward_layer)
+    assert callable(sc.linear_scan) and callable(sc.minrnn_forward)
+    assert hasattr(inf, "run_small") == ks.serving
+    assert hasattr(tr, "pgemm") == ks.own_gemm
+    assert hasattr(tr, "packed_size") == ks.packed_training
+    with pytest.raises(NotImplementedError, match=r"^backend 'reference' has no kernels"):
+        _backends.kernel_set("reference")
