@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from rnnfast import bench
+from rnnfast import bench, bench_cases
 
 
 def _run(*args, timeout=600):
@@ -74,14 +74,14 @@ def test_bench_quick_json(tmp_path):
     (rec,) = data["workloads"]
     assert rec["name"] == "lstm-b1"
     assert (rec["kind"], rec["T"], rec["B"], rec["I"], rec["H"]) == ("lstm", 100, 1, 256, 256)
-    assert rec["flops"] == bench.flops("lstm", 100, 1, 256, 256, {})
+    assert rec["flops"] == bench_cases.flops("lstm", 100, 1, 256, 256, {})
     res = rec["results"]
     mine = res["rnnfast:auto"]
     assert mine["status"] == "ok", mine
     assert mine["resolved"] in ("cython", "numba", "reference")
     assert mine["median_ms"] > 0 and mine["gflops"] > 0
     assert len(mine["times_s"]) == 1
-    assert mine["max_err"] is not None and mine["max_err"] <= bench.TOLERANCE
+    assert mine["max_err"] is not None and mine["max_err"] <= bench_cases.TOLERANCE
     assert set(mine["ratios"]) <= {"reference", "torch", "ort"}
     assert res["reference"]["status"] == "ok"
     assert mine["ratios"]["reference"] > 0
@@ -112,7 +112,7 @@ def test_bench_rejects_unknown_workload():
 # ----------------------------------------------------------------------------- correctness check
 def test_check_result_accepts_close():
     want = np.linspace(-1, 1, 60, dtype=np.float32).reshape(3, 4, 5)
-    ok, err, msg = bench.check_result(want + 1e-6, want)
+    ok, err, msg = bench_cases.check_result(want + 1e-6, want)
     assert ok and err < 1e-5 and msg == ""
 
 
@@ -120,7 +120,7 @@ def test_check_result_catches_wrong_value():
     want = np.zeros((3, 4, 5), np.float32)
     got = want.copy()
     got[1, 2, 3] = 0.01
-    ok, err, msg = bench.check_result(got, want)
+    ok, err, msg = bench_cases.check_result(got, want)
     assert not ok
     assert err == pytest.approx(0.01, rel=1e-5)
     assert msg.startswith("WRONG")
@@ -130,9 +130,9 @@ def test_check_result_catches_nan_and_shape():
     want = np.ones((2, 3))
     got = want.copy()
     got[0, 0] = np.nan
-    ok, err, _ = bench.check_result(got, want)
+    ok, err, _ = bench_cases.check_result(got, want)
     assert not ok and math.isnan(err)
-    ok, _, msg = bench.check_result(np.ones((3, 2)), want)
+    ok, _, msg = bench_cases.check_result(np.ones((3, 2)), want)
     assert not ok and "shape" in msg
 
 
@@ -140,19 +140,19 @@ def test_check_result_lists_and_scale():
     """Training results are lists (dx, then gradients); errors are relative to the
     oracle's scale when it exceeds 1."""
     want = [np.ones(4), np.full(4, 500.0)]
-    ok, err, _ = bench.check_result([np.ones(4), np.full(4, 500.1)], want)
+    ok, err, _ = bench_cases.check_result([np.ones(4), np.full(4, 500.1)], want)
     assert ok and err == pytest.approx(0.1 / 500.0, rel=1e-3)
-    ok, _, _ = bench.check_result([np.ones(4), np.full(4, 501.0)], want)
+    ok, _, _ = bench_cases.check_result([np.ones(4), np.full(4, 501.0)], want)
     assert not ok
-    ok, _, msg = bench.check_result([np.ones(4)], want)
+    ok, _, msg = bench_cases.check_result([np.ones(4)], want)
     assert not ok and "expected 2 arrays" in msg
 
 
 def test_na_reason_classifies():
-    assert bench.na_reason(NotImplementedError("no training")) is not None
-    assert bench.na_reason(ImportError("no module")) is not None
-    assert bench.na_reason(AttributeError("module 'rnnfast' has no attribute 'MinGRU'")) is not None
-    assert bench.na_reason(ValueError("bad")) is None
+    assert bench_cases.na_reason(NotImplementedError("no training")) is not None
+    assert bench_cases.na_reason(ImportError("no module")) is not None
+    assert bench_cases.na_reason(AttributeError("module 'rnnfast' has no attribute 'MinGRU'")) is not None
+    assert bench_cases.na_reason(ValueError("bad")) is None
 
 
 def test_ratio_median_of_per_round_ratios():
@@ -191,7 +191,7 @@ def test_run_workload_not_implemented_is_na(monkeypatch):
     """A feature rnnfast lacks is reported n/a (with the reason) and nothing crashes."""
     def missing(case):
         raise NotImplementedError("not written yet")
-    monkeypatch.setattr(bench, "make_rf_layer", missing)
+    monkeypatch.setattr(bench_cases, "make_rf_layer", missing)
     rec = bench.run_workload("lstm-b1", _quick_options(), np.random.default_rng(0), have_torch=False, have_ort=False)
     for key in ("rnnfast:auto", "reference"):
         r = rec["results"][key]

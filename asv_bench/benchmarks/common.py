@@ -1,7 +1,7 @@
 """Helpers shared by the asv benchmarks.
 
-The workloads are those of ``python -m rnnfast bench`` (``rnnfast.bench.WORKLOADS``, the
-standard workloads of BENCHMARKS.md), built the same way (``rnnfast.bench.build_case``
+The workloads are those of ``python -m rnnfast bench`` (``rnnfast.bench_cases.WORKLOADS``, the
+standard workloads of BENCHMARKS.md), built the same way (``rnnfast.bench_cases.build_case``
 and ``make_rf_fn``), so asv and the command line time the same calls.
 
 ``RNNFAST_ASV_SMALL=1`` in the environment shrinks every workload (T / 10, B / 4, at
@@ -15,7 +15,7 @@ import tracemalloc
 import numpy as np
 
 import rnnfast
-from rnnfast.bench import WORKLOADS, build_case, make_rf_fn, na_reason
+from rnnfast.bench_cases import WORKLOADS, build_case, make_rf_fn, na_reason
 
 BACKENDS = ["auto", "cython", "numba", "reference"]
 FAST_BACKENDS = ["cython", "numba"]

@@ -2,7 +2,7 @@
 
 Used for A/B comparisons of two builds in alternating processes (see ab.sh):
     PYTHONPATH=/path/to/old/tree python tools/ab/workloads.py lstm-b8,bidir
-Names: see TABLE. Shapes follow the standard workloads (rnnfast.bench.WORKLOADS) where they share a name.
+Names: see TABLE. Shapes follow the standard workloads (rnnfast.bench_cases.WORKLOADS) where they share a name.
 """
 import sys
 import time
