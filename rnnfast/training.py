@@ -26,7 +26,7 @@ gradients are the column sums of dG, accumulated (in float64) by the Cython kern
 Backends: "cython" (kernels/cy_train.pyx, kernels/rf_train.h) and "numba"
 (kernels/numba_train.py) run the packed-rows layout of :mod:`rnnfast._engine` (padded
 steps cost nothing); "reference" is plain float64 NumPy
-(:mod:`rnnfast.reference_backward`), the test oracle. Dropout masks are drawn in the
+(:mod:`rnnfast.reference.backward`), the test oracle. Dropout masks are drawn in the
 (T, B, features) layout from the layer's generator before the backend is chosen, so
 every backend sees the same masks for the same seed.
 
@@ -58,9 +58,9 @@ import weakref
 import numpy as np
 
 from . import _engine, backends, memory, threads
-from . import reference_backward as _rb
 from ._validation import check_float, check_input, check_lengths, check_state, to_numpy
 from .cells import CELLS, GRU_LBR, GRU_NOLBR, LSTM_PROJ, RNN_RELU, RNN_TANH, cell_code
+from .reference import backward as _rb
 
 
 def _train_kernels(name: str):

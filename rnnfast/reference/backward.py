@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cells import CELLS, GRU_NOLBR, LSTM_PROJ, RNN_TANH
-from .reference import sigmoid
+from ..cells import CELLS, GRU_NOLBR, LSTM_PROJ, RNN_TANH
+from . import sigmoid
 
 
 def _f64(a):

@@ -2,13 +2,20 @@
 
 Everything here runs in float64 and loops over time in Python, one step after another,
 written to be read rather than to be fast. The equations are those of
-:mod:`rnnfast.cells`.
+:mod:`rnnfast.cells`. All the reference code is in this package:
+
+- this module: one step of each cell (:func:`cell_step`) and one layer-direction over a
+  sequence (:func:`run_direction`), the inference oracle;
+- :mod:`rnnfast.reference.backward`: the training oracle (forward keeping what backward
+  needs, and backpropagation through time);
+- :mod:`rnnfast.reference.scans`: the time-parallel recurrences (``linear_scan``,
+  minGRU, minLSTM) as plain loops.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .cells import CELLS
+from ..cells import CELLS
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
