@@ -660,3 +660,40 @@ def test_blas_limit_needs_a_region():
         threads.set_blas_threads(1)
     with threads.blas_threads(1):
         assert all(n == 1 for n in _blas_counts())
+
+
+_EXIT_CHILD = r"""
+import sys, threading, time
+import numpy as np
+import rnnfast
+rnnfast.set_num_threads(2)
+layer = rnnfast.LSTM(64, 64, seed=0)
+x = np.random.default_rng(0).standard_normal((50, 8, 64)).astype(np.float32)
+layer(x)                                        # OpenMP region
+for t in range(20):
+    layer(x[:1, :1])                            # served tokens (the helper thread of rf_pool.h)
+y, _ = layer.forward(x, train=True)
+layer.backward(y)                               # training kernels and pgemm
+rnnfast.mingru(x, np.ones((64, 64), np.float32), np.ones((64, 64), np.float32))
+with rnnfast.backend("numba"):
+    layer(x)                                    # Numba's threads
+print([t.name for t in threading.enumerate() if t is not threading.main_thread()])
+sys.stdout.flush()
+"""
+
+
+def test_nothing_left_running_when_the_work_ends():
+    """After every kind of call (OpenMP regions, served tokens on the helper thread,
+    training, scans, Numba), no Python thread of rnnfast's is left, and the process exits
+    at once with status 0 (no thread keeps it alive or hangs its shutdown)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(rnnfast.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", _EXIT_CHILD], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+    assert time.monotonic() - t0 < 60
