@@ -65,11 +65,14 @@ cdef extern from "rf_gates.h" nogil:
     void rf_lstm_gates_f(int n, int H, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg, int sg,
                          const float *bx, const float *bh, float *c, int ldc, float *h1, int ld1, float *h2, int ld2)
     void rf_lstm_gates_d(int n, int H, int u0, int u1, const double *xg, int ldx, const double *hg, int ldg, int sg,
-                         const double *bx, const double *bh, double *c, int ldc, double *h1, int ld1, double *h2, int ld2)
+                         const double *bx, const double *bh, double *c, int ldc, double *h1, int ld1,
+                         double *h2, int ld2)
     void rf_gru_gates_f(int n, int H, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg, int sg,
-                        const float *bx, const float *bh, const float *hp, int ldp, float *h1, int ld1, float *h2, int ld2)
+                        const float *bx, const float *bh, const float *hp, int ldp, float *h1, int ld1,
+                        float *h2, int ld2)
     void rf_gru_gates_d(int n, int H, int u0, int u1, const double *xg, int ldx, const double *hg, int ldg, int sg,
-                        const double *bx, const double *bh, const double *hp, int ldp, double *h1, int ld1, double *h2, int ld2)
+                        const double *bx, const double *bh, const double *hp, int ldp, double *h1, int ld1,
+                        double *h2, int ld2)
     void rf_gru_rz_f(int n, int H, int u0, int u1, const float *xg, int ldx, float *hg, int ldg,
                      const float *bx, const float *bh, const float *hp, int ldp, float *rh, int ldr)
     void rf_gru_rz_d(int n, int H, int u0, int u1, const double *xg, int ldx, double *hg, int ldg,
@@ -77,7 +80,8 @@ cdef extern from "rf_gates.h" nogil:
     void rf_gru_n_f(int n, int H, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg,
                     const float *bx, const float *bh, const float *hp, int ldp, float *h1, int ld1, float *h2, int ld2)
     void rf_gru_n_d(int n, int H, int u0, int u1, const double *xg, int ldx, const double *hg, int ldg,
-                    const double *bx, const double *bh, const double *hp, int ldp, double *h1, int ld1, double *h2, int ld2)
+                    const double *bx, const double *bh, const double *hp, int ldp, double *h1, int ld1,
+                    double *h2, int ld2)
     void rf_rnn_gates_f(int n, int relu, int u0, int u1, const float *xg, int ldx, const float *hg, int ldg,
                         const float *bx, const float *bh, float *h1, int ld1, float *h2, int ld2)
     void rf_rnn_gates_d(int n, int relu, int u0, int u1, const double *xg, int ldx, const double *hg, int ldg,
@@ -184,13 +188,15 @@ cdef inline void _project(int k, int cpd, bint fused, int G, int H, int I, int H
     if n <= 0:
         return
     if fused:
-        p0 = npan * k // cpd; p1 = npan * (k + 1) // cpd
+        p0 = npan * k // cpd
+        p1 = npan * (k + 1) // cpd
         if floating is float:
             rf_gemm_panels_f(G, H, I, n, p0, p1, x, I, wpd + <size_t>npan * Hout * G * UP, xg, GH)
         else:
             rf_gemm_panels_d(G, H, I, n, p0, p1, x, I, wpd + <size_t>npan * Hout * G * UP, xg, GH)
     else:
-        u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+        u0 = _split(H, k, cpd)
+        u1 = _split(H, k + 1, cpd)
         for g in range(G):
             _gemm_nt(n, u1 - u0, I, x, I, w_ih + <size_t>(g * H + u0) * I, I, xg + g * H + u0, GH, zero)
 
@@ -243,8 +249,10 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     # 1. pack this thread's panels of the weights (fused path)
     it = tid
     while it < nitems and fused:
-        d = it // cpd; k = it % cpd
-        p0 = npan * k // cpd; p1 = npan * (k + 1) // cpd
+        d = it // cpd
+        k = it % cpd
+        p0 = npan * k // cpd
+        p1 = npan * (k + 1) // cpd
         wpd = wpk + <size_t>d * npk
         if floating is float:
             if fused_step:
@@ -299,23 +307,30 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 break
             it = tid
             while it < nitems:
-                d = it // cpd; k = it % cpd
+                d = it // cpd
+                k = it % cpd
                 rev = rev0 if d == 0 else True
                 t = T - 1 - s if rev else s
                 nb = <int>bsz[t]
                 off = offs[d]
                 if bsplit:
                     n = (nb - k + cpd - 1) // cpd if nb > k else 0
-                    p0 = 0; p1 = npan; u0 = 0; u1 = H
+                    p0 = 0
+                    p1 = npan
+                    u0 = 0
+                    u1 = H
                     j = k               # first row of this item
                 else:
                     n = nb
                     j = 0
                     if fused:
-                        p0 = npan * k // cpd; p1 = npan * (k + 1) // cpd
-                        u0 = _imin(H, p0 * UP); u1 = _imin(H, p1 * UP)
+                        p0 = npan * k // cpd
+                        p1 = npan * (k + 1) // cpd
+                        u0 = _imin(H, p0 * UP)
+                        u1 = _imin(H, p1 * UP)
                     else:
-                        u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+                        u0 = _split(H, k, cpd)
+                        u1 = _split(H, k + 1, cpd)
                 xgd = xg + <size_t>d * xrows * GH
                 xgt = xgd + <size_t>(off - lo[d] + j) * GH
                 hgd = hg + <size_t>d * B * GH + <size_t>j * GH
@@ -372,19 +387,25 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                                      hgd + g * H + u0, ldg, zero)
                     if code == LSTM:
                         if floating is float:
-                            rf_lstm_gates_f(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, hw, ldh, yt, ldyy)
+                            rf_lstm_gates_f(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, hw, ldh,
+                                            yt, ldyy)
                         else:
-                            rf_lstm_gates_d(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, hw, ldh, yt, ldyy)
+                            rf_lstm_gates_d(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, hw, ldh,
+                                            yt, ldyy)
                     elif code == LSTM_PROJ:
                         if floating is float:
-                            rf_lstm_gates_f(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, s2d, ldH, NULL, 0)
+                            rf_lstm_gates_f(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, s2d, ldH,
+                                            NULL, 0)
                         else:
-                            rf_lstm_gates_d(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, s2d, ldH, NULL, 0)
+                            rf_lstm_gates_d(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, s2d, ldH,
+                                            NULL, 0)
                     elif code == GRU_LBR:
                         if floating is float:
-                            rf_gru_gates_f(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], hr, ldh, hw, ldh, yt, ldyy)
+                            rf_gru_gates_f(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], hr, ldh, hw, ldh,
+                                           yt, ldyy)
                         else:
-                            rf_gru_gates_d(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], hr, ldh, hw, ldh, yt, ldyy)
+                            rf_gru_gates_d(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], hr, ldh, hw, ldh,
+                                           yt, ldyy)
                     elif code == GRU_NOLBR:
                         if floating is float:
                             rf_gru_rz_f(n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, s2d, ldH)
@@ -392,14 +413,18 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                             rf_gru_rz_d(n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, s2d, ldH)
                     else:
                         if floating is float:
-                            rf_rnn_gates_f(n, code == RNN_RELU, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hw, ldh, yt, ldyy)
+                            rf_rnn_gates_f(n, code == RNN_RELU, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hw, ldh,
+                                           yt, ldyy)
                         else:
-                            rf_rnn_gates_d(n, code == RNN_RELU, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hw, ldh, yt, ldyy)
+                            rf_rnn_gates_d(n, code == RNN_RELU, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hw, ldh,
+                                           yt, ldyy)
                 elif code == LSTM_PROJ:
                     if bsplit:
-                        p0 = 0; p1 = Hout
+                        p0 = 0
+                        p1 = Hout
                     else:
-                        p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
+                        p0 = _split(Hout, k, cpd)
+                        p1 = _split(Hout, k + 1, cpd)
                     _gemm_nt(n, p1 - p0, H, s2d, ldH, w_hr[d] + <size_t>p0 * H, H, yt + p0, ldyy, zero)
                     if floating is float:
                         rf_copy_cols_f(n, p0, p1, yt, ldyy, hw, ldh)
@@ -480,8 +505,16 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
         chunk = T
     if xg.shape[1] < _imin(N, chunk * B):
         raise ValueError(f"run_layer: xg holds {xg.shape[1]} rows, {min(N, chunk * B)} needed")
-    w_ih[0] = &w_ih0[0, 0]; w_hh[0] = &w_hh0[0, 0]; bx[0] = &bx0[0]; bh[0] = &bh0[0]; w_hr[0] = &w_hr0[0, 0]
-    w_ih[1] = &w_ih1[0, 0]; w_hh[1] = &w_hh1[0, 0]; bx[1] = &bx1[0]; bh[1] = &bh1[0]; w_hr[1] = &w_hr1[0, 0]
+    w_ih[0] = &w_ih0[0, 0]
+    w_hh[0] = &w_hh0[0, 0]
+    bx[0] = &bx0[0]
+    bh[0] = &bh0[0]
+    w_hr[0] = &w_hr0[0, 0]
+    w_ih[1] = &w_ih1[0, 0]
+    w_hh[1] = &w_hh1[0, 0]
+    bx[1] = &bx1[0]
+    bh[1] = &bh1[0]
+    w_hr[1] = &w_hr1[0, 0]
     if nthreads < 1:
         nthreads = 1
     cpd = nthreads // ndir
@@ -577,7 +610,7 @@ cdef bint _run_small_t(floating *dummy, int code, object x, object bsz, object w
     cdef floating *hgp = <floating*>_data(hg)
     cdef floating *s2p = <floating*>_data(s2)
     cdef size_t hbytes = <size_t>B * Hout * sizeof(floating)
-    cdef int G = _gates(code), cpd, nthr, tid
+    cdef int cpd, nthr, tid
     cdef rf_sync_t bar
     cdef _SmallJob job
     cdef int pooled = 0
@@ -608,11 +641,27 @@ cdef bint _run_small_t(floating *dummy, int code, object x, object bsz, object w
         # one token on two threads: the other half goes to rf_pool's helper thread, not
         # to an OpenMP region (one step of these cells has no barrier inside: rf_sync
         # would need OpenMP's thread numbers); 0: the pool is in use, take the region
-        job.code = code; job.cpd = cpd; job.nb = B; job.ni = I; job.nh = H; job.nho = Hout
-        job.onerow = onerow; job.bs = bs; job.xp = xp
-        job.wi = <const void**>wi; job.wh = <const void**>wh; job.bx = <const void**>bx
-        job.bh = <const void**>bh; job.wr = <const void**>wr
-        job.xgp = xgp; job.hb = hb; job.cst = cst; job.yp = yp; job.hgp = hgp; job.s2p = s2p; job.bar = &bar
+        job.code = code
+        job.cpd = cpd
+        job.nb = B
+        job.ni = I
+        job.nh = H
+        job.nho = Hout
+        job.onerow = onerow
+        job.bs = bs
+        job.xp = xp
+        job.wi = <const void**>wi
+        job.wh = <const void**>wh
+        job.bx = <const void**>bx
+        job.bh = <const void**>bh
+        job.wr = <const void**>wr
+        job.xgp = xgp
+        job.hb = hb
+        job.cst = cst
+        job.yp = yp
+        job.hgp = hgp
+        job.s2p = s2p
+        job.bar = &bar
         with nogil:
             if floating is float:
                 pooled = rf_pool_run(_small_job_f, &job)

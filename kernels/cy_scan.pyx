@@ -335,12 +335,15 @@ cdef void _scan_range(const Layout *ly, const floating *a, const floating *b, fl
     bound by bandwidth rather than by the FMA latency."""
     cdef int64_t TB = _block_steps(ly, sizeof(floating))
     cdef int64_t t, ln, nt, g, bb, i, cb, cu
-    cdef int W, G, ci, r, S, m
+    cdef int W, G, ci, S, m
     cdef int Ws[4]
     cdef int64_t tb[MAXC]
     cdef int64_t tu[MAXC]
     cdef bint streams = (t1 - t0) * 3 * ly.NB * ly.NU * <int64_t>sizeof(floating) > STREAM_BYTES
-    Ws[0] = 8; Ws[1] = 4; Ws[2] = 2; Ws[3] = 1
+    Ws[0] = 8
+    Ws[1] = 4
+    Ws[2] = 2
+    Ws[3] = 1
     t = t0
     while t < t1:
         ln = t1 - t if t1 - t < TB else TB
@@ -390,7 +393,10 @@ cdef void _reduce_range(const Layout *ly, const floating *a, const floating *b,
     cdef int Ws[4]
     cdef int64_t tb[MAXC]
     cdef int64_t tu[MAXC]
-    Ws[0] = 8; Ws[1] = 4; Ws[2] = 2; Ws[3] = 1
+    Ws[0] = 8
+    Ws[1] = 4
+    Ws[2] = 2
+    Ws[3] = 1
     t = t0
     while t < t1:
         ln = t1 - t if t1 - t < TB else TB
@@ -534,13 +540,24 @@ def linear_scan(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, 
     cdef int64_t n
     if T == 0 or N == 0:
         return
-    ly.NB = 1; ly.NU = N; ly.ldb = 0; ly.oldb = 0; ly.lens = NULL; ly.tg = 0
+    ly.NB = 1
+    ly.NU = N
+    ly.ldb = 0
+    ly.oldb = 0
+    ly.lens = NULL
+    ly.tg = 0
     if reverse:
-        ly.ldt = -N; ly.oldt = -N
-        pa = &a[T - 1, 0]; pb = &b[T - 1, 0]; po = &out[T - 1, 0]
+        ly.ldt = -N
+        ly.oldt = -N
+        pa = &a[T - 1, 0]
+        pb = &b[T - 1, 0]
+        po = &out[T - 1, 0]
     else:
-        ly.ldt = N; ly.oldt = N
-        pa = &a[0, 0]; pb = &b[0, 0]; po = &out[0, 0]
+        ly.ldt = N
+        ly.oldt = N
+        pa = &a[0, 0]
+        pb = &b[0, 0]
+        po = &out[0, 0]
     P = nthreads if nthreads > 1 else 1
     if not rf_have_openmp() or T * N < min_work:
         P = 1
@@ -559,7 +576,8 @@ def linear_scan(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, 
     bounds = <int64_t*>malloc((P + 2) * sizeof(int64_t))
     work = <double*>malloc(3 * (P + 1) * N * sizeof(double))
     if bounds == NULL or work == NULL:
-        free(bounds); free(work)
+        free(bounds)
+        free(work)
         raise MemoryError()
     _ls_bounds(T, P, rho, bounds)
     with nogil, parallel(num_threads=P):
@@ -633,10 +651,14 @@ cdef void _min_block(const MinJob *jb, int64_t s0, int64_t s1, const floating *x
         else:
             for bb in range(B):
                 _proj(jb, ns, x + (bb * T + s0) * I, w, proj + (bb * T + s0) * GH)
-    ly.NB = B; ly.NU = H; ly.lens = jb.lens; ly.tg = s0
+    ly.NB = B
+    ly.NU = H
+    ly.lens = jb.lens
+    ly.tg = s0
     if jb.keep:   # (a, b) of the block into the thread's scratch, time-major (ns, B, 2H)
         dst = scr
-        ly.ldt = B * 2 * H; ly.ldb = 2 * H
+        ly.ldt = B * 2 * H
+        ly.ldb = 2 * H
         if gates:
             if not jb.batch_first:
                 _gates(jb.kind, ns * B, H, proj + s0 * B * GH, GH, bias, scr, 2 * H)
@@ -646,12 +668,14 @@ cdef void _min_block(const MinJob *jb, int64_t s0, int64_t s1, const floating *x
     else:         # in place
         if not jb.batch_first:
             dst = proj + s0 * B * GH
-            ly.ldt = B * GH; ly.ldb = GH
+            ly.ldt = B * GH
+            ly.ldb = GH
             if gates:
                 _gates(jb.kind, ns * B, H, dst, GH, bias, dst, GH)
         else:
             dst = proj + s0 * GH
-            ly.ldt = GH; ly.ldb = T * GH
+            ly.ldt = GH
+            ly.ldb = T * GH
             if gates:
                 for bb in range(B):
                     _gates(jb.kind, ns, H, proj + (bb * T + s0) * GH, GH, bias, proj + (bb * T + s0) * GH, GH)
@@ -666,7 +690,6 @@ cdef void _min_worker(int tid, int nt, int P, const MinJob *jb, const floating *
     cdef int64_t n, s0, s1
     cdef Layout ly
     cdef floating *pa
-    cdef floating *yb
     cdef floating *scr = scratch + <int64_t>tid * jb.Tsub * jb.B * 2 * jb.H if jb.keep else NULL
     cdef int64_t oldt = jb.H if jb.batch_first else jb.B * jb.H
     cdef int64_t oldb = jb.T * jb.H if jb.batch_first else jb.H
@@ -689,7 +712,8 @@ cdef void _min_worker(int tid, int nt, int P, const MinJob *jb, const floating *
             s1 = s0 + jb.Tsub if s0 + jb.Tsub < bounds[p + 1] else bounds[p + 1]
             _min_block(jb, s0, s1, x, w, bias, proj, scr, jb.do_gemm, True, &ly, &pa)
             if p == 0:
-                ly.oldt = oldt; ly.oldb = oldb
+                ly.oldt = oldt
+                ly.oldb = oldb
                 _scan_range(&ly, pa, pa + jb.H, y + s0 * oldt, 0, s1 - s0, carry)
             else:
                 _reduce_range(&ly, pa, pa + jb.H, 0, s1 - s0, work + 3 * p * N, work + (3 * p + 1) * N)
@@ -705,13 +729,15 @@ cdef void _min_worker(int tid, int nt, int P, const MinJob *jb, const floating *
                 while s0 < bounds[p + 1]:
                     s1 = s0 + jb.Tsub if s0 + jb.Tsub < bounds[p + 1] else bounds[p + 1]
                     _min_block(jb, s0, s1, x, w, bias, proj, scr, False, True, &ly, &pa)
-                    ly.oldt = oldt; ly.oldb = oldb
+                    ly.oldt = oldt
+                    ly.oldb = oldb
                     _scan_range(&ly, pa, pa + jb.H, y + s0 * oldt, 0, s1 - s0, work + (3 * p + 2) * N)
                     s0 = s1
             else:
                 s0 = bounds[p]
                 _min_block(jb, s0, bounds[p + 1], x, w, bias, proj, scr, False, False, &ly, &pa)
-                ly.oldt = oldt; ly.oldb = oldb
+                ly.oldt = oldt
+                ly.oldb = oldb
                 _scan_range(&ly, pa, pa + jb.H, y + s0 * oldt, 0, bounds[p + 1] - s0,
                             work + (3 * p + 2) * N)
         p += nt
@@ -820,9 +846,15 @@ def minrnn_forward(int kind, const floating[:, ::1] x, const floating[:, ::1] w,
     cdef double *work
     cdef int64_t N = B * w.shape[0] // (3 if kind else 2)
     cdef int64_t n
-    jb.kind = kind; jb.T = T; jb.B = B; jb.nin = x.shape[1]; jb.GH = w.shape[0]
+    jb.kind = kind
+    jb.T = T
+    jb.B = B
+    jb.nin = x.shape[1]
+    jb.GH = w.shape[0]
     jb.H = jb.GH // (3 if kind else 2)
-    jb.batch_first = batch_first; jb.keep = keep; jb.do_gemm = do_gemm
+    jb.batch_first = batch_first
+    jb.keep = keep
+    jb.do_gemm = do_gemm
     jb.Tsub = Tsub if Tsub > 0 else 1
     jb.lens = &lens[0]
     jb.wpk = NULL
@@ -838,7 +870,8 @@ def minrnn_forward(int kind, const floating[:, ::1] x, const floating[:, ::1] w,
     bounds = <int64_t*>malloc((P + 1) * sizeof(int64_t))
     work = <double*>malloc(3 * P * N * sizeof(double))
     if bounds == NULL or work == NULL:
-        free(bounds); free(work)
+        free(bounds)
+        free(work)
         raise MemoryError()
     _chunk_bounds(tmax, P, rho, bounds)
     cdef int G = 3 if kind else 2
@@ -854,7 +887,8 @@ def minrnn_forward(int kind, const floating[:, ::1] x, const floating[:, ::1] w,
         pk_bytes = (<size_t>jb.npan * jb.nin * G * upg * sizeof(floating) + 63) // 64 * 64
         jb.wpk = aligned_alloc(64, pk_bytes)
         if jb.wpk == NULL:
-            free(bounds); free(work)
+            free(bounds)
+            free(work)
             raise MemoryError()
         with nogil, parallel(num_threads=P):
             tid = threadid()

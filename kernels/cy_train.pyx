@@ -232,7 +232,8 @@ def pgemm(A, B, C, double beta=0.0, int nthreads=1):
         raise ValueError(f"pgemm: 2-D operands expected, got {A.ndim}-D @ {B.ndim}-D -> {C.ndim}-D")
     if A.shape[1] != B.shape[0] or C.shape != (A.shape[0], B.shape[1]):
         raise ValueError(f"pgemm: shapes {A.shape} @ {B.shape} -> {C.shape}")
-    if max(A.shape + B.shape) > 2**31 - 1 or max([abs(v) for v in A.strides + B.strides + C.strides]) > (2**31 - 1) * C.itemsize:
+    if (max(A.shape + B.shape) > 2**31 - 1
+            or max([abs(v) for v in A.strides + B.strides + C.strides]) > (2**31 - 1) * C.itemsize):
         raise ValueError("pgemm: sizes and strides are C ints (at most 2**31 - 1 elements)")
     if not C.flags.writeable:       # written through its raw pointer below
         raise ValueError("pgemm: C is read-only")
@@ -352,8 +353,6 @@ cdef void _pgemm_run(size_t isz, int ta, int tb, int m, int n, int k, size_t pa,
                       <double*>(pc + oc * 8), &ldc)
 
 
-
-
 # ----------------------------------------------------------------------------- forward
 cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                       int T, int N, int B, int H, int Hout, int GS,
@@ -388,13 +387,16 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     if wpk != NULL:     # pack this item's weight columns once for every step
         it = tid
         while it < nitems:
-            d = it // cpd; k = it % cpd
-            u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+            d = it // cpd
+            k = it % cpd
+            u0 = _split(H, k, cpd)
+            u1 = _split(H, k + 1, cpd)
             WT = wpk + <size_t>d * wsz
             for g in range(G):
                 _pack(Hout, H, u0, u1, w_hh[d] + <size_t>g * H * Hout, Hout, 1, WT + <size_t>g * nbH * bs)
             if code == LSTM_PROJ:
-                p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
+                p0 = _split(Hout, k, cpd)
+                p1 = _split(Hout, k + 1, cpd)
                 _pack(H, Hout, p0, p1, w_hr[d], H, 1, WT + <size_t>G * nbH * bs)
             it = it + nthr
         rf_sync(bar, nthr)
@@ -408,7 +410,8 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 break
             it = tid
             while it < nitems:
-                d = it // cpd; k = it % cpd
+                d = it // cpd
+                k = it % cpd
                 rev = rev0 if d == 0 else True
                 t = T - 1 - s if rev else s
                 n = <int>bsz[t]
@@ -418,7 +421,8 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 else:
                     tp = t - 1
                     nc = n if t > 0 else 0
-                u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+                u0 = _split(H, k, cpd)
+                u1 = _split(H, k + 1, cpd)
                 xgt = xg + (<size_t>d * N + <size_t>offs[t]) * GS
                 hgd = hg + <size_t>d * B * GH
                 yt = y + <size_t>offs[t] * ldy + d * Hout
@@ -443,7 +447,7 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                             W = w_hh[d] + <size_t>(g * H + u0) * Hout
                             rf_blas_gemm_nt(nc, u1 - u0, Hout, yp, ldy, W, Hout, hgd + g * H + u0, GH, zero)
                             rf_blas_gemm_nt(n - nc, u1 - u0, Hout, h0d + <size_t>nc * Hout, Hout, W, Hout,
-                                     hgd + <size_t>nc * GH + g * H + u0, GH, zero)
+                                            hgd + <size_t>nc * GH + g * H + u0, GH, zero)
                     if code == LSTM or code == LSTM_PROJ:
                         if floating is float:
                             if code == LSTM:
@@ -479,7 +483,8 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                         else:
                             rft_rnn_fwd_d(0, n, code == RNN_RELU, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yt, ldy)
                 elif code == LSTM_PROJ:
-                    p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
+                    p0 = _split(Hout, k, cpd)
+                    p1 = _split(Hout, k + 1, cpd)
                     if wpk != NULL:
                         _mm(n, H, s2d, H, WrT + <size_t>(p0 // vl) * bsr, bsr, p1 - p0, yt + p0, ldy, 0)
                     else:
@@ -489,7 +494,7 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                         _mm(n, H, s2d, H, WT + (<size_t>2 * nbH + u0 // vl) * bs, bs, u1 - u0, hgd + 2 * H + u0, GH, 0)
                     else:
                         rf_blas_gemm_nt(n, u1 - u0, H, s2d, H, w_hh[d] + <size_t>(2 * H + u0) * Hout, Hout,
-                                 hgd + 2 * H + u0, GH, zero)
+                                        hgd + 2 * H + u0, GH, zero)
                     if floating is float:
                         rft_gru_n_fwd_f(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, yt, ldy)
                         rft_gru_n_fwd_f(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, yt, ldy)
@@ -561,8 +566,14 @@ def forward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int
     cdef const floating *w_hr[MAX_DIRS]
     if T == 0 or N == 0:
         return
-    w_hh[0] = &w_hh0[0, 0]; bx[0] = &bx0[0]; bh[0] = &bh0[0]; w_hr[0] = &w_hr0[0, 0]
-    w_hh[1] = &w_hh1[0, 0]; bx[1] = &bx1[0]; bh[1] = &bh1[0]; w_hr[1] = &w_hr1[0, 0]
+    w_hh[0] = &w_hh0[0, 0]
+    bx[0] = &bx0[0]
+    bh[0] = &bh0[0]
+    w_hr[0] = &w_hr0[0, 0]
+    w_hh[1] = &w_hh1[0, 0]
+    bx[1] = &bx1[0]
+    bh[1] = &bh1[0]
+    w_hr[1] = &w_hr1[0, 0]
     nthr = _items(nthreads, ndir, H, &cpd)
     rf_sync_init(&bar, nthr)
     rf_intr_init(&intr, _main_ident)
@@ -618,9 +629,12 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     if wpk != NULL:     # pack this item's weight columns once for every step
         it = tid
         while it < nitems:
-            d = it // cpd; k = it % cpd
-            u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
-            p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
+            d = it // cpd
+            k = it % cpd
+            u0 = _split(H, k, cpd)
+            u1 = _split(H, k + 1, cpd)
+            p0 = _split(Hout, k, cpd)
+            p1 = _split(Hout, k + 1, cpd)
             Wb = wpk + <size_t>d * wsz
             _pack(GH, Hout, p0, p1, w_hh[d], 1, Hout, Wb)
             if code == LSTM_PROJ:
@@ -630,10 +644,12 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     # the dy of the first step each direction processes
     it = tid
     while it < nitems:
-        d = it // cpd; k = it % cpd
+        d = it // cpd
+        k = it % cpd
         rev = rev0 if d == 0 else True
         t = 0 if rev else T - 1
-        p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
+        p0 = _split(Hout, k, cpd)
+        p1 = _split(Hout, k + 1, cpd)
         dhsn = dhs + (<size_t>d * N + <size_t>offs[t]) * Hout if code == LSTM_PROJ else NULL
         if floating is float:
             rft_add_dy_f(<int>bsz[t], p0, p1, dh + <size_t>d * B * Hout, Hout,
@@ -655,7 +671,8 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
         for phase in range(nphase):
             it = tid
             while it < nitems:
-                d = it // cpd; k = it % cpd
+                d = it // cpd
+                k = it % cpd
                 rev = rev0 if d == 0 else True
                 t = s if rev else T - 1 - s
                 n = <int>bsz[t]
@@ -667,7 +684,8 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                     tp = t - 1
                     nc = n if t > 0 else 0
                     tn = tp
-                u0 = _split(H, k, cpd); u1 = _split(H, k + 1, cpd)
+                u0 = _split(H, k, cpd)
+                u1 = _split(H, k + 1, cpd)
                 gt = xg + (<size_t>d * N + <size_t>offs[t]) * GS
                 dgt = dg + (<size_t>d * N + <size_t>offs[t]) * GSb
                 yt = y + <size_t>offs[t] * ldy + d * Hout
@@ -687,11 +705,15 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 if phase == 0:
                     if code == LSTM:
                         if floating is float:
-                            rft_lstm_bwd_f(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0)
-                            rft_lstm_bwd_f(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0)
+                            rft_lstm_bwd_f(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd, H, dgt, GSb,
+                                           NULL, 0)
+                            rft_lstm_bwd_f(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd, H, dgt, GSb,
+                                           NULL, 0)
                         else:
-                            rft_lstm_bwd_d(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0)
-                            rft_lstm_bwd_d(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd, H, dgt, GSb, NULL, 0)
+                            rft_lstm_bwd_d(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd, H, dgt, GSb,
+                                           NULL, 0)
+                            rft_lstm_bwd_d(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd, H, dgt, GSb,
+                                           NULL, 0)
                     elif code == LSTM_PROJ:
                         # dm = dh @ W_hr (the gradient of o*tanh(c))
                         if wpk != NULL:
@@ -735,7 +757,7 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                             scrd + u0, H, 0)
                     else:
                         rf_blas_gemm_nn(n, u1 - u0, H, dgt + 2 * H, GSb, w_hh[d] + <size_t>(2 * H) * Hout + u0, Hout,
-                                 scrd + u0, H, zero)
+                                        scrd + u0, H, zero)
                     if floating is float:
                         rft_gru_nolbr_bwd2_f(0, nc, u0, u1, gt, GS, yp, ldy, scrd, H, dhd, Hout, dgt, GSb)
                         rft_gru_nolbr_bwd2_f(nc, n, u0, u1, gt, GS, h0d, Hout, scrd, H, dhd, Hout, dgt, GSb)
@@ -748,7 +770,8 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                         rft_dbsum_d(0, n, 0, 1, H, u0, u1, dgt, GSb, dbd)
                 else:
                     # dh_prev[:, p] (=|+=) dG_t @ W_hh[:, p]; then the dy of the next step
-                    p0 = _split(Hout, k, cpd); p1 = _split(Hout, k + 1, cpd)
+                    p0 = _split(Hout, k, cpd)
+                    p1 = _split(Hout, k + 1, cpd)
                     if wpk != NULL:
                         if code == GRU_LBR:
                             _mm(n, 2 * H, dgt, GSb, Wb + <size_t>(p0 // vl) * bs, bs, p1 - p0, dhd + p0, Hout, 1)
@@ -761,7 +784,7 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                     elif code == GRU_LBR:
                         rf_blas_gemm_nn(n, p1 - p0, 2 * H, dgt, GSb, w_hh[d] + p0, Hout, dhd + p0, Hout, one)
                         rf_blas_gemm_nn(n, p1 - p0, H, dgt + 3 * H, GSb, w_hh[d] + <size_t>(2 * H) * Hout + p0, Hout,
-                                 dhd + p0, Hout, one)
+                                        dhd + p0, Hout, one)
                     elif code == GRU_NOLBR:
                         rf_blas_gemm_nn(n, p1 - p0, 2 * H, dgt, GSb, w_hh[d] + p0, Hout, dhd + p0, Hout, one)
                     else:
@@ -822,8 +845,10 @@ def backward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, in
     cdef const floating *w_hr[MAX_DIRS]
     if T == 0 or N == 0:
         return
-    w_hh[0] = &w_hh0[0, 0]; w_hr[0] = &w_hr0[0, 0]
-    w_hh[1] = &w_hh1[0, 0]; w_hr[1] = &w_hr1[0, 0]
+    w_hh[0] = &w_hh0[0, 0]
+    w_hr[0] = &w_hr0[0, 0]
+    w_hh[1] = &w_hh1[0, 0]
+    w_hr[1] = &w_hr1[0, 0]
     nthr = _items(nthreads, ndir, H, &cpd)
     rf_sync_init(&bar, nthr)
     rf_intr_init(&intr, _main_ident)
