@@ -15,7 +15,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnfast
-from rnnfast import training
+from rnnfast import _train_fast, training
 
 from conftest import BACKENDS, VARIANT_IDS, VARIANTS, make_layer, random_hx, rng_for
 
@@ -30,8 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _parallel_paths_on_small_shapes(monkeypatch):
     """Run the multi-threaded kernel paths, and the scratch pool, even on the small shapes
     of these tests."""
-    monkeypatch.setattr(training, "_PAR_MIN_WORK", 0)
-    monkeypatch.setattr(training._POOL, "MIN_BYTES", 0)
+    monkeypatch.setattr(_train_fast, "_PAR_MIN_WORK", 0)
+    monkeypatch.setattr(_train_fast._POOL, "MIN_BYTES", 0)
     if "numba" in BACKENDS:
         from rnnfast.kernels import numba_train
         monkeypatch.setattr(numba_train, "_SERIAL_WORK", 0)
@@ -256,7 +256,7 @@ def test_blas_and_packed_recurrent_products_agree(variant, monkeypatch):
     dy, dhx_n = random_grads(layer, x, rng)
     res = []
     for rows in (10**9, 0):
-        monkeypatch.setattr(training, "_MK_ROWS", rows)
+        monkeypatch.setattr(_train_fast, "_MK_ROWS", rows)
         res.append(rnnfast_grads(layer, "cython", x, hx, [T, 2, 0, 1, 4, T], dy, dhx_n))
     assert_grads_close(res[1], res[0], ["y", "dx", "dh0", *layer.grads], rtol=1e-11, atol=1e-11)
 
@@ -663,7 +663,7 @@ def test_example_char_lstm_short_run():
 
 
 def _prev_pairs_loop(bsz, offs, rev):
-    """The step-by-step twin of training._prev_pairs (the oracle of its vectorised form)."""
+    """The step-by-step twin of _train_fast._prev_pairs (the oracle of its vectorised form)."""
     T = bsz.shape[0]
     segs, g_rows, h_rows = [], [], []
 
@@ -711,7 +711,7 @@ def test_prev_pairs_without_a_loop_over_time_matches_its_twin(rev):
         bsz = np.ascontiguousarray(pk.bsz, np.int64)
         offs = np.zeros(bsz.size + 1, np.int64)
         np.cumsum(bsz, out=offs[1:])
-        got, want = training._prev_pairs(bsz, offs, rev), _prev_pairs_loop(bsz, offs, rev)
+        got, want = _train_fast._prev_pairs(bsz, offs, rev), _prev_pairs_loop(bsz, offs, rev)
         assert got[0] == want[0], (lengths, got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[2], want[2])
@@ -728,7 +728,7 @@ def test_prev_pairs_runs_no_python_loop_over_time():
     bsz = np.ascontiguousarray(pk.bsz, np.int64)
     offs = np.zeros(bsz.size + 1, np.int64)
     np.cumsum(bsz, out=offs[1:])
-    code = training._prev_pairs.__code__
+    code = _train_fast._prev_pairs.__code__
     lines = [0]
 
     def tracer(frame, event, arg):
@@ -744,7 +744,7 @@ def test_prev_pairs_runs_no_python_loop_over_time():
         lines[0] = 0
         sys.settrace(tracer)
         try:
-            training._prev_pairs(bsz, offs, rev)
+            _train_fast._prev_pairs(bsz, offs, rev)
         finally:
             sys.settrace(None)
         assert 0 < lines[0] < 100, lines[0]
