@@ -19,7 +19,7 @@ import importlib.util
 import os
 import sys
 
-COMPILED = ("cy_rnn", "cy_train", "cy_scan")
+COMPILED = ("cy_rnn", "cy_train", "cy_scan", "cy_lowp")
 
 
 class _LevelFinder(importlib.abc.MetaPathFinder):

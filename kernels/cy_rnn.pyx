@@ -142,6 +142,26 @@ def packed_size(int code, int H, int Hout, int I, bint is_double, int T) -> int:
     return npan * (Hout + I) * G * up              # 64-bit: past 2**31 for large layers
 
 
+def pack_weights(int code, const floating[:, ::1] w_ih, const floating[:, ::1] w_hh, floating[::1] out):
+    """Pack one direction's weights as run_layer's fused path reads them (recurrent, then
+    input panels; packed_size(code, H, Hout, I, is_double, T >= FUSED_MIN_T) elements),
+    once, for ``run_layer(..., prepacked=True)``."""
+    cdef int G = _gates(code)
+    cdef int H = w_hh.shape[0] // G, Hout = w_hh.shape[1], I = w_ih.shape[1]
+    cdef int up = rf_panel_units(G, floating is double)
+    cdef int npan = (H + up - 1) // up
+    cdef size_t rec = <size_t>npan * Hout * G * up
+    if code == GRU_NOLBR or w_ih.shape[0] != G * H or <size_t>out.shape[0] < rec + <size_t>npan * I * G * up:
+        raise ValueError("pack_weights: this cell has no packed path, or the sizes do not match")
+    with nogil:
+        if floating is float:
+            rf_pack_f(G, H, Hout, 0, npan, &w_hh[0, 0], &out[0])
+            rf_pack_f(G, H, I, 0, npan, &w_ih[0, 0], &out[0] + rec)
+        else:
+            rf_pack_d(G, H, Hout, 0, npan, &w_hh[0, 0], &out[0])
+            rf_pack_d(G, H, I, 0, npan, &w_ih[0, 0], &out[0] + rec)
+
+
 cdef inline void _gemm_nt(int n, int m, int k, const floating *A, int lda, const floating *W, int ldw,
                           floating *C, int ldc, floating beta) noexcept nogil:
     """C[n, m] (row-major, ld ldc) = A[n, k] @ W[m, k]^T + beta*C: rf_rowdot for a few rows
@@ -207,7 +227,7 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                   const floating **w_ih, const floating **w_hh, const floating **bx,
                   const floating **bh, const floating **w_hr,
                   floating *xg, floating *hbuf, floating *cst, floating *y,
-                  floating *hg, floating *s2, floating *wpk, int npk, int xrows, int chunk,
+                  floating *hg, floating *s2, floating *wpk, int npk, bint prepacked, int xrows, int chunk,
                   bint rec_rowdot, bint bsplit, rf_sync_t *bar, int onerow,
                   rf_intr_t *intr) noexcept nogil:
     cdef int G = _gates(code)
@@ -246,9 +266,9 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     # pass; 2: the weights in reverse, the recurrent ones first, so that a call after a
     # forward one (1) starts on the lines that one left in L2
 
-    # 1. pack this thread's panels of the weights (fused path)
+    # 1. pack this thread's panels of the weights (fused path; a frozen layer's come packed)
     it = tid
-    while it < nitems and fused:
+    while it < nitems and fused and not prepacked:
         d = it // cpd
         k = it % cpd
         p0 = npan * k // cpd
@@ -458,7 +478,7 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
               int ndir, bint rev0, floating[:, :, ::1] xg, floating[:, :, :, ::1] hbuf,
               floating[:, :, ::1] cst, floating[:, ::1] y, floating[:, :, ::1] hg,
               floating[:, :, ::1] s2, int nthreads, floating[::1] wpk=None, int chunk=0,
-              bint rec_rowdot=False, bint batch_split=False):
+              bint rec_rowdot=False, bint batch_split=False, bint prepacked=False):
     """Run one layer (one or two directions) over packed rows; see the module docstring.
 
     Parameters
@@ -476,6 +496,7 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
     cst : (ndir, B, H) c0 in, c_n out (LSTM).  y : (N, ndir*Hout) output.
     hg : (ndir, B, G*H) and s2 : (ndir, B, H) scratch.  nthreads : threads to use.
     wpk : packed weights (packed_size elements per direction), or None: BLAS / rf_rowdot.
+    prepacked : wpk already holds them (pack_weights, a frozen layer's); else the call packs.
     rec_rowdot : with wpk, pack only the input weights (projection) and take each step's
         recurrent product with rf_rowdot from the row-major weights (a few live rows).
     batch_split : the threads of a direction split the batch rows of each step (every
@@ -540,14 +561,14 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
         with nogil:
             _worker(0, 1, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
-                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot,
+                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, prepacked, <int>xg.shape[1], chunk, rec_rowdot,
                     batch_split, &bar, 0, &intr)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
-                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, <int>xg.shape[1], chunk, rec_rowdot,
+                    &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, prepacked, <int>xg.shape[1], chunk, rec_rowdot,
                     batch_split, &bar, 0, &intr)
     rf_intr_raise(&intr)     # a signal handler raised during the call (Ctrl-C)
 
@@ -580,7 +601,7 @@ cdef inline void _small_job_t(floating *dummy, _SmallJob *j, int tid) noexcept n
     _worker(tid, 2, j.code, 1, j.cpd, False, 1, j.nb, j.nb, j.ni, j.nh, j.nho, j.bs,
             <const floating*>j.xp, <const floating**>j.wi, <const floating**>j.wh, <const floating**>j.bx,
             <const floating**>j.bh, <const floating**>j.wr, <floating*>j.xgp, <floating*>j.hb, <floating*>j.cst,
-            <floating*>j.yp, <floating*>j.hgp, <floating*>j.s2p, NULL, 0, j.nb, 1, False, False,
+            <floating*>j.yp, <floating*>j.hgp, <floating*>j.s2p, NULL, 0, False, j.nb, 1, False, False,
             j.bar, j.onerow, NULL)
 
 
@@ -670,12 +691,12 @@ cdef bint _run_small_t(floating *dummy, int code, object x, object bsz, object w
     if not pooled and nthr == 1:
         with nogil:
             _worker(0, 1, code, 1, 1, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, onerow, NULL)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, False, T * B, T, False, False, &bar, onerow, NULL)
     elif not pooled:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, rf_team_size(), code, 1, cpd, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, T * B, T, False, False, &bar, onerow, NULL)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, False, T * B, T, False, False, &bar, onerow, NULL)
     memcpy(_data(hn), hb + <size_t>(T % 2) * B * Hout, hbytes)
     return pooled
 

@@ -14,6 +14,7 @@ import pkgutil as _pkgutil
 __path__ = _pkgutil.extend_path(__path__, __name__)
 
 from .backends import available_backends, backend, get_backend, set_backend
+from .frozen import FrozenMinRNN, FrozenRNN, Stream
 from .functional import gru, lstm, rnn
 from .info import show_config
 from .interop import from_torch
@@ -38,6 +39,8 @@ __all__ = [
     "lstm", "gru", "rnn", "LSTM", "GRU", "RNN", "from_torch",
     # recurrences parallel over time
     "linear_scan", "mingru", "minlstm", "MinGRU", "MinLSTM",
+    # serving
+    "FrozenRNN", "FrozenMinRNN", "Stream",
     # backends, threads, memory, configuration
     "available_backends", "set_backend", "get_backend", "backend", "set_num_threads", "get_num_threads",
     "release_memory", "memory_info", "show_config",

@@ -147,8 +147,11 @@ def _zeros(n: int, dtype) -> np.ndarray:
 
 def run_stack(kind: str, code: int, x: np.ndarray, weights: list[list[DirWeights]],
               h0: np.ndarray | None, c0: np.ndarray | None, lengths: np.ndarray | None, *,
-              rev0: bool = False, backend: str = "auto"):
+              rev0: bool = False, backend: str = "auto", packed: list | None = None):
     """Forward of `len(weights)` layers of `len(weights[0])` directions.
+
+    `packed`: per layer, its directions' weights packed once by :func:`pack_layer_weights`
+    (a frozen layer's), used by the Cython kernel's fused path instead of packing per call.
 
     Returns ``(y, h_n, c_n)``: y (T, B, D*H_out), h_n (L*D, B, H_out), c_n (L*D, B, H)
     for LSTM else None, all in x's dtype.
@@ -171,7 +174,30 @@ def run_stack(kind: str, code: int, x: np.ndarray, weights: list[list[DirWeights
     # first call on a machine measures them with a few calls of its own)
     prof = tuning.profile(threads.get_num_threads()) if name == "cython" else tuning.DEFAULTS
     return threads.call_with_threads(_run_packed, name, kind, code, x, weights, h0, c0, lengths, rev0,
-                                     G, H, Hout, prof)
+                                     G, H, Hout, prof, packed if name == "cython" else None)
+
+
+def pack_layer_weights(kind: str, code: int, weights: list[list[DirWeights]]) -> list | None:
+    """Each layer's directions packed for the Cython kernel's fused path (None where the
+    cell has none), for ``run_stack(..., packed=...)``."""
+    if "cython" not in backends.available_backends():
+        return None
+    mod = backends.kernel_module("cython")
+    out = []
+    for dirs in weights:
+        w0 = dirs[0]
+        dtype = w0.w_ih.dtype
+        G = CELLS[kind].num_gates
+        H = w0.w_hh.shape[0] // G
+        Hout = w0.w_hh.shape[1]
+        n = mod.packed_size(code, H, Hout, w0.w_ih.shape[1], dtype == np.float64, 1 << 20)
+        if not n:
+            return None
+        arr = aligned_empty((len(dirs) * n,), dtype)
+        for d, w in enumerate(dirs):
+            mod.pack_weights(code, w.w_ih, w.w_hh, arr[d * n:(d + 1) * n])
+        out.append(arr)
+    return out
 
 
 def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0):
@@ -195,7 +221,7 @@ def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0):
     return out, hn, cn
 
 
-def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout, prof, nthreads):
+def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout, prof, packed, nthreads):
     T, B, I = x.shape
     L, D = len(weights), len(weights[0])
     dtype = x.dtype
@@ -229,7 +255,7 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout,
         n_el = max(mod.packed_size(code, H, Hout, w.w_ih.shape[1], dtype == np.float64, int(pk.bsz.shape[0]))
                    for w in (weights[0][0], weights[-1][0]))
         if n_el:
-            extra["wpk"] = scratch("wpk", (D * n_el,), dtype)
+            extra["wpk"] = scratch("wpk", (D * n_el,), dtype) if packed is None else packed[0]
             rows0 = int(pk.bsz[0])      # the first step's live rows (the most)
             rowdot_rows = prof["rec_rowdot_rows"] if _REC_ROWDOT_ROWS is None else _REC_ROWDOT_ROWS
             bsplit_bytes = prof["bsplit_max_wbytes"] if _BSPLIT_MAX_WBYTES is None else _BSPLIT_MAX_WBYTES
@@ -259,7 +285,11 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout,
                      zeros_b if wd.b_ih is None else wd.b_ih,
                      zeros_b if wd.b_hh is None else wd.b_hh,
                      wd.w_hr if wd.w_hr is not None else dummy_hr]
-        mod.run_layer(code, inp, pk.bsz, *args, D, bool(rev0), xg, hbuf, cst, y, hg, s2, nthreads, **extra)
+        if packed is not None and "wpk" in extra:     # a frozen layer's, packed once
+            mod.run_layer(code, inp, pk.bsz, *args, D, bool(rev0), xg, hbuf, cst, y, hg, s2, nthreads,
+                          **{**extra, "wpk": packed[layer], "prepacked": True})
+        else:
+            mod.run_layer(code, inp, pk.bsz, *args, D, bool(rev0), xg, hbuf, cst, y, hg, s2, nthreads, **extra)
         for d in range(D):
             rev = rev0 if d == 0 else True
             if pk.perm is None or rev:      # every row ends in the same half

@@ -65,6 +65,8 @@ REUSE_CHECK_CALL_S = 1.0    # a reference timed once reuses its checked call whe
 ROUND_CAP_S = 20.0          # default rounds are cut (to MIN_ROUNDS at least) past this per workload
 MIN_ROUNDS = 3
 PEERS = ("reference", "torch", "ort")
+# max error of a frozen layer against the oracle (SPEC Part 2: bf16 <= 1e-2, int8 <= 2e-2)
+PRECISION_TOLERANCE = {"bf16": 1e-2, "int8": 2e-2}
 PEER_TITLES = {"reference": "ref", "torch": "torch", "ort": "ort"}
 
 
@@ -123,6 +125,7 @@ class Options:
     pause: float = 0.25
     quick: bool = False
     round_cap_s: float | None = ROUND_CAP_S   # None: exactly `rounds` rounds
+    precisions: list = field(default_factory=list)   # frozen layers timed too (--precision)
 
 
 def _peer_versions() -> dict:
@@ -166,6 +169,14 @@ def run_workload(name: str, opt: Options, rng: np.random.Generator, have_torch: 
             except Exception as ex:  # noqa: BLE001
                 na = na_reason(ex)
                 e.status, e.reason = ("n/a", na) if na else ("failed", f"{type(ex).__name__}: {ex}")
+        entries[e.key] = e
+    for prec in opt.precisions:          # frozen layers (layer.freeze(prec)), beside the backends
+        e = Entry(f"rnnfast:frozen-{prec}", f"frozen {prec}")
+        try:
+            e.fn = make_rf_fn(case, "auto", precision=prec)
+        except Exception as ex:  # noqa: BLE001
+            na = na_reason(ex)
+            e.status, e.reason = ("n/a", na) if na else ("failed", f"{type(ex).__name__}: {ex}")
         entries[e.key] = e
     # the reference backend (a peer, and the oracle when PyTorch is missing)
     ref = Entry("reference", "reference")
@@ -221,7 +232,8 @@ def run_workload(name: str, opt: Options, rng: np.random.Generator, have_torch: 
         if want is None:
             e.reason = "unchecked (no oracle)"
             continue
-        ok, err, msg = check_result(got, want)
+        prec = k.rsplit("frozen-", 1)[1] if "frozen-" in k else None
+        ok, err, msg = check_result(got, want, PRECISION_TOLERANCE.get(prec, TOLERANCE))
         e.err = err
         if not ok:
             e.status, e.reason = "WRONG", msg
@@ -280,6 +292,8 @@ def run_workload(name: str, opt: Options, rng: np.random.Generator, have_torch: 
             r["policy"] = e.policy
         if e.key.startswith("rnnfast:"):
             r["backend"] = e.key.split(":", 1)[1]
+            if "frozen-" in e.key:
+                r["precision"] = e.key.rsplit("frozen-", 1)[1]
             r["resolved"] = e.label.split(":", 1)[-1]
             rat = {p.key: ratio(p, e) for p in peers}
             r["ratios"] = {k: (None if math.isnan(v) else v) for k, v in rat.items()}
@@ -388,6 +402,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads for every library (default 2)")
     ap.add_argument("--backends", default="auto",
                     help='comma-separated rnnfast backends timed side by side (default "auto")')
+    ap.add_argument("--precision", default="",
+                    help="also time frozen layers, comma-separated: fp32,bf16,int8 (layer.freeze(...); "
+                         "inference and stream workloads)")
     ap.add_argument("--no-reference", action="store_true", help="do not time the (slow) NumPy reference backend")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, bursts of 1, short pauses")
     ap.add_argument("--json", metavar="PATH", help="write every figure to PATH (JSON)")
@@ -412,6 +429,11 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         print(f"rnnfast bench: unknown backend(s) {bad}; expected auto, cython, numba, reference", file=sys.stderr)
         return 2
+    precisions = [p.strip() for p in getattr(args, "precision", "").split(",") if p.strip()]
+    badp = [p for p in precisions if p not in ("fp32", "fp64", "bf16", "int8")]
+    if badp:
+        print(f"rnnfast bench: unknown precision(s) {badp}; expected fp32, fp64, bf16, int8", file=sys.stderr)
+        return 2
     if args.threads < 1:
         print("rnnfast bench: --threads must be >= 1", file=sys.stderr)
         return 2
@@ -420,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
         print("rnnfast bench: --rounds must be >= 1", file=sys.stderr)
         return 2
     opt = Options(names=names, rounds=rounds, threads=args.threads, backends=backends,
-                  reference=not args.no_reference, quick=args.quick)
+                  reference=not args.no_reference, quick=args.quick, precisions=precisions)
     if args.quick:
         opt.burst, opt.warmup, opt.pause = 1, 1, 0.05
     if args.rounds is not None or args.quick:

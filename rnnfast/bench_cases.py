@@ -241,10 +241,25 @@ def make_rf_layer(case: Case):
     return lay
 
 
-def make_rf_fn(case: Case, backend_name: str) -> Callable:
-    """A call of rnnfast's layer on backend `backend_name` returning what is compared."""
+def make_rf_fn(case: Case, backend_name: str, precision: str | None = None) -> Callable:
+    """A call of rnnfast's layer on backend `backend_name` returning what is compared;
+    with `precision`, of the frozen layer ``layer.freeze(precision)`` (streams through
+    ``frozen.stream``; training workloads are n/a)."""
     import rnnfast as rf
     lay = make_rf_layer(case)
+    if precision is not None:
+        if case.train:
+            raise NotImplementedError("a frozen layer is inference-only (training workload)")
+        lay = lay.freeze(precision)
+        if case.stream:
+            x, T, B = case.x, case.T, case.B
+
+            def run_stream():
+                st = lay.stream(batch=B)
+                for t in range(T):
+                    st(x[t])
+                return np.asarray(st.state[0])[0]
+            return run_stream
     x, T = case.x, case.T
     ln = case.lengths if case.varlen else None
     keys = sorted(case.sd)

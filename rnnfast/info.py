@@ -180,6 +180,15 @@ def _cython_info() -> dict:
     return out
 
 
+def _frozen_info() -> dict:
+    """The kernels frozen bf16 / int8 layers run here (rnnfast/_lowp.py)."""
+    try:
+        from . import _lowp
+        return {p: _lowp.isa(p)[1] for p in ("bf16", "int8")}
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def collect(trigger_numba: bool = True) -> dict:
     """Everything ``info`` reports, as a dict."""
     import rnnfast as rf
@@ -210,6 +219,7 @@ def collect(trigger_numba: bool = True) -> dict:
         "memory": rf.memory_info(),
         "cython": _cython_info(),
         "tuning": _tuning_info(rf.get_num_threads()),
+        "frozen": _frozen_info(),
         "numba": _numba_threading(trigger_numba, avail),
         "blas": blas,
         "cpu": {**cpu_info(), "native_target": compiler_native_target()},
@@ -245,6 +255,11 @@ def format_info(info: dict) -> str:
         lines.append(f"isa level: {isa.get('level') or '-'} ({isa.get('reason')}); "
                      f"{bld.get('vector_bytes', '?')}-byte vectors; built: {', '.join(isa['levels_built']) or '-'}"
                      + (f"; flags {flags}" if flags else ""))
+    fr = info.get("frozen", {})
+    if "error" in fr:
+        lines.append(f"frozen bf16/int8 kernels: not importable ({fr['error']})")
+    elif fr:
+        lines.append(f"frozen layers: bf16 on {fr['bf16']}; int8 on {fr['int8']}")
     tu = info.get("tuning", {})
     if not tu.get("enabled"):
         lines.append("step forms: defaults (RNNFAST_TUNE=0)")

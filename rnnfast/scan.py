@@ -171,7 +171,7 @@ class _Prepared:
     """Validated inputs of one minGRU/minLSTM call (compute dtype, C-contiguous)."""
 
     __slots__ = ("kind", "x2", "wcat", "bias", "h0", "lens", "T", "B", "I", "H", "dtype",
-                 "unbatched", "batch_first", "x_shape")
+                 "unbatched", "batch_first", "x_shape", "project")
 
 
 def _prepare(kind: str, x, weights, biases, h0, lengths, batch_first: bool,
@@ -212,6 +212,7 @@ def _prepare(kind: str, x, weights, biases, h0, lengths, batch_first: bool,
     hs = check_state(h0, h0_name, dtype, (B, H), p.unbatched)
     p.h0 = np.zeros((B, H), np.float64) if hs is None else hs.astype(np.float64).reshape(B, H)
     p.lens = check_lengths(lengths, T, B, p.unbatched)
+    p.project = None    # a frozen low-precision layer's projection (rnnfast/frozen.py)
     return p
 
 
@@ -263,7 +264,11 @@ def _forward_fast(p: _Prepared, keep: bool, name: str, mod, nthreads: int):
     y2 = np.empty((T * B, H), dtype)
     lens = np.full(B, T, np.int64) if p.lens is None else np.ascontiguousarray(p.lens, np.int64)
     small = tmax < _TUNE["min_steps"] * nthreads
-    if name == "numba" or small:
+    if p.project is not None:       # a frozen layer's bf16 / int8 projection (one thread)
+        p.project(p.x2, proj)
+        do_gemm = False
+        kthreads = 1 if small else nthreads
+    elif name == "numba" or small:
         threads.set_blas_threads(nthreads)
         np.matmul(p.x2, p.wcat.T, out=proj)
         do_gemm = False

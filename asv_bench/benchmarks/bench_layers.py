@@ -6,7 +6,16 @@ import time
 
 import rnnfast
 
-from .common import BACKENDS, FAST_BACKENDS, INFERENCE, PRODUCT_BACKENDS, TRAINING, make_call, numpy_alloc_peak_mb
+from .common import (
+    BACKENDS,
+    FAST_BACKENDS,
+    INFERENCE,
+    PRECISIONS,
+    PRODUCT_BACKENDS,
+    TRAINING,
+    make_call,
+    numpy_alloc_peak_mb,
+)
 
 
 class Inference:
@@ -20,6 +29,24 @@ class Inference:
         self.fn = make_call(workload, backend)
 
     def time_forward(self, workload, backend):
+        self.fn()
+
+
+class Frozen:
+    """Inference of frozen layers (``layer.freeze(precision)``; lstm-step through
+    ``frozen.stream``), beside the fp32 layers of :class:`Inference`."""
+
+    params = [INFERENCE, PRECISIONS]
+    param_names = ["workload", "precision"]
+    timeout = 600
+
+    def setup(self, workload, precision):
+        self.fn = make_call(workload, "auto", precision=precision)
+
+    def time_forward(self, workload, precision):
+        self.fn()
+
+    def peakmem_forward(self, workload, precision):
         self.fn()
 
 

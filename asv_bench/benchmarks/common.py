@@ -47,17 +47,21 @@ def check_backend(backend: str) -> None:
 _warmed: set = set()
 
 
-def make_call(name: str, backend: str, threads: int = THREADS):
+PRECISIONS = ["fp32", "bf16", "int8"]     # frozen layers (layer.freeze(precision))
+
+
+def make_call(name: str, backend: str, threads: int = THREADS, precision: str | None = None):
     """A zero-argument call of rnnfast's layer for workload `name` on `backend`, warmed up
     (kernels loaded, JIT compiled) by one call, once per process: this asv re-runs
     ``setup`` before every sample. The reference backend (NumPy, nothing to compile)
-    is not warmed up. Features rnnfast does not have yet are skipped."""
+    is not warmed up. Features rnnfast does not have yet are skipped. With `precision`,
+    the call is that of the frozen layer ``layer.freeze(precision)``."""
     check_backend(backend)
     rnnfast.set_num_threads(threads)
     case = build_case(name, np.random.default_rng(0), have_torch=False, spec=spec(name))
     try:
-        fn = make_rf_fn(case, backend)
-        key = (name, backend, threads)
+        fn = make_rf_fn(case, backend, precision=precision)
+        key = (name, backend, threads, precision)
         if backend != "reference" and key not in _warmed:
             fn()
             _warmed.add(key)

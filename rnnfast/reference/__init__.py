@@ -24,32 +24,40 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
+def _matmul(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return a @ w.T
+
+
 def cell_step(kind: str, xt: np.ndarray, h: np.ndarray, c: np.ndarray | None,
               w_ih: np.ndarray, w_hh: np.ndarray, b_ih: np.ndarray, b_hh: np.ndarray,
               w_hr: np.ndarray | None = None, linear_before_reset: bool = True,
-              nonlinearity: str = "tanh") -> tuple[np.ndarray, np.ndarray | None]:
-    """One step of one cell for a batch: returns (h', c')."""
+              nonlinearity: str = "tanh", matmul=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One step of one cell for a batch: returns (h', c').
+
+    ``matmul(a, w)`` computes each product ``a @ w.T`` (default: in float64); the frozen
+    layers' twin passes their bf16 / int8 products (rnnfast._lowp.lowp_matmul)."""
     H = w_hh.shape[0] // CELLS[kind].num_gates
-    gx = xt @ w_ih.T + b_ih
+    mm = matmul or _matmul
+    gx = mm(xt, w_ih) + b_ih
     if kind == "lstm":
-        g = gx + h @ w_hh.T + b_hh
+        g = gx + mm(h, w_hh) + b_hh
         i, f, gg, o = sigmoid(g[:, :H]), sigmoid(g[:, H:2 * H]), np.tanh(g[:, 2 * H:3 * H]), sigmoid(g[:, 3 * H:])
         c_new = f * c + i * gg
         h_new = o * np.tanh(c_new)
         if w_hr is not None:
-            h_new = h_new @ w_hr.T
+            h_new = mm(h_new, w_hr)
         return h_new, c_new
     if kind == "gru":
-        gh_rz = h @ w_hh[:2 * H].T + b_hh[:2 * H]
+        gh_rz = mm(h, w_hh[:2 * H]) + b_hh[:2 * H]
         r = sigmoid(gx[:, :H] + gh_rz[:, :H])
         z = sigmoid(gx[:, H:2 * H] + gh_rz[:, H:])
         if linear_before_reset:
-            n = np.tanh(gx[:, 2 * H:] + r * (h @ w_hh[2 * H:].T + b_hh[2 * H:]))
+            n = np.tanh(gx[:, 2 * H:] + r * (mm(h, w_hh[2 * H:]) + b_hh[2 * H:]))
         else:
-            n = np.tanh(gx[:, 2 * H:] + (r * h) @ w_hh[2 * H:].T + b_hh[2 * H:])
+            n = np.tanh(gx[:, 2 * H:] + mm(r * h, w_hh[2 * H:]) + b_hh[2 * H:])
         return (1.0 - z) * n + z * h, None
     if kind == "rnn":
-        a = gx + h @ w_hh.T + b_hh
+        a = gx + mm(h, w_hh) + b_hh
         return (np.tanh(a) if nonlinearity == "tanh" else np.maximum(a, 0.0)), None
     raise ValueError(f"unknown cell kind {kind!r}")
 
@@ -59,7 +67,7 @@ def run_direction(kind: str, x: np.ndarray, w_ih: np.ndarray, w_hh: np.ndarray,
                   h0: np.ndarray | None = None, c0: np.ndarray | None = None,
                   w_hr: np.ndarray | None = None, lengths: np.ndarray | None = None,
                   reverse: bool = False, linear_before_reset: bool = True,
-                  nonlinearity: str = "tanh"):
+                  nonlinearity: str = "tanh", matmul=None):
     """One layer, one direction over a time-major batch ``x`` of shape (T, B, I).
 
     Returns ``(y, h_n, c_n)`` in float64: y (T, B, H_out), zero at t >= lengths[b];
@@ -88,7 +96,7 @@ def run_direction(kind: str, x: np.ndarray, w_ih: np.ndarray, w_hh: np.ndarray,
         if not live.any():
             continue
         h_new, c_new = cell_step(kind, x[t, live], h[live], None if c is None else c[live],
-                                 w_ih, w_hh, b_ih, b_hh, w_hr, linear_before_reset, nonlinearity)
+                                 w_ih, w_hh, b_ih, b_hh, w_hr, linear_before_reset, nonlinearity, matmul)
         h[live] = h_new
         if c is not None:
             c[live] = c_new

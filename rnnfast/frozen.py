@@ -1,0 +1,431 @@
+"""Frozen layers (``layer.freeze(precision)``) and streams (``layer.stream(batch)``).
+
+A frozen layer is inference-only and holds its own copies of the weights, converted once
+to the precision asked for: "fp32"/"fp64" keep the floats (the layer's dtype; "fp32" of
+a float64 layer computes in float32), "bf16" rounds them to bfloat16 and "int8" quantizes
+them per output row (kernels/rf_lowp.h describes both). Later changes to the layer do
+not reach it.
+
+A stream carries the state of a batch of sequences from one call to the next, for
+serving one step (or a few) at a time; ``reset(rows)`` starts some rows afresh.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+
+from . import _engine, _lowp, backends, threads
+from ._validation import check_input, to_numpy
+from .cells import CELLS
+from .memory import scratch
+
+__all__ = ["FrozenRNN", "FrozenMinRNN", "Stream", "freeze"]
+
+
+def _check_precision(precision, layer_dtype: np.dtype) -> str:
+    if precision is None:
+        return "fp64" if layer_dtype == np.float64 else "fp32"
+    if not isinstance(precision, str) or precision not in _lowp.PRECISIONS:
+        raise ValueError(f"precision: expected one of {list(_lowp.PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def _readonly_copy(a: np.ndarray, dtype) -> np.ndarray:
+    c = _engine.aligned_copy(a, dtype)
+    c.flags.writeable = False
+    return c
+
+
+def _check_finite(layer, precision: str) -> None:
+    for name, p in layer.parameters().items():
+        if not np.isfinite(p).all():
+            raise ValueError(f"freeze: {name} holds inf or NaN, which {precision} weights cannot represent "
+                             "(freeze with precision='fp32' to keep them)")
+
+
+def freeze(layer, precision=None):
+    """``layer.freeze(precision)``: a FrozenRNN or FrozenMinRNN (see the module docstring)."""
+    from .minrnn import _MinRNNBase
+    if isinstance(layer, _MinRNNBase):
+        return FrozenMinRNN(layer, precision)
+    return FrozenRNN(layer, precision)
+
+
+class _FrozenBase:
+    def __getattr__(self, name):
+        # the layer's configuration (input_size, hidden_size, ...): read from the copy
+        if name.startswith("_") or name in ("forward", "backward", "grads"):
+            raise AttributeError(name)
+        return getattr(self.__dict__["_layer"], name)
+
+    def forward(self, x, hx=None, lengths=None, train: bool = False):
+        raise NotImplementedError
+
+    def backward(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is inference-only: train the layer, then freeze it again")
+
+    def stream(self, batch: int) -> Stream:
+        """A :class:`Stream` of `batch` sequences through this frozen layer."""
+        return Stream(self, batch)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the weights this frozen layer was made from (before any rounding)."""
+        return self._layer.state_dict()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights this frozen layer computes with."""
+        raise NotImplementedError
+
+    def __reduce__(self):
+        return (freeze, (self._layer, self.precision))
+
+    def __repr__(self) -> str:
+        return (f"Frozen{self._layer!r}[precision={self.precision!r}, kernel={self.kernel!r}; "
+                "a copy: later changes to the layer do not reach it]")
+
+
+class FrozenRNN(_FrozenBase):
+    """An inference-only LSTM / GRU / RNN with packed copies of a layer's weights.
+
+    ``frozen(x, hx=None, lengths=None)`` has the layer's forward semantics (layouts,
+    unbatched input, lengths, multi-layer, bidirectional, projection); ``train=True``
+    raises. Made by ``layer.freeze(precision)``.
+    """
+
+    def __init__(self, layer, precision=None):
+        self.precision = _check_precision(precision, layer.dtype)
+        lowp = self.precision in ("bf16", "int8")
+        if lowp:
+            _check_finite(layer, self.precision)
+        dtype = np.dtype(np.float64 if self.precision == "fp64" else np.float32)
+        # a private copy of the layer with the compute dtype (its own arrays, read-only)
+        lay = copy.copy(layer)
+        lay.__dict__ = {k: v for k, v in layer.__dict__.items() if k not in layer._TRANSIENT}
+        lay._ctx, lay.grads = None, {}
+        lay.dtype = dtype
+        lay._params = {k: _readonly_copy(v, dtype) for k, v in layer._params.items()}
+        lay._rng = None
+        self._layer = lay
+        self._kind, self._code = lay._kind, lay._code
+        self._q = None
+        self._packed = None
+        if not lowp:
+            self._packed = _engine.pack_layer_weights(self._kind, self._code, lay._weights())
+            self.kernel = (f"{self.precision} kernels of the layer"
+                           + (", weights packed once" if self._packed is not None else ""))
+        if lowp:
+            self._q = self._pack_lowp()
+            self._isa, self.kernel = _lowp.isa(self.precision)
+
+    def _pack_lowp(self):
+        lay = self._layer
+        G = CELLS[self._kind].num_gates
+        out = []
+        for dirs in lay._weights():
+            row = []
+            for w in dirs:
+                zb = np.zeros(G * lay.hidden_size, np.float32)
+                row.append((_lowp.pack(self.precision, w.w_ih, G), _lowp.pack(self.precision, w.w_hh, G),
+                            None if w.w_hr is None else _lowp.pack(self.precision, w.w_hr, 1),
+                            zb if w.b_ih is None else w.b_ih, zb if w.b_hh is None else w.b_hh))
+            out.append(row)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        if self._q is None:
+            return (sum(p.nbytes for p in self._layer._params.values())
+                    + sum(a.nbytes for a in self._packed or ()))
+        n = 0
+        for row in self._q:
+            for wih, whh, whr, bx, bh in row:
+                n += wih.nbytes + whh.nbytes + (whr.nbytes if whr is not None else 0) + bx.nbytes + bh.nbytes
+        return n
+
+    def forward(self, x, hx=None, lengths=None, train: bool = False):
+        """Run the frozen layer: the layer's ``forward(x, hx, lengths)`` (see its docstring)."""
+        if train:
+            raise TypeError("a frozen layer is inference-only: train the layer, then freeze it again")
+        lay = self._layer
+        if self._q is None:
+            if lengths is None:
+                out = lay._forward_small(x, hx)      # a few steps: the serving path, nothing packed
+                if out is not None:
+                    return out
+            xs, unbatched, h0, c0, ln = lay._prepare(x, hx, lengths)
+            y, hn, cn = _engine.run_stack(self._kind, self._code, xs, lay._weights(), h0, c0, ln,
+                                          packed=self._packed)
+            return lay._finish(y, hn, cn, unbatched)
+        xs, unbatched, h0, c0, ln = lay._prepare(x, hx, lengths)
+        y, hn, cn = self._run_lowp(xs, h0, c0, ln)
+        return lay._finish(y, hn, cn, unbatched)
+
+    __call__ = forward
+
+    def _run_time_major(self, xs, h0, c0):
+        """(y, h_n, c_n) of time-major `xs` (T, B, I) in the compute dtype (streams)."""
+        if self._q is None:
+            return _engine.run_stack(self._kind, self._code, xs, self._layer._weights(), h0, c0, None,
+                                     packed=self._packed)
+        return self._run_lowp(xs, h0, c0, None)
+
+    def _run_lowp(self, xs, h0, c0, lengths):
+        lay = self._layer
+        B = xs.shape[1]
+        L, D, H, Hout = lay.num_layers, lay.num_directions, lay.hidden_size, lay.output_size
+        if h0 is None:
+            h0 = np.zeros((L * D, B, Hout), np.float32)
+        if self._kind == "lstm" and c0 is None:
+            c0 = np.zeros((L * D, B, H), np.float32)
+        return threads.call_with_threads(self._run_lowp_n, xs, h0, c0, lengths)
+
+    def _run_lowp_n(self, xs, h0, c0, lengths, nthreads):
+        lay = self._layer
+        mod = _lowp.kernels()
+        T, B, I = xs.shape
+        L, D, H, Hout = lay.num_layers, lay.num_directions, lay.hidden_size, lay.output_size
+        G = CELLS[self._kind].num_gates
+        pk = _engine.make_packing(T, B, lengths)
+        N = T * B if pk.perm is None else int(pk.bsz.sum())
+        if N == 0:
+            return (np.zeros((T, B, D * Hout), np.float32), h0.copy(), None if c0 is None else c0.copy())
+        if pk.perm is None:
+            inp = np.ascontiguousarray(xs.reshape(T * B, I), np.float32)
+            h0s, c0s = h0, c0
+        else:
+            inp = np.ascontiguousarray(xs[pk.rows_t, pk.rows_b], np.float32)
+            h0s = h0[:, pk.perm]
+            c0s = None if c0 is None else c0[:, pk.perm]
+        hn_s = np.empty((L * D, B, Hout), np.float32)
+        cn_s = np.empty((L * D, B, H), np.float32) if c0 is not None else None
+        es = 1 if self.precision == "int8" else 2
+        xg = scratch("lp_xg", (N, G * H), np.float32)
+        hg = scratch("lp_hg", (B, G * H), np.float32)
+        s2 = scratch("lp_s2", (B, H), np.float32)
+        sx = scratch("lp_sx", (N,), np.float32)
+        sh = scratch("lp_sh", (nthreads * B,), np.float32)
+        hbuf = scratch("lp_hbuf", (2, B, Hout), np.float32)
+        dummy_c = np.zeros((1, 1), np.float32)
+        Tn = int(pk.bsz.shape[0])
+        for layer in range(L):
+            last = layer == L - 1
+            y = (np.empty((N, D * Hout), np.float32) if last and pk.perm is None
+                 else scratch(f"lp_y{layer % 2}", (N, D * Hout), np.float32))
+            for d in range(D):
+                wih, whh, whr, bx, bh = self._q[layer][d]
+                k = layer * D + d
+                kq = max(whh.Kp, whr.Kp if whr is not None else 0)
+                qx = scratch("lp_qx", (N * wih.Kp * es,), np.uint8)
+                qh = scratch("lp_qh", (nthreads * B * kq * es,), np.uint8)
+                hbuf[...] = h0s[k]
+                if cn_s is not None:
+                    c = cn_s[k]
+                    c[...] = c0s[k]
+                else:
+                    c = dummy_c
+                rev = d == 1
+                mod.run_direction(self._code, self._isa, inp, pk.bsz, wih, whh, whr, bx, bh, xg, hbuf, c, y,
+                                  d * Hout, hg, s2, qx, sx, qh, sh, rev, nthreads)
+                if pk.perm is None or rev:
+                    hn_s[k] = hbuf[Tn % 2]
+                else:
+                    hn_s[k] = hbuf[pk.lengths_sorted % 2, np.arange(B)]
+            inp = y
+        if pk.perm is None:
+            return inp.reshape(T, B, D * Hout), hn_s, cn_s
+        return _engine.unpack(pk, inp, hn_s, cn_s, T, B)
+
+
+class FrozenMinRNN(_FrozenBase):
+    """An inference-only MinGRU / MinLSTM with copies of a layer's weights; with "bf16" or
+    "int8" its projection runs in that precision (the scan stays fp32/fp64)."""
+
+    def __init__(self, layer, precision=None):
+        self.precision = _check_precision(precision, layer.dtype)
+        lowp = self.precision in ("bf16", "int8")
+        if lowp:
+            _check_finite(layer, self.precision)
+        dtype = np.dtype(np.float64 if self.precision == "fp64" else np.float32)
+        lay = copy.copy(layer)
+        lay.__dict__ = {k: v for k, v in layer.__dict__.items() if k not in layer._TRANSIENT}
+        lay._ctx, lay.grads = None, {}
+        lay.dtype = dtype
+        lay._params = {k: _readonly_copy(v, dtype) for k, v in layer._params.items()}
+        self._layer = lay
+        self.kernel = "the layer's scan kernels"
+        self._q = None
+        if lowp:
+            p = lay._params
+            wcat = np.concatenate([p[f"weight_{g}"] for g in lay._gates])
+            self._q = _lowp.pack(self.precision, wcat, len(lay._gates))
+            self._isa, name = _lowp.isa(self.precision)
+            self.kernel = f"{name} projection, the layer's scan kernels"
+
+    @property
+    def nbytes(self) -> int:
+        if self._q is None:
+            return sum(p.nbytes for p in self._layer._params.values())
+        return self._q.nbytes + sum(v.nbytes for k, v in self._layer._params.items() if k.startswith("bias"))
+
+    def _project(self, x2: np.ndarray, out: np.ndarray) -> None:
+        """out = x2 @ wcat^T in the frozen precision (the scan's projection hook)."""
+        mod = _lowp.kernels()
+        es = 1 if self.precision == "int8" else 2
+        M = x2.shape[0]
+        qa = scratch("lp_qa", (max(1, M * self._q.Kp * es),), np.uint8)
+        sa = scratch("lp_sa", (max(1, M),), np.float32)
+        mod.gemm(self._q, np.ascontiguousarray(x2, np.float32), out, qa, sa, self._isa)
+
+    def forward(self, x, hx=None, lengths=None, train: bool = False):
+        """Run the frozen layer: the layer's ``forward(x, hx, lengths)`` (see its docstring)."""
+        if train:
+            raise TypeError("a frozen layer is inference-only: train the layer, then freeze it again")
+        if self._q is None:
+            return self._layer.forward(x, hx, lengths)
+        from . import scan
+        lay = self._layer
+        prep = lay._prepare(x, hx, lengths)
+        prep.project = self._project
+        y2, hn, _ = scan._forward(prep, name=_fast_scan())
+        hn = hn.astype(np.float32)
+        return scan._user_layout(y2, prep), (hn[0] if prep.unbatched else hn)
+
+    __call__ = forward
+
+    def _run_time_major(self, xs, h0, c0):
+        y, hn = self.forward(xs, None if h0 is None else h0[0]) if not self._layer.batch_first else \
+            self.forward(xs.transpose(1, 0, 2), None if h0 is None else h0[0])
+        if self._layer.batch_first:
+            y = y.transpose(1, 0, 2)
+        return y, hn[None], None
+
+
+class Stream:
+    """The state of `batch` sequences carried between calls (serving a step at a time).
+
+    ``y_t = stream(x_t)`` with x_t (B, I) returns (B, H_out); x_t (T, B, I) (time-major,
+    whatever the layer's batch_first) returns (T, B, H_out). ``stream.state`` is the
+    state as the layer returns it (h, or (h, c) for LSTM; copies), ``stream.reset(rows)``
+    zeroes the state of some rows (all when None). Its outputs equal one call over the
+    whole sequence, however the steps are split across calls. One stream serves one
+    thread at a time (use one stream per thread).
+    """
+
+    def __init__(self, model, batch: int):
+        from .layers import _check_int
+        self._model = model
+        self.batch = _check_int("batch", batch, 1)
+        lay = model._layer if isinstance(model, _FrozenBase) else model
+        if getattr(lay, "bidirectional", False):
+            raise ValueError("stream: a bidirectional layer needs the whole sequence (its reverse direction "
+                             "starts at the end); call the layer on the full sequence instead")
+        self._lay = lay
+        self._min = not hasattr(lay, "num_layers")
+        self._dtype = (np.dtype(np.float32) if isinstance(model, _FrozenBase) and model.precision in ("bf16", "int8")
+                       else lay.dtype)
+        LD = 1 if self._min else lay.num_layers
+        hsize = lay.hidden_size if self._min else lay.output_size
+        self._h = np.zeros((LD, self.batch, hsize), self._dtype)
+        self._c = (np.zeros((LD, self.batch, lay.hidden_size), self._dtype)
+                   if not self._min and lay._kind == "lstm" else None)
+        self._lock = threading.Lock()
+
+    @property
+    def state(self):
+        h = self._h[0].copy() if self._min else self._h.copy()
+        return (h, self._c.copy()) if self._c is not None else h
+
+    def reset(self, rows=None) -> None:
+        """Zero the state of `rows` (int indices or a boolean mask of the batch; all when None)."""
+        if rows is None:
+            idx = slice(None)
+        else:
+            r = to_numpy(rows, "rows")
+            if r.dtype == bool:
+                if r.shape != (self.batch,):
+                    raise ValueError(f"rows: a boolean mask must have shape ({self.batch},), got {r.shape}")
+                idx = r
+            elif r.dtype.kind in "iu":
+                idx = r.reshape(-1).astype(np.int64)
+                if idx.size and (idx.min() < -self.batch or idx.max() >= self.batch):
+                    raise IndexError(f"rows: indices must be in [0, {self.batch}), got {r.tolist()}")
+            else:
+                raise TypeError(f"rows: expected int indices or a boolean mask, got dtype {r.dtype}")
+        with self._guard():
+            self._h[:, idx] = 0
+            if self._c is not None:
+                self._c[:, idx] = 0
+
+    def _guard(self):
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("stream: used from two threads at once (use one stream per thread)")
+        lock = self._lock
+
+        class _Release:
+            def __enter__(self_inner):
+                return None
+
+            def __exit__(self_inner, *exc):
+                lock.release()
+        return _Release()
+
+    def __call__(self, x_t):
+        lay = self._lay
+        xa = to_numpy(x_t, "x_t")
+        if xa.ndim not in (2, 3):
+            raise ValueError(f"x_t: expected (B, I) or (T, B, I), got shape {xa.shape}")
+        one = xa.ndim == 2
+        x3 = xa[None] if one else xa
+        if x3.shape[1] != self.batch:
+            raise ValueError(f"x_t: expected a batch of {self.batch} rows (the stream's batch), got shape {xa.shape}")
+        xs, _ = check_input(x3, "x_t", self._dtype, lay.input_size, False)
+        with self._guard():
+            y, hn, cn = self._step(xs)
+            self._h = hn
+            if cn is not None:
+                self._c = cn
+        return y[0] if one else y
+
+    def _step(self, xs):
+        model = self._model
+        if self._min:
+            y, hn, _ = model._run_time_major(xs, self._h, None) if isinstance(model, _FrozenBase) else \
+                _min_time_major(model, xs, self._h)
+            return y, hn, None
+        frozen = isinstance(model, _FrozenBase)
+        lay = model._layer if frozen else model
+        # a few steps of a plain layer (or a frozen fp32/fp64 one): the lean serving path
+        if ((not frozen or model._q is None) and lay._small_ok and xs.flags.c_contiguous
+                and xs.shape[0] <= _engine.SMALL_MAX_T):
+            hx = (self._h, self._c) if self._c is not None else self._h
+            out = lay._forward_small(xs, hx)
+            if out is not None:
+                y, st = out
+                return (y, st[0], st[1]) if self._c is not None else (y, st, None)
+        if frozen:
+            return model._run_time_major(xs, self._h, self._c)
+        return _engine.run_stack(lay._kind, lay._code, xs, lay._weights(), self._h, self._c, None)
+
+
+def _fast_scan() -> str:
+    """The scan backend of a frozen bf16/int8 MinGRU/MinLSTM (its projection hook runs on
+    the fast paths only)."""
+    have = backends.available_backends()
+    for name in ("cython", "numba"):
+        if name in have:
+            return name
+    raise RuntimeError("a bf16/int8 frozen MinGRU/MinLSTM needs the cython or numba backend")
+
+
+def _min_time_major(layer, xs, h):
+    """A MinGRU / MinLSTM layer on time-major `xs` (T, B, I) from state h (1, B, H)."""
+    if layer.batch_first:
+        y, hn = layer.forward(xs.transpose(1, 0, 2), h[0])
+        y = y.transpose(1, 0, 2)
+    else:
+        y, hn = layer.forward(xs, h[0])
+    return y, hn[None], None
+
