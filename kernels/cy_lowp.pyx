@@ -21,6 +21,9 @@ cdef extern from "rf_gates.h" nogil:
 
 include "rf_interrupt.pxi"
 
+cdef extern from "rf_cells.h":
+    int RF_LSTM, RF_LSTM_PROJ
+
 cdef extern from "rf_lowp.h" nogil:
     int RF_BF16, RF_INT8, RF_LOWP_PORTABLE, RF_LOWP_AVX512, RF_LOWP_AMX, RF_QB
     ctypedef struct rf_qmat_t:
@@ -166,7 +169,7 @@ def run_direction(int code, int isa, const float[:, ::1] x, const int64_t[::1] b
             or qx.nbytes < prep_bytes(wih.prec, N, wih.Kp)
             or qh.nbytes < nthreads * prep_bytes(wih.prec, B, kq) or whh.K != Hout
             or (whr is not None and (whr.K != H or whr.H != Hout)) or bx.shape[0] != G * H
-            or bh.shape[0] != G * H or (code <= 1 and c.shape[0] < B)):
+            or bh.shape[0] != G * H or ((code == RF_LSTM or code == RF_LSTM_PROJ) and c.shape[0] < B)):
         raise ValueError("run_direction: sizes do not match")
     L.code, L.G, L.In, L.H, L.Hout, L.T, L.N, L.B = code, G, wih.K, H, Hout, T, N, B
     L.rev, L.isa = rev, isa
