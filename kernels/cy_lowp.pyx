@@ -60,6 +60,7 @@ cdef extern from "rf_lowp.h" nogil:
     void rf_lowp_gemm(int isa, const rf_qmat_t *W, int M, const void *A, const float *as_,
                       int nb0, int nb1, float *C, int ldc, int sgc)
     void rf_lowp_worker(const rf_lowp_layer_t *L, int tid, int nthr)
+    void rf_lowp_release()
 
 BF16 = RF_BF16
 INT8 = RF_INT8
@@ -136,6 +137,7 @@ def gemm(QMat W, const float[:, ::1] a, float[:, ::1] out, cnp.ndarray qa, float
     with nogil:
         rf_lowp_prep(W.prec, M, W.K, W.Kp, &a[0, 0], W.K, q, &sa[0])
         rf_lowp_gemm(isa, &W.m, M, q, &sa[0], 0, W.G * W.Hp // RF_QB, &out[0, 0], out.shape[1], W.H)
+        rf_lowp_release()
 
 
 def run_direction(int code, int isa, const float[:, ::1] x, const int64_t[::1] bsz,

@@ -32,7 +32,7 @@ def isa(prec: str) -> tuple[int, str]:
         feats = _ISA["features"] = kernels().cpu_features()
     if _ISA.get("no_amx") is None and feats.get("amx_int8" if prec == "int8" else "amx_bf16"):
         return kernels().AMX, ("amx-int8 (tdpbusd)" if prec == "int8" else "amx-bf16 (tdpbf16ps)") + \
-            ", avx512 for fewer than 16 rows"
+            (", avx512-vnni under 3 rows" if prec == "int8" else "")
     if prec == "int8" and feats["avx512_vnni"]:
         return kernels().AVX512, "avx512-vnni (vpdpbusd)"
     if prec == "bf16" and feats["avx512_bf16"]:

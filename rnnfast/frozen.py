@@ -332,6 +332,15 @@ class Stream:
         self._c = (np.zeros((LD, self.batch, lay.hidden_size), self._dtype)
                    if not self._min and lay._kind == "lstm" else None)
         self._lock = threading.Lock()
+        # one step of one plain layer (or frozen fp32/fp64 one): straight to the serving
+        # kernel (_engine.run_small) when x_t is a plain array of the compute dtype
+        self._plan = None
+        plain = (not isinstance(model, _FrozenBase) or model._q is None) and not self._min
+        if (plain and lay.num_layers == 1 and not lay.proj_size
+                and "cython" in backends.available_backends()):
+            w = lay._weights()[0][0]
+            self._plan = _engine.small_plan(lay._kind, lay._code, w, lay.hidden_size, lay.hidden_size)
+        self._xshape = (self.batch, lay.input_size)
 
     @property
     def state(self):
@@ -354,25 +363,32 @@ class Stream:
                     raise IndexError(f"rows: indices must be in [0, {self.batch}), got {r.tolist()}")
             else:
                 raise TypeError(f"rows: expected int indices or a boolean mask, got dtype {r.dtype}")
-        with self._guard():
+        self._enter()
+        try:
             self._h[:, idx] = 0
             if self._c is not None:
                 self._c[:, idx] = 0
+        finally:
+            self._lock.release()
 
-    def _guard(self):
+    def _enter(self) -> None:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("stream: used from two threads at once (use one stream per thread)")
-        lock = self._lock
-
-        class _Release:
-            def __enter__(self_inner):
-                return None
-
-            def __exit__(self_inner, *exc):
-                lock.release()
-        return _Release()
 
     def __call__(self, x_t):
+        plan = self._plan
+        if (plan is not None and type(x_t) is np.ndarray and x_t.dtype == plan.dtype
+                and x_t.shape == self._xshape and x_t.flags.c_contiguous
+                and backends.resolve_fast() == "cython"):
+            if not self._lock.acquire(blocking=False):
+                raise RuntimeError("stream: used from two threads at once (use one stream per thread)")
+            try:
+                y, self._h, cn = _engine.run_small(plan, x_t[None], self.batch, self._h, self._c)
+                if cn is not None:
+                    self._c = cn
+            finally:
+                self._lock.release()
+            return y[0]
         lay = self._lay
         xa = to_numpy(x_t, "x_t")
         if xa.ndim not in (2, 3):
@@ -382,11 +398,14 @@ class Stream:
         if x3.shape[1] != self.batch:
             raise ValueError(f"x_t: expected a batch of {self.batch} rows (the stream's batch), got shape {xa.shape}")
         xs, _ = check_input(x3, "x_t", self._dtype, lay.input_size, False)
-        with self._guard():
+        self._enter()
+        try:
             y, hn, cn = self._step(xs)
             self._h = hn
             if cn is not None:
                 self._c = cn
+        finally:
+            self._lock.release()
         return y[0] if one else y
 
     def _step(self, xs):

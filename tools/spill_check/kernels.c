@@ -4,6 +4,7 @@
 #include "rf_fused.h"
 #include "rf_gemm.h"
 #include "rf_train.h"
+#include "rf_lowp_gemm.h"
 
 #define CHK_TYPE(T, S)                                                                         \
 void chk_fused_step_##S(int code, int G, int H, int K, int n, int p0, int p1, const T *P,    \
@@ -35,3 +36,11 @@ void chk_mm_##S(int n, int K, const T *A, int lda, const T *P, size_t bs, int nc
 
 CHK_TYPE(float, f)
 CHK_TYPE(double, d)
+
+/* The bf16 / int8 products of frozen layers (rf_lowp_gemm.h): the AVX-512 and AMX kernels
+ * are out-of-line functions with target attributes, reached through the dispatcher. */
+void chk_lowp_gemm(int isa, const rf_qmat_t *W, int M, const void *A, const float *as, int nb0, int nb1,
+                   float *C, int ldc, int sgc) {
+    rf_lowp_gemm(isa, W, M, A, as, nb0, nb1, C, ldc, sgc);
+    rf_lowp_release();
+}

@@ -169,7 +169,9 @@ _STORE_STACK = re.compile(r"%[xyz]mm\d+,\s*-?(0x[0-9a-f]+)?\(%r[sb]p[,)]")
 # math inlined into the fused step) are reported, not failed.
 # (rf_gemm_rows_*, rf_mk_[fd], rft_mm_*: where the blocks were inlined before, commit history)
 MICRO = re.compile(r"^(rf_mk_\d|rf_mk_[fd]$|rf_mkh_|rf_gemm_blk_|rf_gemm_rows_|rft_mk_|rft_mm_"
-                   r"|rf_rowdot|chk_rowdot|chk_mm_|chk_gemm_)")
+                   r"|rf_rowdot|chk_rowdot|chk_mm_|chk_gemm_|rf_lowp_gemm_vnni|rf_lowp_gemm_bf16)")
+# the products' multiply-adds: fp32 FMAs, and int8 / bf16 dot products (rf_lowp_gemm.h)
+_MADD = ("vfmadd", "vfnmadd", "vpdpbusd", "vdpbf16ps")
 
 
 def spills(funcs, micro: bool = True) -> list[str]:
@@ -183,7 +185,7 @@ def spills(funcs, micro: bool = True) -> list[str]:
             continue
         for idx in loops(insns):
             body = [insns[i] for i in idx]
-            if sum(1 for _, op, _ in body if op.startswith(("vfmadd", "vfnmadd"))) < 4:
+            if sum(1 for _, op, _ in body if op.startswith(_MADD)) < 4:
                 continue        # not a product's k loop (copies, packing, partial tiles)
             st = [(a, op, ar) for a, op, ar in body if _STORE_STACK.search(ar) and not op.startswith("vpbroadcast")]
             if st:
