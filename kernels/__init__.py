@@ -6,7 +6,8 @@ does both. Inference: ``cy_rnn`` (Cython/OpenMP, with the C headers ``rf_gates.h
 ``numba_rnn``, both exposing ``run_layer`` with the same signature
 (see ``cy_rnn.run_layer``). Training: ``cy_train`` (+ ``rf_train.h``) and ``numba_train``.
 Time-parallel scans: ``cy_scan`` (its minGRU/minLSTM projection uses rf_fused.h) and
-``numba_scan``. ``tools/kernel_harness`` times the C headers outside Python.
+``numba_scan``. Frozen bf16 / int8 layers: ``cy_lowp`` (+ ``rf_lowp.h``, ``rf_lowp_gemm.h``).
+``tools/kernel_harness`` times the C headers outside Python.
 
 The Cython modules are built once per ISA level (``rnnfast.kernels.<level>.cy_rnn``,
 setup.py); ``import rnnfast.kernels.cy_rnn`` loads the level ``_isa.choose()`` picks.

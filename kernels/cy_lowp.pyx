@@ -8,6 +8,7 @@ for the caller or checks what it was given beyond the sizes a kernel would overr
 """
 from cython.parallel cimport parallel, threadid
 from libc.stdint cimport int32_t, int64_t
+from libc.string cimport memcpy
 cimport numpy as cnp
 
 cnp.import_array()
@@ -199,3 +200,82 @@ def run_direction(int code, int isa, const float[:, ::1] x, const int64_t[::1] b
             tid = threadid()
             rf_lowp_worker(&L, tid, rf_team_size())
     rf_intr_raise(&intr)
+
+
+cdef class StepPlan:
+    """One direction of one layer, one step of B rows a call (streams): the kernel's
+    configuration is set up once, with the buffers the caller allocated; ``run`` takes a
+    step's input and output only (a token served costs no argument parsing of a dozen
+    buffers). hbuf (2, B, Hout): half 0 holds the state before a call and after it; c
+    (B, H) for LSTM. The other buffers are run_direction's, for N = B rows."""
+    cdef rf_lowp_layer_t L
+    cdef int64_t bsz1
+    cdef int nmax, nin, Hout, B    # (`I` is taken: complex.h)
+    cdef size_t hbytes
+    cdef readonly object keep
+
+    def __cinit__(self, int code, int isa, QMat wih, QMat whh, QMat whr, cnp.ndarray bx, cnp.ndarray bh,
+                  cnp.ndarray xg, cnp.ndarray hbuf, cnp.ndarray c, cnp.ndarray hg, cnp.ndarray s2,
+                  cnp.ndarray qx, cnp.ndarray sx, cnp.ndarray qh, cnp.ndarray sh, int nmax):
+        cdef int G = whh.G, H = whh.H, B = hbuf.shape[1], Hout = hbuf.shape[2]
+        cdef int kq = whh.Kp if whr is None or whh.Kp >= whr.Kp else whr.Kp
+        arrays = (bx, bh, xg, hbuf, c, hg, s2, sx, sh)
+        for k, a in enumerate(arrays):
+            if a.dtype.num != cnp.NPY_FLOAT32 or not a.flags.c_contiguous or (k > 1 and not a.flags.writeable):
+                raise ValueError("StepPlan: biases and buffers must be C-contiguous float32 arrays "
+                                 "(the buffers writeable)")
+        if (hbuf.ndim != 3 or hbuf.shape[0] != 2 or xg.size < B * G * H or hg.size < B * G * H
+                or s2.size < B * H or bx.size != G * H or bh.size != G * H or sx.size < B
+                or sh.size < nmax * B or whh.K != Hout or qx.nbytes < prep_bytes(wih.prec, B, wih.Kp)
+                or qh.nbytes < nmax * prep_bytes(wih.prec, B, kq)
+                or ((code == RF_LSTM or code == RF_LSTM_PROJ) and c.size < B * H)
+                or (whr is not None and (whr.K != H or whr.H != Hout))):
+            raise ValueError("StepPlan: sizes do not match")
+        self.keep = (wih, whh, whr, *arrays, qx, qh)
+        self.bsz1 = B
+        self.nmax, self.nin, self.Hout, self.B = (nmax if nmax >= 1 else 1), wih.K, Hout, B
+        self.hbytes = <size_t>B * Hout * sizeof(float)
+        self.L.code, self.L.G, self.L.In, self.L.H, self.L.Hout = code, G, wih.K, H, Hout
+        self.L.T, self.L.N, self.L.B, self.L.rev, self.L.isa = 1, B, B, 0, isa
+        self.L.bsz = &self.bsz1
+        self.L.wih, self.L.whh = &wih.m, &whh.m
+        self.L.whr = &whr.m if whr is not None else NULL
+        self.L.bx = <const float *>cnp.PyArray_DATA(bx)
+        self.L.bh = <const float *>cnp.PyArray_DATA(bh)
+        self.L.xg = <float *>cnp.PyArray_DATA(xg)
+        self.L.hbuf = <float *>cnp.PyArray_DATA(hbuf)
+        self.L.c = <float *>cnp.PyArray_DATA(c)
+        self.L.hg = <float *>cnp.PyArray_DATA(hg)
+        self.L.s2 = <float *>cnp.PyArray_DATA(s2)
+        self.L.qx, self.L.sx = cnp.PyArray_DATA(qx), <float *>cnp.PyArray_DATA(sx)
+        self.L.qh, self.L.sh = cnp.PyArray_DATA(qh), <float *>cnp.PyArray_DATA(sh)
+        self.L.qh_stride = prep_bytes(wih.prec, B, kq)
+        self.L.ldy = Hout
+
+    def run(self, cnp.ndarray x, cnp.ndarray y, int nthreads):
+        """One step: x (B, I) float32 in, y (B, Hout) float32 out, the state advanced."""
+        cdef rf_sync_t bar
+        cdef rf_intr_t intr
+        cdef int nthr = nthreads, tid
+        if (x.dtype.num != cnp.NPY_FLOAT32 or y.dtype.num != cnp.NPY_FLOAT32 or not x.flags.c_contiguous
+                or not y.flags.c_contiguous or not y.flags.writeable or x.size != <size_t>self.B * self.nin
+                or y.size != <size_t>self.B * self.Hout):
+            raise ValueError("StepPlan.run: x (B, I) and y (B, Hout) must be C-contiguous float32")
+        if nthr < 1 or not rf_have_openmp():
+            nthr = 1
+        if nthr > self.nmax:
+            nthr = self.nmax
+        self.L.x = <const float *>cnp.PyArray_DATA(x)
+        self.L.y = <float *>cnp.PyArray_DATA(y)
+        rf_sync_init(&bar, nthr)
+        rf_intr_init(&intr, _main_ident)
+        self.L.bar, self.L.intr = &bar, &intr
+        if nthr == 1:
+            with nogil:
+                rf_lowp_worker(&self.L, 0, 1)
+        else:
+            with nogil, parallel(num_threads=nthr):
+                tid = threadid()
+                rf_lowp_worker(&self.L, tid, rf_team_size())
+        rf_intr_raise(&intr)
+        memcpy(self.L.hbuf, self.L.hbuf + <size_t>self.B * self.Hout, self.hbytes)

@@ -341,9 +341,51 @@ class Stream:
             w = lay._weights()[0][0]
             self._plan = _engine.small_plan(lay._kind, lay._code, w, lay.hidden_size, lay.hidden_size)
         self._xshape = (self.batch, lay.input_size)
+        # a frozen bf16/int8 stack, one direction: each layer's step set up once (cy_lowp.StepPlan);
+        # its state lives in the plans' buffers (h: half 0 of each hbuf; c: views of self._c)
+        self._plans = None
+        if isinstance(model, _FrozenBase) and model._q is not None and not self._min:
+            self._plans, self._hb, self._most = self._lowp_plans(model)
+
+    def _lowp_plans(self, model):
+        mod = _lowp.kernels()
+        lay, B = model._layer, self.batch
+        G, H, Hout = CELLS[lay._kind].num_gates, lay.hidden_size, lay.output_size
+        nmax = threads.get_num_threads()
+        es = 1 if model.precision == "int8" else 2
+        plans, hbs, wbytes = [], [], 0
+        for li, row in enumerate(model._q):
+            wih, whh, whr, bx, bh = row[0]
+            kq = max(whh.Kp, whr.Kp if whr is not None else 0)
+            hb = np.zeros((2, B, Hout), np.float32)
+            c = self._c[li] if self._c is not None else np.zeros((1, 1), np.float32)
+            plan = mod.StepPlan(lay._code, model._isa, wih, whh, whr, bx, bh,
+                                np.empty((B, G * H), np.float32), hb, c, np.empty((B, G * H), np.float32),
+                                np.empty((B, H), np.float32), np.empty(B * wih.Kp * es, np.uint8),
+                                np.empty(B, np.float32), np.empty(nmax * B * kq * es, np.uint8),
+                                np.empty(nmax * B, np.float32), nmax)
+            plans.append((plan, Hout))
+            hbs.append(hb)
+            wbytes = max(wbytes, wih.nbytes + whh.nbytes + (whr.nbytes if whr is not None else 0))
+        # weights one core's L2 holds, a few rows: one thread (as the fp32 serving path)
+        most = 1 if wbytes <= _engine._SMALL_1T_WBYTES and B <= _engine._SMALL_1T_ROWS else 0
+        return plans, hbs, most
+
+    def _get_h(self) -> np.ndarray:
+        return np.stack([hb[0] for hb in self._hb]) if self._plans is not None else self._h
+
+    def _set_h(self, h) -> None:
+        if self._plans is not None:
+            for li, hb in enumerate(self._hb):
+                hb[0] = h[li]
+        else:
+            self._h = h
 
     @property
     def state(self):
+        if self._plans is not None:
+            h = self._get_h()
+            return (h, self._c.copy()) if self._c is not None else h
         h = self._h[0].copy() if self._min else self._h.copy()
         return (h, self._c.copy()) if self._c is not None else h
 
@@ -365,7 +407,11 @@ class Stream:
                 raise TypeError(f"rows: expected int indices or a boolean mask, got dtype {r.dtype}")
         self._enter()
         try:
-            self._h[:, idx] = 0
+            if self._plans is not None:
+                for hb in self._hb:
+                    hb[0][idx] = 0
+            else:
+                self._h[:, idx] = 0
             if self._c is not None:
                 self._c[:, idx] = 0
         finally:
@@ -376,6 +422,22 @@ class Stream:
             raise RuntimeError("stream: used from two threads at once (use one stream per thread)")
 
     def __call__(self, x_t):
+        plans = self._plans
+        if (plans is not None and type(x_t) is np.ndarray and x_t.dtype == np.float32
+                and x_t.shape == self._xshape and x_t.flags.c_contiguous):
+            if not self._lock.acquire(blocking=False):
+                raise RuntimeError("stream: used from two threads at once (use one stream per thread)")
+            n = threads.enter_call(self._most)
+            try:
+                inp = x_t
+                for step, hout in plans:
+                    y = np.empty((self.batch, hout), np.float32)
+                    step.run(inp, y, n)
+                    inp = y
+            finally:
+                threads.leave_call(n, n > 1)
+                self._lock.release()
+            return inp
         plan = self._plan
         if (plan is not None and type(x_t) is np.ndarray and x_t.dtype == plan.dtype
                 and x_t.shape == self._xshape and x_t.flags.c_contiguous
@@ -401,9 +463,12 @@ class Stream:
         self._enter()
         try:
             y, hn, cn = self._step(xs)
-            self._h = hn
+            self._set_h(hn)
             if cn is not None:
-                self._c = cn
+                if self._plans is not None:
+                    self._c[...] = cn      # the plans hold views of it
+                else:
+                    self._c = cn
         finally:
             self._lock.release()
         return y[0] if one else y
@@ -425,7 +490,7 @@ class Stream:
                 y, st = out
                 return (y, st[0], st[1]) if self._c is not None else (y, st, None)
         if frozen:
-            return model._run_time_major(xs, self._h, self._c)
+            return model._run_time_major(xs, self._get_h(), self._c)
         return _engine.run_stack(lay._kind, lay._code, xs, lay._weights(), self._h, self._c, None)
 
 
