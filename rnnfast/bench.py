@@ -46,12 +46,15 @@ import numpy as np
 
 from . import threads
 from .bench_cases import (
+    LOWP_PEERS,
+    PEER_TOLERANCE,
     TOLERANCE,
     WORKLOADS,
     Case,
     _short,
     build_case,
     check_result,
+    make_lowp_peer_fn,
     make_ort_fn,
     make_rf_fn,
     make_torch_fn,
@@ -64,10 +67,11 @@ REFERENCE_BUDGET_S = 3.0    # reference timed every round only if that costs les
 REUSE_CHECK_CALL_S = 1.0    # a reference timed once reuses its checked call when that took longer
 ROUND_CAP_S = 20.0          # default rounds are cut (to MIN_ROUNDS at least) past this per workload
 MIN_ROUNDS = 3
-PEERS = ("reference", "torch", "ort")
+PEERS = ("reference", "torch", "ort", *LOWP_PEERS)
 # max error of a frozen layer against the oracle (SPEC Part 2: bf16 <= 1e-2, int8 <= 2e-2)
 PRECISION_TOLERANCE = {"bf16": 1e-2, "int8": 2e-2}
-PEER_TITLES = {"reference": "ref", "torch": "torch", "ort": "ort"}
+PEER_TITLES = {"reference": "ref", "torch": "torch", "ort": "ort", "ort8": "ort int8", "ov": "openvino f32",
+               "ov16": "openvino default (bf16)"}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -193,6 +197,17 @@ def run_workload(name: str, opt: Options, rng: np.random.Generator, have_torch: 
         except Exception as ex:  # noqa: BLE001
             t.status, t.reason = "failed", f"{type(ex).__name__}: {ex}"
         entries["torch"] = t
+    if opt.precisions and ort_supports(case):      # the frozen layers' peers
+        for peer in LOWP_PEERS:
+            pe = Entry(peer, peer)
+            try:
+                if case.sd is None:
+                    raise RuntimeError("no weights (rnnfast layer could not be built)")
+                pe.fn = make_lowp_peer_fn(case, peer, opt.threads)
+            except Exception as ex:  # noqa: BLE001
+                na = na_reason(ex)
+                pe.status, pe.reason = ("n/a", na) if na else ("failed", f"{type(ex).__name__}: {ex}")
+            entries[peer] = pe
     if have_ort and ort_supports(case):
         o = Entry("ort", "ort")
         try:
@@ -233,7 +248,8 @@ def run_workload(name: str, opt: Options, rng: np.random.Generator, have_torch: 
             e.reason = "unchecked (no oracle)"
             continue
         prec = k.rsplit("frozen-", 1)[1] if "frozen-" in k else None
-        ok, err, msg = check_result(got, want, PRECISION_TOLERANCE.get(prec, TOLERANCE))
+        tol = PRECISION_TOLERANCE.get(prec, PEER_TOLERANCE.get(k, TOLERANCE))
+        ok, err, msg = check_result(got, want, tol)
         e.err = err
         if not ok:
             e.status, e.reason = "WRONG", msg
@@ -279,6 +295,7 @@ def run_workload(name: str, opt: Options, rng: np.random.Generator, have_torch: 
     rec = {
         "name": name, "kind": case.kind, "T": case.T, "B": case.B, "I": case.I, "H": case.H,
         "extra": dict(case.ex), "flops": case.work, "oracle": oracle, "rounds": rounds,
+        "lowp_peers": bool(opt.precisions),
         "rounds_requested": opt.rounds, "results": {},
     }
     peers = [entries[k] for k in PEERS if k in entries]
@@ -328,10 +345,13 @@ def format_rows(rec: dict) -> list[str]:
         err = "-" if r["max_err"] is None else f"{r['max_err']:.2g}"
         ms = _fmt_ms(r) if r["status"] == "ok" else ("n/a" if r["status"] == "n/a" else r["status"])
         rat = r["ratios"]
-        lines.append(f"{rec['name']:15s} {r['label']:13s} {ms:>10s} {_fmt_ms(res.get('reference')):>8s} "
-                     f"{_fmt_ms(res.get('torch')):>9s} {_fmt_ms(res.get('ort')):>8s} {gf:>6s} "
-                     f"{_fmt_x(rat.get('reference')):>7s} {_fmt_x(rat.get('torch')):>8s} "
-                     f"{_fmt_x(rat.get('ort')):>7s} {err:>8s}")
+        line = (f"{rec['name']:15s} {r['label']:13s} {ms:>10s} {_fmt_ms(res.get('reference')):>8s} "
+                f"{_fmt_ms(res.get('torch')):>9s} {_fmt_ms(res.get('ort')):>8s} {gf:>6s} "
+                f"{_fmt_x(rat.get('reference')):>7s} {_fmt_x(rat.get('torch')):>8s} "
+                f"{_fmt_x(rat.get('ort')):>7s} {err:>8s}")
+        if rec.get("lowp_peers"):
+            line += "".join(f" {_fmt_ms(res.get(p)):>8s} {_fmt_x(rat.get(p)):>7s}" for p in LOWP_PEERS)
+        lines.append(line)
     grouped: dict[str, list] = {}          # one note per distinct reason
     for k, r in res.items():
         who = r["label"] if k.startswith("rnnfast:") else k
@@ -483,7 +503,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"# host: {meta['host']['line']}")
     for n in notes:
         print(f"# {n}")
-    print(HEADER)
+    print(HEADER + ("".join(f" {p + ' ms':>8s} {'x ' + p:>7s}" for p in LOWP_PEERS) if opt.precisions else ""))
     sys.stdout.flush()
     rng = np.random.default_rng(0)
     records, status = [], 0

@@ -84,7 +84,20 @@ def make_torch(kind, I, H, ex):
 def make_ort(kind, T, B, I, H, sd, threads, stream=False):
     """Single-layer unidirectional ONNX Runtime session carrying the weights `sd` (PyTorch
     names, numpy arrays); with `stream`, an LSTM of one step taking and returning (h, c)."""
+    return ort_session(onnx_model(kind, T, B, I, H, sd, stream), threads)
+
+
+def ort_session(model: bytes, threads: int):
     import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def onnx_model(kind, T, B, I, H, sd, stream=False) -> bytes:
+    """The ONNX model (bytes) of make_ort: one LSTM/GRU/RNN node with inputs X, seq (or X,
+    h0, c0 with `stream`)."""
     from onnx import TensorProto, helper, numpy_helper
     w, r, bi, bh = sd["weight_ih_l0"], sd["weight_hh_l0"], sd["bias_ih_l0"], sd["bias_hh_l0"]
     if kind == "lstm":   # torch i,f,g,o -> onnx i,o,f,c
@@ -117,10 +130,90 @@ def make_ort(kind, T, B, I, H, sd, threads, stream=False):
     g = helper.make_graph([node], "g", ins, outs, [W, R, Bb])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return m.SerializeToString()
+
+
+# Peers of the frozen layers (bench --precision): ONNX Runtime's dynamic int8 LSTM
+# (DynamicQuantizeLSTM) and OpenVINO's CPU plugin in f32 and at its default precision (bf16
+# on CPUs with AVX512-BF16 / AMX), on the same ONNX model as the ort peer.
+LOWP_PEERS = ("ort8", "ov", "ov16")
+# max error of a peer against the oracle (the SPEC's bounds for its precision)
+PEER_TOLERANCE = {"ort8": 2e-2, "ov16": 1e-2}
+
+
+def _ort_int8(model: bytes) -> bytes:
+    """`model` through ONNX Runtime's quantize_dynamic (int8 weights): LSTM nodes become
+    DynamicQuantizeLSTM. Its advice to pre-process is logged at WARNING on the root logger:
+    silenced for the call only."""
+    import logging
+    import os
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "m.onnx"), os.path.join(d, "q.onnx")
+        with open(src, "wb") as fh:
+            fh.write(model)
+        level = logging.root.level
+        logging.root.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        finally:
+            logging.root.setLevel(level)
+        with open(dst, "rb") as fh:
+            return fh.read()
+
+
+def _ov_request(model: bytes, threads: int, f32: bool):
+    import os
+    import tempfile
+
+    import openvino as ov
+    core = ov.Core()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "m.onnx")
+        with open(path, "wb") as fh:
+            fh.write(model)
+        cfg = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        if f32:
+            cfg["INFERENCE_PRECISION_HINT"] = "f32"
+        return core.compile_model(core.read_model(path), "CPU", cfg).create_infer_request()
+
+
+def make_lowp_peer_fn(case: Case, peer: str, threads: int) -> Callable:
+    """A call of peer `peer` (LOWP_PEERS) on `case`, returning what make_ort_fn returns.
+    NotImplementedError where the peer has no such model (ONNX Runtime has no int8 GRU or
+    RNN), ImportError where it is not installed."""
+    model = onnx_model(case.kind, case.T, case.B, case.I, case.H, case.sd, case.stream)
+    x, T, B, H = case.x, case.T, case.B, case.H
+    seq = case.lengths.astype(np.int32)
+    if peer == "ort8":
+        if case.kind != "lstm":
+            raise NotImplementedError(f"ONNX Runtime has no int8 {case.kind.upper()} (DynamicQuantizeLSTM only)")
+        sess = ort_session(_ort_int8(model), threads)
+        if case.stream:
+            def run_ort8_stream():
+                h = c = np.zeros((1, B, H), np.float32)
+                for t in range(T):
+                    h, c = sess.run(None, {"X": x[t:t + 1], "h0": h, "c0": c})
+                return h[0]
+            return run_ort8_stream
+        return lambda: sess.run(None, {"X": x, "seq": seq})[0][:, 0]
+    req = _ov_request(model, threads, f32=peer == "ov")
+    if case.stream:
+        def run_ov_stream():
+            h = c = np.zeros((1, B, H), np.float32)
+            for t in range(T):
+                req.infer({"X": x[t:t + 1], "h0": h, "c0": c})
+                h = req.get_output_tensor(0).data.copy()
+                c = req.get_output_tensor(1).data.copy()
+            return h[0]
+        return run_ov_stream
+
+    def run_ov():
+        req.infer({"X": x, "seq": seq})
+        return req.get_output_tensor(0).data[:, 0].copy()
+    return run_ov
 
 
 # ----------------------------------------------------------------------------- correctness

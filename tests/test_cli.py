@@ -263,3 +263,25 @@ def test_show_config_reports_what_a_bug_report_needs(capsys, monkeypatch):
     assert d["env"]["RNNFAST_TUNE"] == "0" and set(d["memory"]) == {"scratch", "serving", "pool"}
     with pytest.raises(ValueError, match=r"^mode must be 'stdout' or 'dicts', got 'json'"):
         rnnfast.show_config(mode="json")
+
+
+def test_bench_precision_frozen_rows_and_peers(tmp_path):
+    """--precision times frozen layers (checked at the SPEC's bounds) beside ONNX Runtime's
+    int8 LSTM (and OpenVINO where installed; n/a with the reason otherwise)."""
+    path = tmp_path / "bench.json"
+    p = _run("bench", "--quick", "--only", "lstm-b1", "--no-reference", "--precision", "fp32,int8",
+             "--json", str(path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "frozen int8" in p.stdout and "x ort8" in p.stdout
+    rec = json.loads(path.read_text())["workloads"][0]
+    res = rec["results"]
+    for prec, tol in (("fp32", 1e-3), ("int8", 2e-2)):
+        r = res[f"rnnfast:frozen-{prec}"]
+        assert r["status"] == "ok" and r["precision"] == prec, r
+        assert r["max_err"] <= tol
+    assert res["ort8"]["status"] == "ok", res["ort8"]        # ONNX Runtime is a test extra
+    assert res["rnnfast:frozen-int8"]["ratios"]["ort8"] > 0
+    for peer in ("ov", "ov16"):
+        assert res[peer]["status"] in ("ok", "n/a"), res[peer]
+    bad = _run("bench", "--quick", "--only", "lstm-b1", "--precision", "fp16")
+    assert bad.returncode == 2 and "unknown precision" in bad.stderr
