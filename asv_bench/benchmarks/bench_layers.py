@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import rnnfast
+from rnnfast.bench_cases import LOWP_PEERS
 
 from .common import (
     BACKENDS,
@@ -14,6 +15,7 @@ from .common import (
     PRODUCT_BACKENDS,
     TRAINING,
     make_call,
+    make_peer_call,
     numpy_alloc_peak_mb,
 )
 
@@ -47,6 +49,22 @@ class Frozen:
         self.fn()
 
     def peakmem_forward(self, workload, precision):
+        self.fn()
+
+
+class FrozenPeers:
+    """The frozen layers' peers on the same workloads and weights (where installed): ONNX
+    Runtime's int8 LSTM (``ort8``), OpenVINO in f32 (``ov``) and at its default precision
+    (``ov16``, bf16 on CPUs with AVX512-BF16 / AMX), for ratios against :class:`Frozen`."""
+
+    params = [INFERENCE, list(LOWP_PEERS)]
+    param_names = ["workload", "peer"]
+    timeout = 600
+
+    def setup(self, workload, peer):
+        self.fn = make_peer_call(workload, peer)
+
+    def time_forward(self, workload, peer):
         self.fn()
 
 

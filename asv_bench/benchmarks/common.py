@@ -15,7 +15,14 @@ import tracemalloc
 import numpy as np
 
 import rnnfast
-from rnnfast.bench_cases import WORKLOADS, build_case, make_rf_fn, na_reason
+from rnnfast.bench_cases import (
+    WORKLOADS,
+    build_case,
+    make_lowp_peer_fn,
+    make_rf_fn,
+    na_reason,
+    ort_supports,
+)
 
 BACKENDS = ["auto", "cython", "numba", "reference"]
 FAST_BACKENDS = ["cython", "numba"]
@@ -83,3 +90,20 @@ def numpy_alloc_peak_mb(fn) -> float:
         return tracemalloc.get_traced_memory()[1] / 2**20
     finally:
         tracemalloc.stop()
+
+
+def make_peer_call(name: str, peer: str, threads: int = THREADS):
+    """A zero-argument call of a frozen layers' peer (LOWP_PEERS: ONNX Runtime's int8 LSTM,
+    OpenVINO f32 / default precision) on workload `name`, with rnnfast's weights; skipped
+    where the peer is not installed or has no such model."""
+    case = build_case(name, np.random.default_rng(0), have_torch=False, spec=spec(name))
+    if not ort_supports(case):
+        skip(f"{peer} runs one plain layer (not {name})")
+    try:
+        from rnnfast.bench_cases import make_rf_layer
+        make_rf_layer(case)                    # sets the case's weights
+        fn = make_lowp_peer_fn(case, peer, threads)
+        fn()
+    except (ImportError, NotImplementedError) as e:
+        skip(f"{name} on {peer}: {type(e).__name__}: {e}")
+    return fn
