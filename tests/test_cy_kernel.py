@@ -289,6 +289,9 @@ def test_float32_gates_saturate_and_propagate_nan(variant, train, backend):
 
 _INTERRUPT_CHILD = r"""
 import os, signal, sys, threading, time
+# Python's own SIGINT handler even where the parent ignores SIGINT (a shell's background
+# job: its children start with SIGINT ignored, and Python then installs no handler)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 import rnnfast
 mode, nthr = sys.argv[1], int(sys.argv[2])
