@@ -54,6 +54,22 @@ def freeze(layer, precision=None):
 
 
 class _FrozenBase:
+    def _copy(self, layer, precision) -> bool:
+        """Set precision and ``_layer``, a private copy of `layer` in the compute dtype (its
+        own read-only arrays, no training state); True for bf16 / int8."""
+        self.precision = _check_precision(precision, layer.dtype)
+        lowp = self.precision in ("bf16", "int8")
+        if lowp:
+            _check_finite(layer, self.precision)
+        dtype = np.dtype(np.float64 if self.precision == "fp64" else np.float32)
+        lay = copy.copy(layer)
+        lay.__dict__ = {k: v for k, v in layer.__dict__.items() if k not in layer._TRANSIENT}
+        lay._ctx, lay.grads, lay._rng = None, {}, None
+        lay.dtype = dtype
+        lay._params = {k: _readonly_copy(v, dtype) for k, v in layer._params.items()}
+        self._layer = lay
+        return lowp
+
     def __getattr__(self, name):
         # the layer's configuration (input_size, hidden_size, ...): read from the copy
         if name.startswith("_") or name in ("forward", "backward", "grads"):
@@ -96,19 +112,8 @@ class FrozenRNN(_FrozenBase):
     """
 
     def __init__(self, layer, precision=None):
-        self.precision = _check_precision(precision, layer.dtype)
-        lowp = self.precision in ("bf16", "int8")
-        if lowp:
-            _check_finite(layer, self.precision)
-        dtype = np.dtype(np.float64 if self.precision == "fp64" else np.float32)
-        # a private copy of the layer with the compute dtype (its own arrays, read-only)
-        lay = copy.copy(layer)
-        lay.__dict__ = {k: v for k, v in layer.__dict__.items() if k not in layer._TRANSIENT}
-        lay._ctx, lay.grads = None, {}
-        lay.dtype = dtype
-        lay._params = {k: _readonly_copy(v, dtype) for k, v in layer._params.items()}
-        lay._rng = None
-        self._layer = lay
+        lowp = self._copy(layer, precision)
+        lay = self._layer
         self._kind, self._code = lay._kind, lay._code
         self._q = None
         self._packed = None
@@ -244,17 +249,8 @@ class FrozenMinRNN(_FrozenBase):
     "int8" its projection runs in that precision (the scan stays fp32/fp64)."""
 
     def __init__(self, layer, precision=None):
-        self.precision = _check_precision(precision, layer.dtype)
-        lowp = self.precision in ("bf16", "int8")
-        if lowp:
-            _check_finite(layer, self.precision)
-        dtype = np.dtype(np.float64 if self.precision == "fp64" else np.float32)
-        lay = copy.copy(layer)
-        lay.__dict__ = {k: v for k, v in layer.__dict__.items() if k not in layer._TRANSIENT}
-        lay._ctx, lay.grads = None, {}
-        lay.dtype = dtype
-        lay._params = {k: _readonly_copy(v, dtype) for k, v in layer._params.items()}
-        self._layer = lay
+        lowp = self._copy(layer, precision)
+        lay = self._layer
         self.kernel = "the layer's scan kernels"
         self._q = None
         if lowp:

@@ -37,7 +37,9 @@ def _check_dtype(dtype) -> np.dtype:
 
 
 class _PickledAsParameters:
-    """Layers pickle as their configuration and parameters only. What a call builds is
+    """The base of every layer: ``freeze`` and ``stream`` (rnnfast/frozen.py), and pickling.
+
+    Layers pickle as their configuration and parameters only. What a call builds is
     rebuilt on first use after unpickling: the serving plan (its call counter is written
     by the kernel, so it must be this process's own array, never a buffer a deserialiser
     mapped read-only), the grouped weights, and the training context and gradients (a
@@ -53,6 +55,29 @@ class _PickledAsParameters:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+
+    def freeze(self, precision: str | None = None):
+        """An inference-only copy of this layer with its weights packed once.
+
+        Parameters
+        ----------
+        precision : "fp32", "fp64", "bf16" or "int8" (default: the layer's dtype).
+            "bf16" rounds the weights to bfloat16 and "int8" quantizes them per output row
+            (fp32 gates and states); see ``rnnfast.frozen``.
+
+        Returns
+        -------
+        A frozen layer with this layer's forward semantics. It holds copies: later changes
+        to this layer do not reach it.
+        """
+        from .frozen import freeze
+        return freeze(self, precision)
+
+    def stream(self, batch: int):
+        """A :class:`rnnfast.frozen.Stream` of `batch` sequences through this layer (its
+        current weights at each call), carrying the state between calls."""
+        from .frozen import Stream
+        return Stream(self, batch)
 
 
 class _RNNBase(_PickledAsParameters):
@@ -253,29 +278,6 @@ class _RNNBase(_PickledAsParameters):
                 h0 = hx
         y, hn, cn = _engine.run_small(plan, x, B, h0, c0)
         return y, ((hn, cn) if cn is not None else hn)
-
-    def freeze(self, precision: str | None = None):
-        """An inference-only copy of this layer with its weights packed once.
-
-        Parameters
-        ----------
-        precision : "fp32", "fp64", "bf16" or "int8" (default: the layer's dtype).
-            "bf16" rounds the weights to bfloat16 and "int8" quantizes them per output row
-            (fp32 gates and states); see ``rnnfast.frozen``.
-
-        Returns
-        -------
-        A frozen layer with this layer's forward semantics. It holds copies: later changes
-        to this layer do not reach it.
-        """
-        from .frozen import freeze
-        return freeze(self, precision)
-
-    def stream(self, batch: int):
-        """A :class:`rnnfast.frozen.Stream` of `batch` sequences through this layer (its
-        current weights at each call), carrying the state between calls."""
-        from .frozen import Stream
-        return Stream(self, batch)
 
     def backward(self, dy, dhx_n=None):
         """Gradients of sum(y*dy) + sum(hx_n*dhx_n) after a ``forward(..., train=True)``.

@@ -98,29 +98,6 @@ class _MinRNNBase(_PickledAsParameters):
 
     __call__ = forward
 
-    def freeze(self, precision: str | None = None):
-        """An inference-only copy of this layer with its weights packed once.
-
-        Parameters
-        ----------
-        precision : "fp32", "fp64", "bf16" or "int8" (default: the layer's dtype).
-            "bf16" rounds the weights to bfloat16 and "int8" quantizes them per output row
-            (fp32 gates and states); see ``rnnfast.frozen``.
-
-        Returns
-        -------
-        A frozen layer with this layer's forward semantics. It holds copies: later changes
-        to this layer do not reach it.
-        """
-        from .frozen import freeze
-        return freeze(self, precision)
-
-    def stream(self, batch: int):
-        """A :class:`rnnfast.frozen.Stream` of `batch` sequences through this layer (its
-        current weights at each call), carrying the state between calls."""
-        from .frozen import Stream
-        return Stream(self, batch)
-
     def backward(self, dy, dhx_n=None):
         """Gradients of sum(y*dy) + sum(h_n*dhx_n) after a ``forward(..., train=True)``.
 
