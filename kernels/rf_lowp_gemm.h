@@ -302,11 +302,10 @@ RF_LOWP_DRIVER(rf_lowp_gemm_bf16, rf_lowp_tile_bf16, uint16_t, RF_T_BF16,)
  * 16 k-groups of 64 bytes are exactly a B tile. The sums go through a 16 x 16 buffer to
  * the epilogue of the AVX-512 kernels. Rows past the last multiple of 16, and an odd
  * last column block, are left to the caller (the AVX-512 kernels). */
-/* Products of fewer rows than this go to the AVX-512 kernels. Measured here (Xeon with
- * AMX, one thread, 1024 x 256 weights, a product with its activations' preparation):
- * int8 1 row 4.6 us AVX-512 vs 6.7 AMX, 2 rows 6.0 vs 7.6, 3 rows 10.1 vs 7.8, 8 rows 13.4
- * vs 9.5, 64 rows 88 vs 53; bf16 (vdpbf16ps is slow there) 1 row 9.3 vs 6.1, 64 rows 389
- * vs 44. */
+/* Products of fewer rows than this go to the AVX-512 kernels: under 16 rows an AMX
+ * product is bound by loading its B tiles, and for int8 one or two rows of vpdpbusd
+ * beat that; AVX512-BF16 never does (commit 79bad65; figures in docs/performance.md,
+ * "Frozen layers"). */
 #ifndef RF_AMX_MIN_ROWS_INT8
 #define RF_AMX_MIN_ROWS_INT8 3
 #endif
