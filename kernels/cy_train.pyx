@@ -198,9 +198,15 @@ cdef int _layout(object a, int itemsize, int *trans, int *ld, int *rows, int *co
     return -2
 
 
-# the most work of one uninterruptible piece of pgemm (0.1 s on one core at 160 GF/s):
-# the training products of the standard workloads stay whole
-cdef double _PGEMM_PIECE_FLOPS = 16e9
+# pgemm's interruptible pieces are sized by time, not by flops: the first piece of a long
+# product is _PGEMM_FIRST_FLOPS, the next ones what the measured rate does in
+# _PGEMM_PIECE_SECONDS. A flops bound alone left 0.6 s pieces at the baseline ISA level
+# (SSE2 micro-kernel) where it gave 0.1 s at AVX-512 (CI failure of 4974d90, RNNFAST_ISA=baseline).
+# Products up to _PGEMM_FIRST_FLOPS stay whole (every training product of the standard
+# workloads); a piece writes at most _PGEMM_PIECE_BYTES of C (a fresh C costs a page fault
+# per 4 KB).
+cdef double _PGEMM_FIRST_FLOPS = 2e9
+cdef double _PGEMM_PIECE_SECONDS = 0.08
 cdef double _PGEMM_PIECE_BYTES = 64 << 20
 
 
@@ -260,38 +266,41 @@ def pgemm(A, B, C, double beta=0.0, int nthreads=1):
     pb = B.__array_interface__["data"][0]
     pc = C.__array_interface__["data"][0]
     # A long product runs in pieces (along m, or along k summing into C when C is small)
-    # so that a Ctrl-C between them is honoured: a piece is at most _PGEMM_PIECE_FLOPS and
-    # writes at most _PGEMM_PIECE_BYTES of C (a fresh C costs a page fault per 4 KB)
+    # so that a Ctrl-C between them is honoured (sizes: see _PGEMM_FIRST_FLOPS)
     cdef double flops = 2.0 * m * n * k
     cdef double cbytes = <double>m * n * isz
-    cdef int pieces = <int>max(flops / _PGEMM_PIECE_FLOPS, cbytes / _PGEMM_PIECE_BYTES) + 1
-    cdef int q0, q1, qs
-    cdef double bp
     cdef size_t iz = isz
-    if pieces == 1:
+    if flops <= _PGEMM_FIRST_FLOPS and cbytes <= _PGEMM_PIECE_BYTES:
         _pgemm_run(iz, ta, tb, m, n, k, pa, lda, pb, ldb, beta, pc, ldc, nthreads)
         return
-    if k >= m and cbytes <= _PGEMM_PIECE_BYTES:
-        qs = (((k + pieces - 1) // pieces) + 63) // 64 * 64
-        q0 = 0
-        while q0 < k:
-            q1 = q0 + qs if q0 + qs < k else k
-            bp = beta if q0 == 0 else 1.0
+    from time import perf_counter
+    cdef bint along_k = k >= m and cbytes <= _PGEMM_PIECE_BYTES
+    cdef int length = k if along_k else m
+    cdef double unit_flops = flops / length             # the flops of one k (or m) index
+    cdef double most = length if along_k else min(<double>length, _PGEMM_PIECE_BYTES / (<double>n * isz))
+    cdef double target = _PGEMM_FIRST_FLOPS, took
+    cdef int q0 = 0, q1, qs
+    while q0 < length:
+        qs = <int>min(most, max(64.0, target / unit_flops)) // 64 * 64
+        if qs < 64:
+            qs = 64
+        q1 = q0 + qs if q0 + qs < length else length
+        took = perf_counter()
+        if along_k:
             _pgemm_run(iz, ta, tb, m, n, q1 - q0,
                        pa + <size_t>q0 * (<size_t>lda if ta else 1) * iz, lda,
-                       pb + <size_t>q0 * (1 if tb else <size_t>ldb) * iz, ldb, bp, pc, ldc, nthreads)
-            PyErr_CheckSignals()
-            q0 = q1
-    else:
-        qs = (((m + pieces - 1) // pieces) + 63) // 64 * 64
-        q0 = 0
-        while q0 < m:
-            q1 = q0 + qs if q0 + qs < m else m
+                       pb + <size_t>q0 * (1 if tb else <size_t>ldb) * iz, ldb,
+                       beta if q0 == 0 else 1.0, pc, ldc, nthreads)
+        else:
             _pgemm_run(iz, ta, tb, q1 - q0, n, k,
                        pa + <size_t>q0 * (1 if ta else <size_t>lda) * iz, lda,
                        pb, ldb, beta, pc + <size_t>q0 * ldc * iz, ldc, nthreads)
-            PyErr_CheckSignals()
-            q0 = q1
+        took = perf_counter() - took
+        PyErr_CheckSignals()
+        # the next piece: what this one's rate does in the target time (at most 4x more)
+        target = min(4.0 * (q1 - q0) * unit_flops,
+                     (q1 - q0) * unit_flops * _PGEMM_PIECE_SECONDS / max(took, 1e-6))
+        q0 = q1
 
 
 cdef void _pgemm_run(size_t isz, int ta, int tb, int m, int n, int k, size_t pa, int lda, size_t pb, int ldb,

@@ -90,11 +90,11 @@ def test_pgemm_from_short_lived_threads():
 
 @pytest.mark.parametrize("ta", [False, True])
 @pytest.mark.parametrize("tb", [False, True])
-@pytest.mark.parametrize("shape", [(2100, 2048, 2048), (8300, 1024, 1000), (17000, 1040, 64)])
+@pytest.mark.parametrize("shape", [(2100, 2048, 2048), (8300, 1024, 1000), (17000, 1040, 64), (300, 200, 40000)])
 def test_pgemm_long_products_run_in_pieces(ta, tb, shape):
-    """Products of more than _PGEMM_PIECE_FLOPS (16e9) or C larger than _PGEMM_PIECE_BYTES
-    (64 MB) run in pieces, along k (summed into C with the caller's beta first) or along m,
-    so that a Ctrl-C is honoured between them:
+    """Products of more than _PGEMM_FIRST_FLOPS (2e9) or C larger than _PGEMM_PIECE_BYTES
+    (64 MB) run in pieces sized by their measured time, along k (summed into C with the
+    caller's beta first) or along m, so that a Ctrl-C is honoured between them:
     the same product as NumPy's, with beta and operand layouts."""
     M, N, K = shape
     rng = np.random.default_rng(M)
