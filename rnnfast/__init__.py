@@ -13,11 +13,12 @@ import pkgutil as _pkgutil
 # kernels, resolve in the installed copy as well.
 __path__ = _pkgutil.extend_path(__path__, __name__)
 
+from . import onnx
 from .backends import available_backends, backend, get_backend, set_backend
 from .frozen import FrozenMinRNN, FrozenRNN, Stream
 from .functional import gru, lstm, rnn
 from .info import show_config
-from .interop import from_torch
+from .interop import from_keras, from_torch
 from .layers import GRU, LSTM, RNN
 from .memory import memory_info, release_memory
 from .minrnn import MinGRU, MinLSTM
@@ -37,6 +38,8 @@ __version__ = "0.1.0"
 __all__ = [
     # inference
     "lstm", "gru", "rnn", "LSTM", "GRU", "RNN", "from_torch",
+    # interop
+    "onnx", "from_keras",
     # recurrences parallel over time
     "linear_scan", "mingru", "minlstm", "MinGRU", "MinLSTM",
     # serving

@@ -81,6 +81,7 @@ class DirWeights:
     b_ih: np.ndarray | None
     b_hh: np.ndarray | None
     w_hr: np.ndarray | None
+    w_ph: np.ndarray | None = None      # LSTM peepholes (3*H,), i, f, o (a cell variant's)
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,12 @@ def _zeros(n: int, dtype) -> np.ndarray:
 
 def run_stack(kind: str, code: int, x: np.ndarray, weights: list[list[DirWeights]],
               h0: np.ndarray | None, c0: np.ndarray | None, lengths: np.ndarray | None, *,
-              rev0: bool = False, backend: str = "auto", packed: list | None = None):
+              rev0: bool = False, backend: str = "auto", packed: list | None = None,
+              variant=None):
     """Forward of `len(weights)` layers of `len(weights[0])` directions.
+
+    `variant`: a cell variant (:class:`rnnfast.cells.Variant`; None: the standard cell),
+    computed by the reference only so far (:func:`variant_backend`).
 
     `packed`: per layer, its directions' weights packed once by :func:`pack_layer_weights`
     (a frozen layer's), used by the Cython kernel's fused path instead of packing per call.
@@ -168,8 +173,10 @@ def run_stack(kind: str, code: int, x: np.ndarray, weights: list[list[DirWeights
         c0 = np.zeros((L * D, B, H), dtype)
     name = backends.resolve(kind, B, H, dtype, threads.get_num_threads())
     name = backends.fit_sizes(name, T, B, x.shape[2], H, Hout, G, D)
+    if variant is not None:
+        name = variant_backend(name, variant)
     if name == "reference":
-        return _run_reference(kind, code, x, weights, h0, c0, lengths, rev0)
+        return _run_reference(kind, code, x, weights, h0, c0, lengths, rev0, variant)
     # the step forms measured on this machine (before this call takes any scratch: the
     # first call on a machine measures them with a few calls of its own)
     prof = tuning.profile(threads.get_num_threads()) if name == "cython" else tuning.DEFAULTS
@@ -200,7 +207,20 @@ def pack_layer_weights(kind: str, code: int, weights: list[list[DirWeights]]) ->
     return out
 
 
-def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0):
+def variant_backend(name: str, variant) -> str:
+    """The backend that runs a cell variant in place of `name`: the NumPy reference under
+    "auto" (the compiled kernels have the standard cells only so far, issue 15); a compiled
+    backend named by the caller raises NotImplementedError."""
+    if name == "reference":
+        return name
+    if backends.get_backend() == "auto":
+        return "reference"
+    raise NotImplementedError(
+        f"the {name!r} backend has the standard cells only: a cell with {variant.describe()} runs on "
+        "the 'reference' backend for now (backend 'auto' takes it there)")
+
+
+def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0, variant=None):
     out = x
     hn, cn = np.empty_like(h0), (None if c0 is None else np.empty_like(c0))
     D = len(weights[0])
@@ -212,7 +232,7 @@ def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0):
                 kind, out, w.w_ih, w.w_hh, w.b_ih, w.b_hh, h0=h0[k],
                 c0=None if c0 is None else c0[k], w_hr=w.w_hr, lengths=lengths,
                 reverse=rev0 if d == 0 else True, linear_before_reset=code != GRU_NOLBR,
-                nonlinearity="relu" if code == RNN_RELU else "tanh")
+                nonlinearity="relu" if code == RNN_RELU else "tanh", variant=variant, w_ph=w.w_ph)
             ys.append(y)
             hn[k] = h
             if cn is not None:

@@ -82,6 +82,12 @@ class _FrozenBase:
     def backward(self, *args, **kwargs):
         raise TypeError(f"{type(self).__name__} is inference-only: train the layer, then freeze it again")
 
+    def to_onnx(self, path, lengths: bool = False, initial_state: bool = False):
+        """Write the weights of this frozen fp32 / fp64 layer as an ONNX model; see
+        :func:`rnnfast.onnx.to_onnx`."""
+        from .onnx import to_onnx
+        return to_onnx(self, path, lengths=lengths, initial_state=initial_state)
+
     def stream(self, batch: int) -> Stream:
         """A :class:`Stream` of `batch` sequences through this frozen layer."""
         return Stream(self, batch)
@@ -112,13 +118,21 @@ class FrozenRNN(_FrozenBase):
     """
 
     def __init__(self, layer, precision=None):
+        v = getattr(layer, "_variant", None)
+        if v is not None and precision in ("bf16", "int8"):
+            raise NotImplementedError(f"freeze({precision!r}): the bf16 / int8 kernels have the standard cells "
+                                      f"only, not a cell with {v.describe()}; freeze('fp32') runs it")
+        if getattr(layer, "reverse", False) and precision in ("bf16", "int8"):
+            raise NotImplementedError(f"freeze({precision!r}) of a layer with reverse=True is not implemented "
+                                      "yet; freeze('fp32') runs it")
         lowp = self._copy(layer, precision)
         lay = self._layer
         self._kind, self._code = lay._kind, lay._code
         self._q = None
         self._packed = None
-        if not lowp:
+        if not lowp and lay._variant is None:
             self._packed = _engine.pack_layer_weights(self._kind, self._code, lay._weights())
+        if not lowp:
             self.kernel = (f"{self.precision} kernels of the layer"
                            + (", weights packed once" if self._packed is not None else ""))
         if lowp:
@@ -162,7 +176,7 @@ class FrozenRNN(_FrozenBase):
                     return out
             xs, unbatched, h0, c0, ln = lay._prepare(x, hx, lengths)
             y, hn, cn = _engine.run_stack(self._kind, self._code, xs, lay._weights(), h0, c0, ln,
-                                          packed=self._packed)
+                                          packed=self._packed, rev0=lay.reverse, variant=lay._variant)
             return lay._finish(y, hn, cn, unbatched)
         xs, unbatched, h0, c0, ln = lay._prepare(x, hx, lengths)
         y, hn, cn = self._run_lowp(xs, h0, c0, ln)
@@ -174,7 +188,7 @@ class FrozenRNN(_FrozenBase):
         """(y, h_n, c_n) of time-major `xs` (T, B, I) in the compute dtype (streams)."""
         if self._q is None:
             return _engine.run_stack(self._kind, self._code, xs, self._layer._weights(), h0, c0, None,
-                                     packed=self._packed)
+                                     packed=self._packed, variant=self._layer._variant)
         return self._run_lowp(xs, h0, c0, None)
 
     def _run_lowp(self, xs, h0, c0, lengths):
@@ -315,9 +329,9 @@ class Stream:
         self._model = model
         self.batch = _check_int("batch", batch, 1)
         lay = model._layer if isinstance(model, _FrozenBase) else model
-        if getattr(lay, "bidirectional", False):
-            raise ValueError("stream: a bidirectional layer needs the whole sequence (its reverse direction "
-                             "starts at the end); call the layer on the full sequence instead")
+        if getattr(lay, "bidirectional", False) or getattr(lay, "reverse", False):
+            raise ValueError("stream: a bidirectional or reverse layer needs the whole sequence (its reverse "
+                             "direction starts at the end); call the layer on the full sequence instead")
         self._lay = lay
         self._min = not hasattr(lay, "num_layers")
         self._dtype = (np.dtype(np.float32) if isinstance(model, _FrozenBase) and model.precision in ("bf16", "int8")
@@ -332,7 +346,7 @@ class Stream:
         # kernel (_engine.run_small) when x_t is a plain array of the compute dtype
         self._plan = None
         plain = (not isinstance(model, _FrozenBase) or model._q is None) and not self._min
-        if (plain and lay.num_layers == 1 and not lay.proj_size
+        if (plain and lay.num_layers == 1 and not lay.proj_size and lay._variant is None
                 and "cython" in backends.available_backends()):
             w = lay._weights()[0][0]
             self._plan = _engine.small_plan(lay._kind, lay._code, w, lay.hidden_size, lay.hidden_size)
@@ -487,7 +501,8 @@ class Stream:
                 return (y, st[0], st[1]) if self._c is not None else (y, st, None)
         if frozen:
             return model._run_time_major(xs, self._get_h(), self._c)
-        return _engine.run_stack(lay._kind, lay._code, xs, lay._weights(), self._h, self._c, None)
+        return _engine.run_stack(lay._kind, lay._code, xs, lay._weights(), self._h, self._c, None,
+                                 variant=lay._variant)
 
 
 def _fast_scan() -> str:

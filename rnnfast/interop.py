@@ -1,4 +1,5 @@
-"""Interoperability with PyTorch modules (duck-typed: rnnfast never imports torch)."""
+"""Interoperability with PyTorch modules (duck-typed: rnnfast never imports torch) and
+Keras models (rnnfast.keras; Keras is imported by the caller, never by rnnfast)."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,3 +29,10 @@ def from_torch(module):
         layer = RNN(module.input_size, module.hidden_size, nonlinearity=module.nonlinearity, **kw)
     layer.load_state_dict(sd)
     return layer
+
+
+def from_keras(obj):
+    """A callable running a Keras 3 ``LSTM``, ``GRU``, ``SimpleRNN``, ``Bidirectional`` of
+    those, or a ``Sequential`` of them on rnnfast layers (see :mod:`rnnfast.keras`)."""
+    from .keras import from_keras as _from_keras
+    return _from_keras(obj)

@@ -7,8 +7,7 @@ import numpy as np
 
 from . import _engine, backends
 from ._validation import check_input, check_lengths, check_state, load_params
-from .cells import CELLS, cell_code
-from .functional import check_nonlinearity
+from .cells import CELLS, activation, cell_code, make_variant
 
 
 def _plain(a, dtype: np.dtype, shape: tuple) -> bool:
@@ -73,6 +72,12 @@ class _PickledAsParameters:
         from .frozen import freeze
         return freeze(self, precision)
 
+    def to_onnx(self, path, lengths: bool = False, initial_state: bool = False):
+        """Write this layer as an ONNX model (one recurrent node per layer); see
+        :func:`rnnfast.onnx.to_onnx`."""
+        from .onnx import to_onnx
+        return to_onnx(self, path, lengths=lengths, initial_state=initial_state)
+
     def stream(self, batch: int):
         """A :class:`rnnfast.frozen.Stream` of `batch` sequences through this layer (its
         current weights at each call), carrying the state between calls."""
@@ -87,7 +92,8 @@ class _RNNBase(_PickledAsParameters):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, dtype=np.float32, seed=None, *, _code: int | None = None):
+                 proj_size: int = 0, dtype=np.float32, seed=None, *, _code: int | None = None,
+                 reverse: bool = False, _variant=None):
         self.input_size = _check_int("input_size", input_size, 1)
         self.hidden_size = _check_int("hidden_size", hidden_size, 1)
         self.num_layers = _check_int("num_layers", num_layers, 1)
@@ -102,6 +108,11 @@ class _RNNBase(_PickledAsParameters):
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.bidirectional = bool(bidirectional)
+        self.reverse = bool(reverse)
+        if self.reverse and self.bidirectional:
+            raise ValueError("reverse: a bidirectional layer already runs both ways (reverse=True is for "
+                             "one direction run from the end)")
+        self._variant = _variant
         self.dtype = _check_dtype(dtype)
         self.seed = seed
         self._code = _code
@@ -122,9 +133,19 @@ class _RNNBase(_PickledAsParameters):
                     shapes[f"bias_hh_{sfx}"] = (G * H,)
                 if self.proj_size:
                     shapes[f"weight_hr_{sfx}"] = (self.proj_size, H)
+                if _variant is not None and _variant.peephole:
+                    shapes[f"weight_ph_{sfx}"] = (3 * H,)
                 for name, shape in shapes.items():
                     self._shapes[name] = shape
                     self._params[name] = _engine.aligned_copy(self._rng.uniform(-k, k, shape), self.dtype)
+
+    def _set_variant_attrs(self, v, kind: str) -> None:
+        """The variant options as attributes (Activation objects, compare equal to names)."""
+        d = v if v is not None else make_variant(kind, clip=1.0)      # the defaults, any clip
+        self.gate_activation, self.candidate_activation = d.gate, d.candidate
+        if kind == "lstm":
+            self.output_activation, self.peephole, self.input_forget = d.output, d.peephole, d.input_forget
+        self.clip = v.clip if v is not None else None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -167,7 +188,7 @@ class _RNNBase(_PickledAsParameters):
                 p = self._params
                 dirs.append(_engine.DirWeights(
                     p[f"weight_ih_{sfx}"], p[f"weight_hh_{sfx}"], p.get(f"bias_ih_{sfx}"),
-                    p.get(f"bias_hh_{sfx}"), p.get(f"weight_hr_{sfx}")))
+                    p.get(f"bias_hh_{sfx}"), p.get(f"weight_hr_{sfx}"), p.get(f"weight_ph_{sfx}")))
             out.append(dirs)
         self._wcache = out
         return out
@@ -221,10 +242,11 @@ class _RNNBase(_PickledAsParameters):
             self._ctx = None          # drop the previous saved state before building a new one
             y, hn, cn, ctx = training.stack_forward_train(
                 self._kind, self._code, xs, self._weights(), h0, c0, ln,
-                dropout=self.dropout, rng=self._rng)
+                dropout=self.dropout, rng=self._rng, rev0=self.reverse, variant=self._variant)
             self._ctx = (ctx, unbatched, self.batch_first)
         else:
-            y, hn, cn = _engine.run_stack(self._kind, self._code, xs, self._weights(), h0, c0, ln)
+            y, hn, cn = _engine.run_stack(self._kind, self._code, xs, self._weights(), h0, c0, ln,
+                                          rev0=self.reverse, variant=self._variant)
         return self._finish(y, hn, cn, unbatched)
 
     __call__ = forward
@@ -233,7 +255,8 @@ class _RNNBase(_PickledAsParameters):
     def _small_ok(self) -> bool:
         """Whether this layer's shape suits the lean serving path (one layer, one direction,
         no projection, time-major input)."""
-        return self.num_layers == 1 and not self.bidirectional and not self.proj_size and not self.batch_first
+        return (self.num_layers == 1 and not self.bidirectional and not self.proj_size and not self.batch_first
+                and not self.reverse and self._variant is None)
 
     def _forward_small(self, x, hx):
         """The lean path for a few steps of a plain single-layer call (serving): None unless
@@ -294,45 +317,86 @@ class _RNNBase(_PickledAsParameters):
 
     def __repr__(self) -> str:
         extra = f", proj_size={self.proj_size}" if self.proj_size else ""
+        if self.reverse:
+            extra += ", reverse=True"
+        if self._variant is not None:
+            extra += ", " + self._variant.describe()
         return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"bidirectional={self.bidirectional}, batch_first={self.batch_first}, "
                 f"dtype={self.dtype.name}{extra})")
 
 
+_VARIANT_DOC = """
+    Cell variants (ONNX's and Keras's; keyword-only):
+
+    - ``reverse``: the one direction of a unidirectional layer runs from each sequence's
+      last valid step down to step 0 (ONNX ``direction="reverse"``; outputs stay at
+      their input positions).
+    - ``gate_activation`` (i, f, o; r, z), ``candidate_activation`` (g; n; an RNN's
+      ``nonlinearity``), ``output_activation`` (LSTM: h' = o * act(c')): a name of
+      :data:`rnnfast.cells.ACTIVATIONS` or a tuple ``(name, alpha[, beta])``, e.g.
+      ``("hard_sigmoid", 0.2, 0.5)``.
+    - ``peephole`` (LSTM): parameters ``weight_ph_l{k}`` (3*H,), ordered i, f, o.
+    - ``clip``: pre-activations clamped to [-clip, clip] before their activations.
+    - ``input_forget`` (LSTM): the forget gate is 1 - i.
+
+    A layer with a non-standard cell runs on the NumPy reference backend for now
+    (correct, float64 inside, slow); naming a compiled backend for it raises
+    NotImplementedError, and so does training it.
+"""
+
+
 class LSTM(_RNNBase):
-    """Multi-layer LSTM (gates i, f, g, o; optional projection ``proj_size``), PyTorch-compatible."""
+    """Multi-layer LSTM (gates i, f, g, o; optional projection ``proj_size``), PyTorch-compatible.
+    """ + _VARIANT_DOC
 
     _kind = "lstm"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, dtype=np.float32, seed=None):
+                 proj_size: int = 0, dtype=np.float32, seed=None, *, reverse: bool = False,
+                 gate_activation="sigmoid", candidate_activation="tanh", output_activation="tanh",
+                 peephole: bool = False, clip: float | None = None, input_forget: bool = False):
+        v = make_variant("lstm", gate=gate_activation, candidate=candidate_activation, output=output_activation,
+                         peephole=peephole, clip=clip, input_forget=input_forget)
+        self._set_variant_attrs(v, "lstm")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         proj_size, dtype, seed, _code=cell_code("lstm", proj=proj_size > 0))
+                         proj_size, dtype, seed, _code=cell_code("lstm", proj=proj_size > 0),
+                         reverse=reverse, _variant=v)
 
 
 class GRU(_RNNBase):
-    """Multi-layer GRU (gates r, z, n), PyTorch-compatible; ``linear_before_reset=False`` is ONNX's default form."""
+    """Multi-layer GRU (gates r, z, n), PyTorch-compatible; ``linear_before_reset=False`` is ONNX's default form.
+    """ + _VARIANT_DOC
 
     _kind = "gru"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 dtype=np.float32, seed=None, linear_before_reset: bool = True):
+                 dtype=np.float32, seed=None, linear_before_reset: bool = True, *, reverse: bool = False,
+                 gate_activation="sigmoid", candidate_activation="tanh", clip: float | None = None):
         self.linear_before_reset = bool(linear_before_reset)
+        v = make_variant("gru", gate=gate_activation, candidate=candidate_activation, clip=clip)
+        self._set_variant_attrs(v, "gru")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         0, dtype, seed, _code=cell_code("gru", linear_before_reset=self.linear_before_reset))
+                         0, dtype, seed, _code=cell_code("gru", linear_before_reset=self.linear_before_reset),
+                         reverse=reverse, _variant=v)
 
 
 class RNN(_RNNBase):
-    """Multi-layer Elman RNN with ``nonlinearity`` "tanh" or "relu", PyTorch-compatible."""
+    """Multi-layer Elman RNN with ``nonlinearity`` "tanh" or "relu" (PyTorch-compatible), or
+    any other activation (a cell variant).
+    """ + _VARIANT_DOC
 
     _kind = "rnn"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 dtype=np.float32, seed=None, nonlinearity: str = "tanh"):
-        check_nonlinearity(nonlinearity)
-        self.nonlinearity = nonlinearity
+                 dtype=np.float32, seed=None, nonlinearity="tanh", *, reverse: bool = False,
+                 clip: float | None = None):
+        v = make_variant("rnn", candidate=activation(nonlinearity, "nonlinearity"), clip=clip)
+        self.nonlinearity = activation(nonlinearity, "nonlinearity")
+        self.clip = v.clip if v is not None else None
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         0, dtype, seed, _code=cell_code("rnn", nonlinearity=nonlinearity))
+                         0, dtype, seed, _code=cell_code("rnn", nonlinearity=self.nonlinearity.name),
+                         reverse=reverse, _variant=v)

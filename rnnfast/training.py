@@ -76,7 +76,7 @@ class TrainContext:
 
 # ============================================================================ stack entry points
 def stack_forward_train(kind: str, code: int, xs: np.ndarray, weights, h0, c0, lengths, *,
-                        dropout: float = 0.0, rng=None, rev0: bool = False):
+                        dropout: float = 0.0, rng=None, rev0: bool = False, variant=None):
     """Forward of a stack of layers that keeps what :func:`stack_backward` needs.
 
     Parameters
@@ -89,11 +89,16 @@ def stack_forward_train(kind: str, code: int, xs: np.ndarray, weights, h0, c0, l
     dropout : inter-layer dropout probability (applied to every layer's output but the
         last; inverted scaling; masks drawn from `rng`).
     rev0 : direction 0 runs in reverse (the functional API's ``reverse=True``).
+    variant : a cell variant (:class:`rnnfast.cells.Variant`): not trainable yet
+        (NotImplementedError).
 
     Returns
     -------
     y, h_n, c_n, ctx : exactly as :func:`rnnfast._engine.run_stack` plus the context.
     """
+    if variant is not None:
+        raise NotImplementedError(f"training a cell with {variant.describe()} is not implemented yet "
+                                  "(inference is, on the reference backend)")
     T, B, I = xs.shape
     L, D = len(weights), len(weights[0])
     G = CELLS[kind].num_gates

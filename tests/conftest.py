@@ -195,8 +195,9 @@ def ref_stack(layer, x, hx=None, lengths=None):
             y, h, c = reference.run_direction(
                 kind, inp, p[f"weight_ih_{sfx}"], p[f"weight_hh_{sfx}"], p.get(f"bias_ih_{sfx}"),
                 p.get(f"bias_hh_{sfx}"), h0=h0[k], c0=c0[k] if kind == "lstm" else None,
-                w_hr=p.get(f"weight_hr_{sfx}"), lengths=lengths, reverse=bool(d),
-                linear_before_reset=lbr, nonlinearity=nl)
+                w_hr=p.get(f"weight_hr_{sfx}"), lengths=lengths, reverse=bool(d) or getattr(layer, "reverse", False),
+                linear_before_reset=lbr, nonlinearity=nl, variant=getattr(layer, "_variant", None),
+                w_ph=p.get(f"weight_ph_{sfx}"))
             ys.append(y)
             hn[k] = h
             if kind == "lstm":

@@ -199,9 +199,15 @@ def test_constructor_proj_and_nonlinearity_errors():
     rnnfast.LSTM(I, H, proj_size=H - 1)
     with pytest.raises(TypeError):
         rnnfast.GRU(I, H, proj_size=2)
-    for bad in ["sigmoid", "TANH", None]:
-        with pytest.raises(ValueError, match=msg(f"nonlinearity: expected one of ('tanh', 'relu'), got {bad!r}")):
+    # any activation of rnnfast.cells.ACTIVATIONS is a nonlinearity (a cell variant past tanh / relu)
+    for bad in ["TANH", "swish"]:
+        with pytest.raises(ValueError, match=msg(f"nonlinearity: unknown activation {bad!r}")):
             rnnfast.RNN(I, H, nonlinearity=bad)
+    with pytest.raises(TypeError, match=msg("nonlinearity: expected a name or a tuple (name, alpha[, beta]), "
+                                            "got None")):
+        rnnfast.RNN(I, H, nonlinearity=None)
+    with pytest.raises(ValueError, match=msg("nonlinearity: sigmoid takes no alpha (got 2.0)")):
+        rnnfast.RNN(I, H, nonlinearity=("sigmoid", 2.0))
 
 
 # ------------------------------------------------------------------ layer calls

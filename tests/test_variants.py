@@ -1,0 +1,205 @@
+"""Cell variants on the layers (rnnfast.cells.Variant): other activations, peepholes, clip,
+coupled input-forget gate, and ``reverse=True``.
+
+The variant equations of the reference are checked here against values written out by
+hand; tests/test_onnx_import.py checks them against ONNX Runtime's LSTM/GRU/RNN operators.
+"""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+import rnnfast
+from rnnfast import reference
+from rnnfast.cells import ACTIVATIONS, ONNX_ACTIVATIONS, Activation, activation
+
+from conftest import BACKENDS, FAST_BACKENDS, make_layer, ref_stack, rng_for, tol_for
+
+T, B, I, H = 6, 3, 4, 5
+
+
+def test_activations_by_hand():
+    """Each activation at a few points, written out from ONNX's operator definitions."""
+    x = np.array([-2.0, -0.5, 0.0, 0.5, 2.0])
+    want = {
+        "sigmoid": 1 / (1 + np.exp(-x)),
+        "tanh": np.tanh(x),
+        "relu": [0, 0, 0, 0.5, 2],
+        "affine": 1.0 * x + 0.0,
+        "leaky_relu": [-0.02, -0.005, 0, 0.5, 2],
+        "thresholded_relu": [0, 0, 0, 0, 2],
+        "scaled_tanh": np.tanh(x),
+        "hard_sigmoid": [0.1, 0.4, 0.5, 0.6, 0.9],
+        "elu": [np.exp(-2) - 1, np.exp(-0.5) - 1, 0, 0.5, 2],
+        "softsign": x / (1 + np.abs(x)),
+        "softplus": np.log(1 + np.exp(x)),
+    }
+    assert set(want) == set(ACTIVATIONS) == set(ONNX_ACTIVATIONS.values())
+    for name, w in want.items():
+        np.testing.assert_allclose(reference.activate(activation(name), x), w, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(reference.activate(activation(("affine", 2.0, -1.0)), x), 2 * x - 1)
+    np.testing.assert_allclose(reference.activate(activation(("scaled_tanh", 2.0, 0.5)), x), 2 * np.tanh(0.5 * x))
+    np.testing.assert_allclose(reference.activate(activation(("hard_sigmoid", 1 / 6, 0.5)), x),
+                               np.clip(x / 6 + 0.5, 0, 1))
+    np.testing.assert_allclose(reference.activate(activation(("elu", 0.5)), x), np.where(x >= 0, x, 0.5 * np.expm1(x)))
+
+
+def test_activation_specs():
+    assert activation("hard_sigmoid") == Activation("hard_sigmoid", 0.2, 0.5) == "hard_sigmoid"
+    assert activation(("hard_sigmoid", 0.2)) == "hard_sigmoid"
+    assert activation(("hard_sigmoid", 0.3)) != "hard_sigmoid"
+    assert str(activation(("leaky_relu", 0.1))) == "leaky_relu(0.1)"
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        activation("gelu")
+    with pytest.raises(ValueError, match="tanh takes no alpha"):
+        activation(("tanh", 1.0))
+    with pytest.raises(ValueError, match="finite number"):
+        activation(("elu", float("nan")))
+    with pytest.raises(TypeError):
+        activation(3)
+
+
+def test_lstm_variant_step_by_hand():
+    """One LSTM step with peepholes, clip, hard_sigmoid gates and relu output, from the
+    equations (ONNX Runtime's order: peephole terms, then clip, then the activation)."""
+    rng = rng_for("var-hand")
+    x, h, c = rng.standard_normal((2, I)), rng.standard_normal((2, H)), rng.standard_normal((2, H))
+    w_ih, w_hh = rng.standard_normal((4 * H, I)), rng.standard_normal((4 * H, H))
+    b_ih, b_hh, p = rng.standard_normal(4 * H), rng.standard_normal(4 * H), rng.standard_normal(3 * H)
+    clip = 1.5
+    v = rnnfast.cells.make_variant("lstm", gate="hard_sigmoid", output="relu", peephole=True, clip=clip)
+    got_h, got_c = reference.cell_step("lstm", x, h, c, w_ih, w_hh, b_ih, b_hh, variant=v, w_ph=p)
+    g = x @ w_ih.T + b_ih + h @ w_hh.T + b_hh
+    hs = lambda a: np.clip(0.2 * a + 0.5, 0, 1)             # noqa: E731
+    cl = lambda a: np.clip(a, -clip, clip)                   # noqa: E731
+    i = hs(cl(g[:, :H] + p[:H] * c))
+    f = hs(cl(g[:, H:2 * H] + p[H:2 * H] * c))
+    c2 = f * c + i * np.tanh(cl(g[:, 2 * H:3 * H]))
+    o = hs(cl(g[:, 3 * H:] + p[2 * H:] * c2))
+    np.testing.assert_allclose(got_c, c2, rtol=1e-12)
+    np.testing.assert_allclose(got_h, o * np.maximum(c2, 0), rtol=1e-12)
+    v2 = rnnfast.cells.make_variant("lstm", input_forget=True)
+    _, c3 = reference.cell_step("lstm", x, h, c, w_ih, w_hh, b_ih, b_hh, variant=v2)
+    i = 1 / (1 + np.exp(-g[:, :H]))
+    np.testing.assert_allclose(c3, (1 - i) * c + i * np.tanh(g[:, 2 * H:3 * H]), rtol=1e-12)
+
+
+def test_standard_specs_are_the_standard_cell():
+    """Options equal to the defaults make no variant: such layers run in the fast kernels."""
+    assert rnnfast.LSTM(I, H, gate_activation="sigmoid", candidate_activation=("tanh",))._variant is None
+    assert rnnfast.RNN(I, H, nonlinearity="relu")._variant is None
+    assert rnnfast.GRU(I, H, clip=None)._variant is None
+    assert rnnfast.RNN(I, H, nonlinearity="elu")._variant is not None
+    assert rnnfast.LSTM(I, H, clip=3.0)._variant is not None
+
+
+def test_variant_options_and_errors():
+    lay = rnnfast.LSTM(I, H, peephole=True, bidirectional=True, num_layers=2)
+    assert lay.parameters()["weight_ph_l1_reverse"].shape == (3 * H,)
+    assert lay.peephole and lay.gate_activation == "sigmoid" and lay.clip is None
+    assert "peephole=True" in repr(lay)
+    with pytest.raises(ValueError, match="clip"):
+        rnnfast.LSTM(I, H, clip=0.0)
+    with pytest.raises(ValueError, match="clip"):
+        rnnfast.GRU(I, H, clip=float("inf"))
+    with pytest.raises(ValueError, match="reverse"):
+        rnnfast.GRU(I, H, bidirectional=True, reverse=True)
+    with pytest.raises(ValueError, match="unknown activation"):
+        rnnfast.GRU(I, H, gate_activation="hardsigmoid")
+    with pytest.raises(TypeError):
+        rnnfast.GRU(I, H, peephole=True)
+
+
+VARIANT_LAYERS = [
+    ("lstm-peep-clip", "lstm", dict(peephole=True, clip=0.8)),
+    ("lstm-cifg-hs", "lstm", dict(input_forget=True, gate_activation=("hard_sigmoid", 1 / 6, 0.5))),
+    ("lstm-acts", "lstm", dict(candidate_activation="softsign", output_activation=("scaled_tanh", 1.5, 0.7))),
+    ("gru-lbr-clip", "gru", dict(clip=0.5, gate_activation="hard_sigmoid")),
+    ("gru-nolbr-elu", "gru", dict(linear_before_reset=False, candidate_activation=("elu", 0.7))),
+    ("rnn-leaky", "rnn", dict(nonlinearity=("leaky_relu", 0.2), clip=1.0)),
+]
+
+
+@pytest.mark.parametrize("name,kind,kw", VARIANT_LAYERS, ids=[v[0] for v in VARIANT_LAYERS])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_variant_layers_against_reference(name, kind, kw, reverse):
+    """Layers with variants (stacked, bidirectional, lengths, hx, batch_first) give the
+    reference's outputs under "auto", and frozen fp32 copies too."""
+    rng = rng_for("var-layer", name, reverse)
+    for bidir, L in ([(False, 1)] if reverse else [(True, 2), (False, 1)]):
+        lay = (rnnfast.LSTM if kind == "lstm" else rnnfast.GRU if kind == "gru" else rnnfast.RNN)(
+            I, H, num_layers=L, bidirectional=bidir, batch_first=True, seed=1, reverse=reverse, **kw)
+        x = rng.standard_normal((B, T, I)).astype(np.float32)
+        lengths = [T, 2, 0]
+        D = 2 if bidir else 1
+        h0 = rng.standard_normal((L * D, B, H)).astype(np.float32) * 0.5
+        hx = (h0, h0 * 0.3) if kind == "lstm" else h0
+        got = lay(x, hx, lengths=lengths)
+        want = ref_stack(lay, x, hx, lengths)
+        for g, w in zip(_flat(got), _flat(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+        frozen = lay.freeze("fp32")
+        for g, w in zip(_flat(frozen(x, hx, lengths=lengths)), _flat(got)):
+            np.testing.assert_array_equal(g, w)
+        back = pickle.loads(pickle.dumps(lay))
+        for g, w in zip(_flat(back(x, hx, lengths=lengths)), _flat(got)):
+            np.testing.assert_array_equal(g, w)
+
+
+def _flat(out):
+    y, s = out
+    return [y, *(s if isinstance(s, tuple) else (s,))]
+
+
+@pytest.mark.parametrize("be", FAST_BACKENDS)
+def test_variants_not_in_compiled_kernels_say_so(be):
+    lay = rnnfast.LSTM(I, H, peephole=True)
+    x = np.zeros((T, B, I), np.float32)
+    before = lay.state_dict()
+    with rnnfast.backend(be), pytest.raises(NotImplementedError, match="peephole=True runs on the 'reference'"):
+        lay(x)
+    with pytest.raises(NotImplementedError, match="training a cell with peephole=True"):
+        lay.forward(x, train=True)
+    with pytest.raises(NotImplementedError, match="bf16"):
+        lay.freeze("bf16")
+    for k, v in lay.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_reverse_layer(be, kind):
+    """``reverse=True`` runs the one direction from each sequence's end, in every backend,
+    as the functional API's ``reverse=True`` (and the reverse half of a bidirectional
+    layer): inference and training."""
+    rng = rng_for("rev", kind)
+    lay = make_layer(kind, {}, I, H, dtype=np.float64, seed=3)
+    rev2 = type(lay)(I, H, dtype=np.float64, reverse=True)
+    rev2.load_state_dict(lay.state_dict())
+    x = rng.standard_normal((T, B, I))
+    lengths = [T, 3, 1]
+    with rnnfast.backend(be):
+        got = rev2(x, lengths=lengths)
+        p = lay.state_dict()
+        fn = getattr(rnnfast, kind)
+        yf, sf = fn(x, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"],
+                    lengths=lengths, reverse=True)
+        y, st = got
+        np.testing.assert_allclose(y, yf, **tol_for(np.float64))
+        for g, w in zip(st if kind == "lstm" else (st,), sf if kind == "lstm" else (sf,)):
+            np.testing.assert_allclose(g[0], w, **tol_for(np.float64))
+        want = ref_stack(rev2, x, None, lengths)
+        for g, w in zip(_flat(got), _flat(want)):
+            np.testing.assert_allclose(g, w, **tol_for(np.float64))
+        yt, _ = rev2.forward(x, lengths=lengths, train=True)
+        np.testing.assert_allclose(yt, y, **tol_for(np.float64))
+        dy = rng.standard_normal(yt.shape)
+        dx, _ = rev2.backward(dy)
+    with rnnfast.backend("reference"):
+        rev2.forward(x, lengths=lengths, train=True)
+        dx_ref, _ = rev2.backward(dy)
+    np.testing.assert_allclose(dx, dx_ref, **tol_for(np.float64))
+    with pytest.raises(ValueError, match="reverse"):
+        rev2.stream(batch=2)
