@@ -48,7 +48,7 @@ from numba.extending import intrinsic, overload
 from numba.np.linalg import ensure_blas
 
 from .. import threads
-from ..cells import GRU_LBR, GRU_NOLBR, LSTM, LSTM_PROJ, RNN_TANH
+from ..cells import GRU_LBR, GRU_NOLBR, LSTM, LSTM_PROJ, RNN_TANH, VARIANT_LEN
 from .numba_common import FASTMATH, kernel_threads
 
 # The polynomial approximations below rely on the exact order of their operations
@@ -343,6 +343,102 @@ def _gates_chunk(code, phase, H, u0, u1, xr, gr, bx, bh, hp, hw, yr, cr, sr):
             yr[u] = hw[u]
 
 
+# --------------------------------------------------------------------------------------
+# cell variants (rnnfast.cells.Variant; layout of `vp`: rnnfast.cells.variant_vector)
+# --------------------------------------------------------------------------------------
+
+@njit(**_JIT)
+def _act(k, a, b, x):
+    """Activation code k of rnnfast.cells.ACTIVATION_CODES with parameters a, b, in float64."""
+    if k == 0.0:
+        return _sigmoid_f64(x)
+    if k == 1.0:
+        return math.tanh(x)
+    if k == 2.0:
+        return 0.0 if x < 0.0 else x
+    if k == 3.0:
+        return a * x + b
+    if k == 4.0:
+        return x if x >= 0.0 else a * x
+    if k == 5.0:
+        return x if x > a else 0.0
+    if k == 6.0:
+        return a * math.tanh(b * x)
+    if k == 7.0:
+        v = a * x + b
+        return 0.0 if v < 0.0 else (1.0 if v > 1.0 else v)
+    if k == 8.0:
+        return x if x >= 0.0 else a * math.expm1(x)
+    if k == 9.0:
+        return x / (1.0 + abs(x))
+    # softplus, log(1 + e^x) without overflow
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+@njit(**_JIT)
+def _clip(x, c):
+    return c if x > c else (-c if x < -c else x)       # NaN passes
+
+
+@njit(**_JIT)
+def _gates_chunk_v(code, phase, H, u0, u1, xr, gr, bx, bh, hp, hw, yr, cr, sr, vp, ph):
+    """:func:`_gates_chunk` of a cell variant, in float64 (vp: the variant vector; ph:
+    the direction's peepholes (3H,), i, f, o). ONNX Runtime's order: peephole terms,
+    clip, activation."""
+    H1 = np.uint64(H)
+    H2 = H1 + H1
+    H3 = H2 + H1
+    ga, gaa, gab = vp[1], vp[2], vp[3]
+    ca, caa, cab = vp[4], vp[5], vp[6]
+    oa, oaa, oab = vp[7], vp[8], vp[9]
+    cl = vp[10]
+    cifg = vp[11] != 0.0
+    peep = vp[12] != 0.0
+    for uu in range(u0, u1):
+        u = np.uint64(uu)
+        if code == LSTM or code == LSTM_PROJ:
+            c0 = np.float64(cr[u])
+            gi = np.float64(xr[u] + gr[u] + bx[u] + bh[u])
+            gf = np.float64(xr[H1 + u] + gr[H1 + u] + bx[H1 + u] + bh[H1 + u])
+            gg = np.float64(xr[H2 + u] + gr[H2 + u] + bx[H2 + u] + bh[H2 + u])
+            go = np.float64(xr[H3 + u] + gr[H3 + u] + bx[H3 + u] + bh[H3 + u])
+            if peep:
+                gi += np.float64(ph[u]) * c0
+                gf += np.float64(ph[H1 + u]) * c0
+            i = _act(ga, gaa, gab, _clip(gi, cl))
+            f = 1.0 - i if cifg else _act(ga, gaa, gab, _clip(gf, cl))
+            c = f * c0 + i * _act(ca, caa, cab, _clip(gg, cl))
+            if peep:
+                go += np.float64(ph[H2 + u]) * c
+            o = _act(ga, gaa, gab, _clip(go, cl))
+            cr[u] = c
+            if code == LSTM_PROJ:
+                sr[u] = o * _act(oa, oaa, oab, c)
+            else:
+                hw[u] = o * _act(oa, oaa, oab, c)
+        elif code == GRU_LBR:
+            r = _act(ga, gaa, gab, _clip(np.float64(xr[u] + gr[u] + bx[u] + bh[u]), cl))
+            z = _act(ga, gaa, gab, _clip(np.float64(xr[H1 + u] + gr[H1 + u] + bx[H1 + u] + bh[H1 + u]), cl))
+            n = _act(ca, caa, cab, _clip(np.float64(xr[H2 + u] + bx[H2 + u]) + r * np.float64(gr[H2 + u] + bh[H2 + u]),
+                                         cl))
+            hw[u] = n + z * (np.float64(hp[u]) - n)
+        elif code == GRU_NOLBR:
+            if phase == 0:
+                r = _act(ga, gaa, gab, _clip(np.float64(xr[u] + gr[u] + bx[u] + bh[u]), cl))
+                z = _act(ga, gaa, gab, _clip(np.float64(xr[H1 + u] + gr[H1 + u] + bx[H1 + u] + bh[H1 + u]), cl))
+                sr[u] = r * np.float64(hp[u])
+                gr[u] = z
+            else:
+                z = np.float64(gr[u])
+                n = _act(ca, caa, cab, _clip(np.float64(xr[H2 + u] + bx[H2 + u] + gr[H2 + u] + bh[H2 + u]), cl))
+                hw[u] = n + z * (np.float64(hp[u]) - n)
+        else:   # RNN: the candidate activation is its nonlinearity
+            hw[u] = _act(ca, caa, cab, _clip(np.float64(xr[u] + gr[u] + bx[u] + bh[u]), cl))
+    if code != LSTM_PROJ and (code != GRU_NOLBR or phase == 1):
+        for u in range(u0, u1):
+            yr[u] = hw[u]
+
+
 @njit(**_JIT)
 def _split(total, k, parts):
     """Start of part k when [0, total) is cut into `parts` slices of whole unit blocks."""
@@ -371,7 +467,7 @@ def _proj_item(it, cpd, H, x, w_ih0, w_ih1, xg):
 
 @njit(**_JIT)
 def _step_item(it, cpd, code, phase, H, n0, n1, off0, off1, rd, wr, w_hh0, bx0, bh0, w_hr0,
-               w_hh1, bx1, bh1, w_hr1, xg, hbuf, cst, y, hg, s2):
+               w_hh1, bx1, bh1, w_hr1, xg, hbuf, cst, y, hg, s2, vp, ph0, ph1):
     """One item of one step: recurrent GEMM of its units (all live rows), then their gates.
 
     phase 1 exists for LSTM_PROJ (projection GEMM, the item's slice of the P outputs)
@@ -411,6 +507,12 @@ def _step_item(it, cpd, code, phase, H, n0, n1, off0, off1, rd, wr, w_hh0, bx0, 
     bh = bh0 if d == 0 else bh1
     cd = cst[d]
     xgd = xg[d]
+    if vp[0] != 0.0:
+        ph = ph0 if d == 0 else ph1
+        for j in range(n):
+            _gates_chunk_v(code, phase, H, u0, u1, xgd[off + j], hgd[j], bx, bh, hr[j], hw[j],
+                           y[off + j, d * Hout:(d + 1) * Hout], cd[j], s2d[j], vp, ph)
+        return
     for j in range(n):
         _gates_chunk(code, phase, H, u0, u1, xgd[off + j], hgd[j], bx, bh, hr[j], hw[j],
                      y[off + j, d * Hout:(d + 1) * Hout], cd[j], s2d[j])
@@ -418,7 +520,7 @@ def _step_item(it, cpd, code, phase, H, n0, n1, off0, off1, rd, wr, w_hh0, bx0, 
 
 @njit(fastmath=FASTMATH, error_model="numpy", nogil=True, parallel=True, cache=True)
 def _layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, w_hr1,
-           ndir, rev0, xg, hbuf, cst, y, hg, s2, nthr, serial_work):
+           ndir, rev0, xg, hbuf, cst, y, hg, s2, nthr, serial_work, vp, ph0, ph1):
     """The whole layer: input projections, then every step (no Python in between).
 
     Parallel passes are ``prange`` loops over the items, one item per thread.
@@ -458,12 +560,12 @@ def _layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, 
                 for it in prange(nitems):
                     _step_item(np.int64(it), cpd, code, phase, H, n0, n1, off0, off1, rd, wr,
                                w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh1, w_hr1,
-                               xg, hbuf, cst, y, hg, s2)
+                               xg, hbuf, cst, y, hg, s2, vp, ph0, ph1)
             else:
                 for it in range(ndir):
                     _step_item(it, one, code, phase, H, n0, n1, off0, off1, rd, wr,
                                w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh1, w_hr1,
-                               xg, hbuf, cst, y, hg, s2)
+                               xg, hbuf, cst, y, hg, s2, vp, ph0, ph1)
         if s + 1 < T:
             if rev0:
                 off0 -= bsz[T - 2 - s]
@@ -479,7 +581,7 @@ def _readonly(a):
 
 
 def run_layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, w_hr1,
-              ndir, rev0, xg, hbuf, cst, y, hg, s2, nthreads, wpk=None):
+              ndir, rev0, xg, hbuf, cst, y, hg, s2, nthreads, wpk=None, vp=None, ph0=None, ph1=None):
     """Run one layer (one or two directions) over packed rows.
 
     Same signature and semantics as ``rnnfast.kernels.cy_rnn.run_layer``:
@@ -496,6 +598,8 @@ def run_layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh
     hg : (ndir, B, G*H) and s2 : (ndir, B, H) scratch.  nthreads : threads to use.
     wpk : accepted for signature parity with the Cython kernel (its packed-weight
         scratch) and ignored here.
+    vp, ph0, ph1 : a cell variant (rnnfast.cells.variant_vector, float64) and each
+        direction's peepholes (3H,) in the compute dtype; None: the standard cell.
 
     All float arrays share one dtype (float32 or float64) and are C-contiguous. When any
     input is read-only, all inputs are passed as read-only views (one more compiled
@@ -513,5 +617,19 @@ def run_layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh
         if not a.flags.writeable:
             ins = tuple(_readonly(a) for a in ins)
             break
+    vp = _NO_VARIANT if vp is None else _readonly(np.ascontiguousarray(vp, np.float64))
+    if ph0 is None:
+        ph0 = _no_peepholes(x.dtype)
+    if ph1 is None:
+        ph1 = ph0
     with kernel_threads(nthreads) as nthr:
-        _layer(int(code), *ins, int(ndir), bool(rev0), xg, hbuf, cst, y, hg, s2, nthr, int(_SERIAL_WORK))
+        _layer(int(code), *ins, int(ndir), bool(rev0), xg, hbuf, cst, y, hg, s2, nthr, int(_SERIAL_WORK),
+               vp, _readonly(ph0), _readonly(ph1))
+
+
+_NO_VARIANT = np.zeros(VARIANT_LEN)
+_NO_VARIANT.setflags(write=False)
+
+
+def _no_peepholes(dtype):
+    return np.zeros(1, dtype)

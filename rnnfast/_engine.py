@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backends, reference, threads, tuning
-from .cells import CELLS, GRU_NOLBR, LSTM_PROJ, RNN_RELU
+from .cells import CELLS, GRU_NOLBR, LSTM_PROJ, RNN_RELU, variant_vector
 from .memory import SmallCache, aligned_copy, aligned_empty, scratch  # noqa: F401 - re-exported
 
 _USE_FUSED = True     # private switch for measurements: False = BLAS per gate in every step
@@ -181,7 +181,7 @@ def run_stack(kind: str, code: int, x: np.ndarray, weights: list[list[DirWeights
     # first call on a machine measures them with a few calls of its own)
     prof = tuning.profile(threads.get_num_threads()) if name == "cython" else tuning.DEFAULTS
     return threads.call_with_threads(_run_packed, name, kind, code, x, weights, h0, c0, lengths, rev0,
-                                     G, H, Hout, prof, packed if name == "cython" else None)
+                                     G, H, Hout, prof, packed if name == "cython" else None, variant)
 
 
 def pack_layer_weights(kind: str, code: int, weights: list[list[DirWeights]]) -> list | None:
@@ -208,16 +208,17 @@ def pack_layer_weights(kind: str, code: int, weights: list[list[DirWeights]]) ->
 
 
 def variant_backend(name: str, variant) -> str:
-    """The backend that runs a cell variant in place of `name`: the NumPy reference under
-    "auto" (the compiled kernels have the standard cells only so far, issue 15); a compiled
-    backend named by the caller raises NotImplementedError."""
-    if name == "reference":
+    """The backend that runs a cell variant in place of `name`: the Numba kernels have
+    the variants (inference); the Cython ones have the standard cells only so far (issue
+    15), so "auto" takes a variant to Numba (the NumPy reference where Numba is missing),
+    and a Cython backend named by the caller raises NotImplementedError."""
+    if name in ("reference", "numba"):
         return name
     if backends.get_backend() == "auto":
-        return "reference"
+        return "numba" if "numba" in backends.available_backends() else "reference"
     raise NotImplementedError(
-        f"the {name!r} backend has the standard cells only: a cell with {variant.describe()} runs on "
-        "the 'reference' backend for now (backend 'auto' takes it there)")
+        f"the {name!r} backend has the standard cells only: a cell with {variant.describe()} runs in the "
+        "'numba' backend (and 'reference'); backend 'auto' takes it there")
 
 
 def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0, variant=None):
@@ -241,7 +242,8 @@ def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0, variant=None):
     return out, hn, cn
 
 
-def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout, prof, packed, nthreads):
+def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout, prof, packed, variant,
+                nthreads):
     T, B, I = x.shape
     L, D = len(weights), len(weights[0])
     dtype = x.dtype
@@ -268,6 +270,8 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout,
         chunk = _chunk_steps(int(pk.bsz.shape[0]), B, G * H, dtype.itemsize)
         xrows = min(N, chunk * B)
         extra["chunk"] = chunk
+    if variant is not None:     # (the Numba kernels': variant_backend)
+        extra["vp"] = variant_vector(variant)
     xg = scratch("xg", (D, xrows, G * H), dtype)      # one projection buffer per direction
     hg = scratch("hg", (D, B, G * H), dtype)
     s2 = scratch("s2", (D, B, H), dtype)
@@ -305,6 +309,8 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout,
                      zeros_b if wd.b_ih is None else wd.b_ih,
                      zeros_b if wd.b_hh is None else wd.b_hh,
                      wd.w_hr if wd.w_hr is not None else dummy_hr]
+        if variant is not None and variant.peephole:
+            extra["ph0"], extra["ph1"] = dirs[0].w_ph, dirs[-1].w_ph
         if packed is not None and "wpk" in extra:     # a frozen layer's, packed once
             mod.run_layer(code, inp, pk.bsz, *args, D, bool(rev0), xg, hbuf, cst, y, hg, s2, nthreads,
                           **{**extra, "wpk": packed[layer], "prepacked": True})

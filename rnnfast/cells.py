@@ -80,6 +80,9 @@ ACTIVATIONS: dict[str, tuple[float | None, float | None]] = {
     "softplus": (None, None),           # log(1 + exp(x))
 }
 
+# the kernels' activation codes: the position in ACTIVATIONS
+ACTIVATION_CODES: dict[str, int] = {name: k for k, name in enumerate(ACTIVATIONS)}
+
 # ONNX's activation names (the ``activations`` attribute of LSTM, GRU, RNN) -> rnnfast's
 ONNX_ACTIVATIONS: dict[str, str] = {
     "Sigmoid": "sigmoid", "Tanh": "tanh", "Relu": "relu", "Affine": "affine", "LeakyRelu": "leaky_relu",
@@ -207,3 +210,26 @@ def _check_clip(clip) -> float | None:
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0 or clip == float("inf"):
         raise ValueError(f"clip: expected None or a finite number > 0, got {clip!r}")
     return float(clip)
+
+
+# The kernels' view of a variant (kernels/numba_rnn.py): float64 values at these offsets;
+# a vector of zeros (flag 0) is the standard cell.
+VARIANT_FLAG, VARIANT_GATE, VARIANT_CANDIDATE, VARIANT_OUTPUT = 0, 1, 4, 7     # (code, alpha, beta) each
+VARIANT_CLIP, VARIANT_INPUT_FORGET, VARIANT_PEEPHOLE, VARIANT_LEN = 10, 11, 12, 13
+
+
+def variant_vector(v: Variant | None):
+    """The float64 vector the kernels read a variant from (zeros: the standard cell)."""
+    import numpy as np
+    out = np.zeros(VARIANT_LEN)
+    if v is None:
+        return out
+    out[VARIANT_FLAG] = 1.0
+    for at, act in ((VARIANT_GATE, v.gate), (VARIANT_CANDIDATE, v.candidate), (VARIANT_OUTPUT, v.output)):
+        out[at] = ACTIVATION_CODES[act.name]
+        out[at + 1] = 0.0 if act.alpha is None else act.alpha
+        out[at + 2] = 0.0 if act.beta is None else act.beta
+    out[VARIANT_CLIP] = np.inf if v.clip is None else v.clip
+    out[VARIANT_INPUT_FORGET] = float(v.input_forget)
+    out[VARIANT_PEEPHOLE] = float(v.peephole)
+    return out

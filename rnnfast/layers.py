@@ -340,9 +340,10 @@ _VARIANT_DOC = """
     - ``clip``: pre-activations clamped to [-clip, clip] before their activations.
     - ``input_forget`` (LSTM): the forget gate is 1 - i.
 
-    A layer with a non-standard cell runs on the NumPy reference backend for now
-    (correct, float64 inside, slow); naming a compiled backend for it raises
-    NotImplementedError, and so does training it.
+    A layer with a non-standard cell runs in the Numba kernels (the NumPy reference where
+    Numba is missing) under backend "auto"; the Cython kernels have the standard cells
+    only so far (naming that backend raises NotImplementedError), and training a
+    variant raises NotImplementedError.
 """
 
 

@@ -153,12 +153,37 @@ def _flat(out):
     return [y, *(s if isinstance(s, tuple) else (s,))]
 
 
-@pytest.mark.parametrize("be", FAST_BACKENDS)
+@pytest.mark.parametrize("name,kind,kw", VARIANT_LAYERS, ids=[v[0] for v in VARIANT_LAYERS])
+@pytest.mark.parametrize("be,serial_work", [(b, w) for b in BACKENDS if b != "cython"
+                                             for w in ([None, 0] if b == "numba" else [None])])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_variant_kernels(name, kind, kw, be, dtype, serial_work, monkeypatch):
+    """The backends with the variants (Numba's kernels, the reference) against the oracle:
+    two layers, bidirectional, lengths, hx, every cell code's variant path (projection
+    too), serial and parallel passes."""
+    rng = rng_for("var-kern", name, dtype)
+    extra = {"proj_size": 2} if kind == "lstm" and "peephole" in kw else {}
+    lay = (rnnfast.LSTM if kind == "lstm" else rnnfast.GRU if kind == "gru" else rnnfast.RNN)(
+        I, H, num_layers=2, bidirectional=True, seed=2, dtype=dtype, **kw, **extra)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    lengths = [T, 4, 1]
+    if serial_work is not None:         # Numba's parallel passes even for these small shapes
+        from rnnfast.kernels import numba_rnn
+        monkeypatch.setattr(numba_rnn, "_SERIAL_WORK", serial_work)
+    with rnnfast.backend(be):
+        got = lay(x, lengths=lengths)
+    want = ref_stack(lay, x, None, lengths)
+    for g, w in zip(_flat(got), _flat(want)):
+        np.testing.assert_allclose(g, w, **({"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32
+                                            else tol_for(np.float64)))
+
+
+@pytest.mark.parametrize("be", [b for b in FAST_BACKENDS if b == "cython"])
 def test_variants_not_in_compiled_kernels_say_so(be):
     lay = rnnfast.LSTM(I, H, peephole=True)
     x = np.zeros((T, B, I), np.float32)
     before = lay.state_dict()
-    with rnnfast.backend(be), pytest.raises(NotImplementedError, match="peephole=True runs on the 'reference'"):
+    with rnnfast.backend(be), pytest.raises(NotImplementedError, match="peephole=True runs in the 'numba'"):
         lay(x)
     with pytest.raises(NotImplementedError, match="training a cell with peephole=True"):
         lay.forward(x, train=True)
