@@ -89,16 +89,13 @@ def stack_forward_train(kind: str, code: int, xs: np.ndarray, weights, h0, c0, l
     dropout : inter-layer dropout probability (applied to every layer's output but the
         last; inverted scaling; masks drawn from `rng`).
     rev0 : direction 0 runs in reverse (the functional API's ``reverse=True``).
-    variant : a cell variant (:class:`rnnfast.cells.Variant`): not trainable yet
-        (NotImplementedError).
+    variant : a cell variant (:class:`rnnfast.cells.Variant`): trained on the NumPy
+        reference for now (under "auto"; a compiled backend named raises NotImplementedError).
 
     Returns
     -------
     y, h_n, c_n, ctx : exactly as :func:`rnnfast._engine.run_stack` plus the context.
     """
-    if variant is not None:
-        raise NotImplementedError(f"training a cell with {variant.describe()} is not implemented yet "
-                                  "(inference is, on the reference backend)")
     T, B, I = xs.shape
     L, D = len(weights), len(weights[0])
     G = CELLS[kind].num_gates
@@ -117,6 +114,9 @@ def stack_forward_train(kind: str, code: int, xs: np.ndarray, weights, h0, c0, l
     ctx.masks = _draw_masks(rng, ctx.p, L, (T, B, D * Hout))
     name = backends.resolve(kind, B, H, dtype, threads.get_num_threads())
     name = backends.fit_sizes(name, T, B, I, H, Hout, G, D)
+    if variant is not None:
+        name = _variant_training_backend(name, variant)
+    ctx.variant = variant
     ctx.backend = name
     if name == "reference":
         y, hn, cn = _ref_forward(ctx, xs, weights, h0, c0)
@@ -145,6 +145,16 @@ def stack_backward(ctx: TrainContext, dy: np.ndarray, dhn, dcn, weights):
     return threads.call_with_threads(_fast_backward, ctx, _train_kernels(ctx.backend), dy, dhn, dcn, weights)
 
 
+def _variant_training_backend(name: str, variant) -> str:
+    """The compiled training kernels have the standard cells only so far (issue 15): a
+    variant trains on the NumPy reference under "auto"; a compiled backend named raises."""
+    if name == "reference" or backends.get_backend() == "auto":
+        return "reference"
+    raise NotImplementedError(f"the {name!r} training kernels have the standard cells only: a cell with "
+                              f"{variant.describe()} trains on the 'reference' backend for now (backend 'auto' "
+                              "takes it there)")
+
+
 # ============================================================================ reference backend
 def _ref_forward(ctx, xs, weights, h0, c0):
     inp = np.asarray(xs, np.float64)
@@ -160,7 +170,7 @@ def _ref_forward(ctx, xs, weights, h0, c0):
             y, h, c, sv = _rb.forward_direction(
                 ctx.kind, ctx.code, inp, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, h0=h0[k],
                 c0=None if c0 is None else c0[k], lengths=ctx.lengths,
-                reverse=ctx.rev0 if d == 0 else True)
+                reverse=ctx.rev0 if d == 0 else True, variant=ctx.variant, w_ph=w.w_ph)
             ys.append(y)
             svs.append(sv)
             hn[k] = h
@@ -189,7 +199,7 @@ def _ref_backward(ctx, dy, dhn, dcn, weights):
             dx, dh, dc, g = _rb.backward_direction(
                 ctx.saved[layer][d], dout[..., d * Hout:(d + 1) * Hout],
                 None if dhn is None else dhn[k], None if dcn is None else dcn[k],
-                weights=(w.w_ih, w.w_hh, w.w_hr))
+                weights=(w.w_ih, w.w_hh, w.w_hr), w_ph=w.w_ph)
             dinp = dx if dinp is None else dinp + dx
             dh0[k] = dh
             if dc0 is not None:
@@ -261,7 +271,8 @@ def layer_backward(layer, ctx: TrainContext, dy, dhx_n, unbatched: bool, batch_f
     dhn, dcn = _state_grads(kind, dhx_n, "dhx_n", dtype, L * D, B, Hout, H, unbatched)
     weights = layer._weights()
     dx, dh0, dc0, glist = stack_backward(ctx, dys, dhn, dcn, weights)
-    names = {"w_ih": "weight_ih", "w_hh": "weight_hh", "b_ih": "bias_ih", "b_hh": "bias_hh", "w_hr": "weight_hr"}
+    names = {"w_ih": "weight_ih", "w_hh": "weight_hh", "b_ih": "bias_ih", "b_hh": "bias_hh", "w_hr": "weight_hr",
+             "w_ph": "weight_ph"}
     params = layer.parameters()
     grads = {}
     for li in range(L):
