@@ -272,13 +272,6 @@ def backward_direction(saved: dict, dy: np.ndarray, dh_n=None, dc_n=None, weight
                                                    w_hh, w_hr, w_ph, H, gw_hr, gw_hh, gw_ph)
             if dcp is not None:
                 dc[live] = dcp
-            if dah is None:     # GRU no-lbr: its recurrent gradients are in already
-                gb_hh += dax.sum(axis=0)
-                gb_ih += dax.sum(axis=0)
-                gw_ih += dax.T @ st["x"]
-                dx[t, live] = dax @ w_ih
-                dh[live] = dhp
-                continue
         elif kind == "lstm":
             i, f, g, o, cn, m = st["i"], st["f"], st["g"], st["o"], st["c"], st["m"]
             if code == LSTM_PROJ:
@@ -306,26 +299,24 @@ def backward_direction(saved: dict, dy: np.ndarray, dh_n=None, dc_n=None, weight
                 drz = np.concatenate([dar, daz], axis=1)
                 gw_hh[:2 * H] += drz.T @ hp
                 dhp = dhp + drz @ w_hh[:2 * H]
-                dax = dah = np.concatenate([dar, daz, dan], axis=1)
-                gb_hh += dah.sum(axis=0)
-                gb_ih += dax.sum(axis=0)
-                gw_ih += dax.T @ st["x"]
-                dx[t, live] = dax @ w_ih
-                dh[live] = dhp
-                continue
-            dar = dan * st["ghn"] * r * (1.0 - r)
-            dax = np.concatenate([dar, daz, dan], axis=1)
-            dah = np.concatenate([dar, daz, dan * r], axis=1)
-            dhp = dhp + dah @ w_hh
+                dax, dah = np.concatenate([dar, daz, dan], axis=1), None
+            else:
+                dar = dan * st["ghn"] * r * (1.0 - r)
+                dax = np.concatenate([dar, daz, dan], axis=1)
+                dah = np.concatenate([dar, daz, dan * r], axis=1)
+                dhp = dhp + dah @ w_hh
         else:
             hcur = st["h"]
             da = dht * (1.0 - hcur * hcur) if code == RNN_TANH else dht * (hcur > 0)
             dax = dah = da
             dhp = da @ w_hh
         gw_ih += dax.T @ st["x"]
-        gw_hh += dah.T @ st["hp"]
         gb_ih += dax.sum(axis=0)
-        gb_hh += dah.sum(axis=0)
+        if dah is None:     # GRU no-lbr: the recurrent weights' gradients are in already
+            gb_hh += dax.sum(axis=0)
+        else:
+            gw_hh += dah.T @ st["hp"]
+            gb_hh += dah.sum(axis=0)
         dx[t, live] = dax @ w_ih
         dh[live] = dhp
     grads = {"w_ih": gw_ih, "w_hh": gw_hh, "b_ih": gb_ih, "b_hh": gb_hh}
