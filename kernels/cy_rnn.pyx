@@ -101,6 +101,25 @@ cdef extern from "rf_cells.h":
         GRU_NOLBR "RF_GRU_NOLBR"
         RNN_TANH "RF_RNN_TANH"
         RNN_RELU "RF_RNN_RELU"
+    # the cell variants' activation codes (rnnfast/cells.py ACTIVATION_CODES)
+    enum:
+        ACT_SIGMOID "RF_ACT_SIGMOID"
+        ACT_TANH "RF_ACT_TANH"
+        ACT_RELU "RF_ACT_RELU"
+        ACT_AFFINE "RF_ACT_AFFINE"
+        ACT_LEAKY_RELU "RF_ACT_LEAKY_RELU"
+        ACT_THRESHOLDED_RELU "RF_ACT_THRESHOLDED_RELU"
+        ACT_SCALED_TANH "RF_ACT_SCALED_TANH"
+        ACT_HARD_SIGMOID "RF_ACT_HARD_SIGMOID"
+        ACT_ELU "RF_ACT_ELU"
+        ACT_SOFTSIGN "RF_ACT_SOFTSIGN"
+        ACT_SOFTPLUS "RF_ACT_SOFTPLUS"
+
+# the layout of a cell variant's vector (one definition: rnnfast/cells.py, variant_vector)
+from rnnfast.cells import (VARIANT_CLIP, VARIANT_FLAG, VARIANT_GATE, VARIANT_INPUT_FORGET, VARIANT_LEN,
+                           VARIANT_PEEPHOLE)
+cdef int _VARIANT_FLAG = VARIANT_FLAG, _VARIANT_GATE = VARIANT_GATE, _VARIANT_CLIP = VARIANT_CLIP
+cdef int _VARIANT_INPUT_FORGET = VARIANT_INPUT_FORGET, _VARIANT_PEEPHOLE = VARIANT_PEEPHOLE, _VARIANT_LEN = VARIANT_LEN
 
 DEF UNIT_BLOCK = 16     # hidden-unit slices are multiples of this (one AVX-512 vector)
 DEF MAX_DIRS = 2
@@ -115,7 +134,11 @@ def build_info():
     return {"level": RF_ISA_LEVEL.decode(), "vector_bytes": RF_VBYTES, "rows_per_block": RF_MR,
             "rowdot_max_rows": ROWDOT_MAX_ROWS,
             "cell_codes": {"LSTM": LSTM, "LSTM_PROJ": LSTM_PROJ, "GRU_LBR": GRU_LBR, "GRU_NOLBR": GRU_NOLBR,
-                           "RNN_TANH": RNN_TANH, "RNN_RELU": RNN_RELU}}
+                           "RNN_TANH": RNN_TANH, "RNN_RELU": RNN_RELU},
+            "activation_codes": {"sigmoid": ACT_SIGMOID, "tanh": ACT_TANH, "relu": ACT_RELU, "affine": ACT_AFFINE,
+                                 "leaky_relu": ACT_LEAKY_RELU, "thresholded_relu": ACT_THRESHOLDED_RELU,
+                                 "scaled_tanh": ACT_SCALED_TANH, "hard_sigmoid": ACT_HARD_SIGMOID, "elu": ACT_ELU,
+                                 "softsign": ACT_SOFTSIGN, "softplus": ACT_SOFTPLUS}}
 
 
 def have_openmp() -> bool:
@@ -229,7 +252,8 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                   floating *xg, floating *hbuf, floating *cst, floating *y,
                   floating *hg, floating *s2, floating *wpk, int npk, bint prepacked, int xrows, int chunk,
                   bint rec_rowdot, bint bsplit, rf_sync_t *bar, int onerow,
-                  rf_intr_t *intr) noexcept nogil:
+                  rf_intr_t *intr, const rf_var_t *var, const floating **ph) noexcept nogil:
+    # var: a cell variant (NULL: the standard cell) and ph[d] each direction's peepholes
     cdef int G = _gates(code)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
@@ -375,18 +399,18 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                             xnt = xgd + <size_t>(off + nb - lo[d] + j) * GH
                     if code == LSTM_PROJ:
                         if floating is float:
-                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, nn, bx[d], bh[d], hr, ldh,
-                                            cd, ldH, s2d, ldH, NULL, 0)
+                            rf_fused_step_v_f(var, ph[d], code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, nn, bx[d],
+                                              bh[d], hr, ldh, cd, ldH, s2d, ldH, NULL, 0)
                         else:
-                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, nn, bx[d], bh[d], hr, ldh,
-                                            cd, ldH, s2d, ldH, NULL, 0)
+                            rf_fused_step_v_d(var, ph[d], code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, nn, bx[d],
+                                              bh[d], hr, ldh, cd, ldH, s2d, ldH, NULL, 0)
                     else:
                         if floating is float:
-                            rf_fused_step_f(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, nn, bx[d], bh[d], hr, ldh,
-                                            cd, ldH, hw, ldh, yt, ldyy)
+                            rf_fused_step_v_f(var, ph[d], code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, nn, bx[d],
+                                              bh[d], hr, ldh, cd, ldH, hw, ldh, yt, ldyy)
                         else:
-                            rf_fused_step_d(code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, nn, bx[d], bh[d], hr, ldh,
-                                            cd, ldH, hw, ldh, yt, ldyy)
+                            rf_fused_step_v_d(var, ph[d], code, G, H, Hout, n, p0, p1, wpd, xgt, ldx, xnt, nn, bx[d],
+                                              bh[d], hr, ldh, cd, ldH, hw, ldh, yt, ldyy)
                 elif phase == 0:
                     if onerow == 1:     # (2: the same two products, in the opposite order and reversed;
                         #  folded into one branch, the step measured 3 % slower: code layout)
@@ -407,37 +431,37 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                                      hgd + g * H + u0, ldg, zero)
                     if code == LSTM:
                         if floating is float:
-                            rf_lstm_gates_f(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, hw, ldh,
-                                            yt, ldyy)
+                            rf_lstm_gates_v_f(var, ph[d], n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH,
+                                              hw, ldh, yt, ldyy)
                         else:
-                            rf_lstm_gates_d(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, hw, ldh,
-                                            yt, ldyy)
+                            rf_lstm_gates_v_d(var, ph[d], n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH,
+                                              hw, ldh, yt, ldyy)
                     elif code == LSTM_PROJ:
                         if floating is float:
-                            rf_lstm_gates_f(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, s2d, ldH,
-                                            NULL, 0)
+                            rf_lstm_gates_v_f(var, ph[d], n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH,
+                                              s2d, ldH, NULL, 0)
                         else:
-                            rf_lstm_gates_d(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH, s2d, ldH,
-                                            NULL, 0)
+                            rf_lstm_gates_v_d(var, ph[d], n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], cd, ldH,
+                                              s2d, ldH, NULL, 0)
                     elif code == GRU_LBR:
                         if floating is float:
-                            rf_gru_gates_f(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], hr, ldh, hw, ldh,
-                                           yt, ldyy)
+                            rf_gru_gates_v_f(var, n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], hr, ldh, hw, ldh,
+                                             yt, ldyy)
                         else:
-                            rf_gru_gates_d(n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], hr, ldh, hw, ldh,
-                                           yt, ldyy)
+                            rf_gru_gates_v_d(var, n, H, u0, u1, xgt, ldx, hgd, ldg, H, bx[d], bh[d], hr, ldh, hw, ldh,
+                                             yt, ldyy)
                     elif code == GRU_NOLBR:
                         if floating is float:
-                            rf_gru_rz_f(n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, s2d, ldH)
+                            rf_gru_rz_v_f(var, n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, s2d, ldH)
                         else:
-                            rf_gru_rz_d(n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, s2d, ldH)
+                            rf_gru_rz_v_d(var, n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, s2d, ldH)
                     else:
                         if floating is float:
-                            rf_rnn_gates_f(n, code == RNN_RELU, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hw, ldh,
-                                           yt, ldyy)
+                            rf_rnn_gates_v_f(var, n, code == RNN_RELU, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hw,
+                                             ldh, yt, ldyy)
                         else:
-                            rf_rnn_gates_d(n, code == RNN_RELU, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hw, ldh,
-                                           yt, ldyy)
+                            rf_rnn_gates_v_d(var, n, code == RNN_RELU, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hw,
+                                             ldh, yt, ldyy)
                 elif code == LSTM_PROJ:
                     if bsplit:
                         p0 = 0
@@ -454,9 +478,9 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                     _gemm_nt(n, u1 - u0, H, s2d, ldH, w_hh[d] + <size_t>(2 * H + u0) * Hout, Hout,
                              hgd + 2 * H + u0, ldg, zero)
                     if floating is float:
-                        rf_gru_n_f(n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, hw, ldh, yt, ldyy)
+                        rf_gru_n_v_f(var, n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, hw, ldh, yt, ldyy)
                     else:
-                        rf_gru_n_d(n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, hw, ldh, yt, ldyy)
+                        rf_gru_n_v_d(var, n, H, u0, u1, xgt, ldx, hgd, ldg, bx[d], bh[d], hr, ldh, hw, ldh, yt, ldyy)
                 it = it + nthr
             if sync and (s + 1 < T or (phase == 0 and (code == LSTM_PROJ or code == GRU_NOLBR))):
                 rf_sync(bar, nthr)  # (the end of the parallel region synchronises the last step)
@@ -478,7 +502,8 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
               int ndir, bint rev0, floating[:, :, ::1] xg, floating[:, :, :, ::1] hbuf,
               floating[:, :, ::1] cst, floating[:, ::1] y, floating[:, :, ::1] hg,
               floating[:, :, ::1] s2, int nthreads, floating[::1] wpk=None, int chunk=0,
-              bint rec_rowdot=False, bint batch_split=False, bint prepacked=False):
+              bint rec_rowdot=False, bint batch_split=False, bint prepacked=False,
+              const double[::1] vp=None, const floating[::1] ph0=None, const floating[::1] ph1=None):
     """Run one layer (one or two directions) over packed rows; see the module docstring.
 
     Parameters
@@ -520,8 +545,27 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
     cdef const floating *bx[MAX_DIRS]
     cdef const floating *bh[MAX_DIRS]
     cdef const floating *w_hr[MAX_DIRS]
+    cdef const floating *ph[MAX_DIRS]
+    cdef rf_var_t var
+    cdef const rf_var_t *varp = NULL
+    cdef int a
     if T == 0 or N == 0:
         return
+    ph[0] = ph[1] = NULL
+    if vp is not None and vp.shape[0] >= _VARIANT_LEN and vp[_VARIANT_FLAG] != 0:
+        for a in range(3):      # (gate, candidate, output): (code, alpha, beta) each
+            var.act[a] = <int>vp[_VARIANT_GATE + 3 * a]
+            var.alpha[a] = vp[_VARIANT_GATE + 3 * a + 1]
+            var.beta[a] = vp[_VARIANT_GATE + 3 * a + 2]
+        var.clip = vp[_VARIANT_CLIP]
+        var.input_forget = vp[_VARIANT_INPUT_FORGET] != 0
+        var.peephole = vp[_VARIANT_PEEPHOLE] != 0
+        if var.peephole:
+            if ph0 is None or ph0.shape[0] < 3 * H or (ndir == 2 and (ph1 is None or ph1.shape[0] < 3 * H)):
+                raise ValueError("run_layer: a peephole variant needs each direction's (3H,) peepholes")
+            ph[0] = &ph0[0]
+            ph[1] = &ph1[0] if ndir == 2 else ph[0]
+        varp = &var
     if chunk <= 0 or chunk > T:
         chunk = T
     if xg.shape[1] < _imin(N, chunk * B):
@@ -562,14 +606,14 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
             _worker(0, 1, code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
                     &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, prepacked, <int>xg.shape[1], chunk, rec_rowdot,
-                    batch_split, &bar, 0, &intr)
+                    batch_split, &bar, 0, &intr, varp, ph)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, I, H, Hout, &bsz[0], &x[0, 0],
                     w_ih, w_hh, bx, bh, w_hr, &xg[0, 0, 0], &hbuf[0, 0, 0, 0], &cst[0, 0, 0],
                     &y[0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, npk, prepacked, <int>xg.shape[1], chunk, rec_rowdot,
-                    batch_split, &bar, 0, &intr)
+                    batch_split, &bar, 0, &intr, varp, ph)
     rf_intr_raise(&intr)     # a signal handler raised during the call (Ctrl-C)
 
 
@@ -602,7 +646,7 @@ cdef inline void _small_job_t(floating *dummy, _SmallJob *j, int tid) noexcept n
             <const floating*>j.xp, <const floating**>j.wi, <const floating**>j.wh, <const floating**>j.bx,
             <const floating**>j.bh, <const floating**>j.wr, <floating*>j.xgp, <floating*>j.hb, <floating*>j.cst,
             <floating*>j.yp, <floating*>j.hgp, <floating*>j.s2p, NULL, 0, False, j.nb, 1, False, False,
-            j.bar, j.onerow, NULL)
+            j.bar, j.onerow, NULL, NULL, NULL)
 
 
 cdef void _small_job_f(void *arg, int tid) noexcept nogil:
@@ -691,12 +735,12 @@ cdef bint _run_small_t(floating *dummy, int code, object x, object bsz, object w
     if not pooled and nthr == 1:
         with nogil:
             _worker(0, 1, code, 1, 1, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, False, T * B, T, False, False, &bar, onerow, NULL)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, False, T * B, T, False, False, &bar, onerow, NULL, NULL, NULL)
     elif not pooled:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _worker(tid, rf_team_size(), code, 1, cpd, False, T, T * B, B, I, H, Hout, bs, xp, wi, wh, bx, bh, wr,
-                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, False, T * B, T, False, False, &bar, onerow, NULL)
+                    xgp, hb, cst, yp, hgp, s2p, NULL, 0, False, T * B, T, False, False, &bar, onerow, NULL, NULL, NULL)
     memcpy(_data(hn), hb + <size_t>(T % 2) * B * Hout, hbytes)
     return pooled
 

@@ -117,6 +117,9 @@ static inline int rf_row_block(int n, int b) {
     return RF_MR * b;
 }
 
+#define RF_TMPL "rf_gates_var_tmpl.h"  /* the cell variants' gate math (rf_fused_step_v calls it) */
+#include "rf_each_type.h"
+#undef RF_TMPL
 #define RF_TMPL "rf_fused_tmpl.h"
 #include "rf_each_type.h"
 #undef RF_TMPL

@@ -270,7 +270,8 @@ static inline void RF_FN(rf_gemm_panels)(int G, int H, int K, int n, int p0, int
  * gate math waited on DRAM for scattered lines: LSTM B=16 H=256 T=500 on 2 threads,
  * steps 15.2-15.5 -> 13.3 ms, B=64 H=512 36.0-37.9 -> 33.6-34.0 ms (layer_2threads,
  * with and without NOPF=1); B=8 (buffer in L3) unchanged. */
-static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, int p0, int p1,
+static inline void RF_FN(rf_fused_step_v)(const rf_var_t *v, const RF_T *ph, int code, int G, int H, int K,
+        int n, int p0, int p1,
         const RF_T *P, const RF_T *xg, int ldx, const RF_T *xn, int nn, const RF_T *bx, const RF_T *bh,
         const RF_T *hp, int ldp, RF_T *c, int ldc, RF_T *h1, int ld1, RF_T *h2, int ld2) {
     const int UP = rf_panel_units(G, sizeof(RF_T) == 8), PW = G * UP, NV = PW / RF_VL;
@@ -312,17 +313,25 @@ static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, in
                 const RF_T *xr = xg + (size_t)r0 * ldx;
                 RF_T *o1 = h1 + (size_t)r0 * ld1, *o2 = h2 ? h2 + (size_t)r0 * ld2 : NULL;
                 if (code <= RF_LSTM_PROJ)
-                    RF_FN(rf_lstm_gates)(r1 - r0, H, ua, ub, xr, ldx, t, TS, UP, bx, bh,
-                                         c + (size_t)r0 * ldc, ldc, o1, ld1, o2, ld2);
+                    RF_FN(rf_lstm_gates_v)(v, ph, r1 - r0, H, ua, ub, xr, ldx, t, TS, UP, bx, bh,
+                                           c + (size_t)r0 * ldc, ldc, o1, ld1, o2, ld2);
                 else if (code == RF_GRU_LBR)
-                    RF_FN(rf_gru_gates)(r1 - r0, H, ua, ub, xr, ldx, t, TS, UP, bx, bh,
-                                        hp + (size_t)r0 * ldp, ldp, o1, ld1, o2, ld2);
+                    RF_FN(rf_gru_gates_v)(v, r1 - r0, H, ua, ub, xr, ldx, t, TS, UP, bx, bh,
+                                          hp + (size_t)r0 * ldp, ldp, o1, ld1, o2, ld2);
                 else
-                    RF_FN(rf_rnn_gates)(r1 - r0, code == RF_RNN_RELU, ua, ub, xr, ldx, t, TS, bx, bh,
-                                        o1, ld1, o2, ld2);
+                    RF_FN(rf_rnn_gates_v)(v, r1 - r0, code == RF_RNN_RELU, ua, ub, xr, ldx, t, TS, bx, bh,
+                                          o1, ld1, o2, ld2);
             }
         }
     }
+}
+
+/* rf_fused_step_v of the standard cells (v == NULL folds the variant branches away) */
+static inline void RF_FN(rf_fused_step)(int code, int G, int H, int K, int n, int p0, int p1,
+        const RF_T *P, const RF_T *xg, int ldx, const RF_T *xn, int nn, const RF_T *bx, const RF_T *bh,
+        const RF_T *hp, int ldp, RF_T *c, int ldc, RF_T *h1, int ld1, RF_T *h2, int ld2) {
+    RF_FN(rf_fused_step_v)(NULL, NULL, code, G, H, K, n, p0, p1, P, xg, ldx, xn, nn, bx, bh, hp, ldp,
+                           c, ldc, h1, ld1, h2, ld2);
 }
 
 /* Stage s of the lane-sum tree (rf_reduce_lanes, rf_rowdot1): two vectors of partial

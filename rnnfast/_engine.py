@@ -153,7 +153,7 @@ def run_stack(kind: str, code: int, x: np.ndarray, weights: list[list[DirWeights
     """Forward of `len(weights)` layers of `len(weights[0])` directions.
 
     `variant`: a cell variant (:class:`rnnfast.cells.Variant`; None: the standard cell),
-    computed by the reference only so far (:func:`variant_backend`).
+    which every backend computes (the compiled kernels' variant gate math).
 
     `packed`: per layer, its directions' weights packed once by :func:`pack_layer_weights`
     (a frozen layer's), used by the Cython kernel's fused path instead of packing per call.
@@ -173,8 +173,6 @@ def run_stack(kind: str, code: int, x: np.ndarray, weights: list[list[DirWeights
         c0 = np.zeros((L * D, B, H), dtype)
     name = backends.resolve(kind, B, H, dtype, threads.get_num_threads())
     name = backends.fit_sizes(name, T, B, x.shape[2], H, Hout, G, D)
-    if variant is not None:
-        name = variant_backend(name, variant)
     if name == "reference":
         return _run_reference(kind, code, x, weights, h0, c0, lengths, rev0, variant)
     # the step forms measured on this machine (before this call takes any scratch: the
@@ -205,20 +203,6 @@ def pack_layer_weights(kind: str, code: int, weights: list[list[DirWeights]]) ->
             mod.pack_weights(code, w.w_ih, w.w_hh, arr[d * n:(d + 1) * n])
         out.append(arr)
     return out
-
-
-def variant_backend(name: str, variant) -> str:
-    """The backend that runs a cell variant in place of `name`: the Numba kernels have
-    the variants (inference); the Cython ones have the standard cells only so far (issue
-    15), so "auto" takes a variant to Numba (the NumPy reference where Numba is missing),
-    and a Cython backend named by the caller raises NotImplementedError."""
-    if name in ("reference", "numba"):
-        return name
-    if backends.get_backend() == "auto":
-        return "numba" if "numba" in backends.available_backends() else "reference"
-    raise NotImplementedError(
-        f"the {name!r} backend has the standard cells only: a cell with {variant.describe()} runs in the "
-        "'numba' backend (and 'reference'); backend 'auto' takes it there")
 
 
 def _run_reference(kind, code, x, weights, h0, c0, lengths, rev0, variant=None):
@@ -270,7 +254,7 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout,
         chunk = _chunk_steps(int(pk.bsz.shape[0]), B, G * H, dtype.itemsize)
         xrows = min(N, chunk * B)
         extra["chunk"] = chunk
-    if variant is not None:     # (the Numba kernels': variant_backend)
+    if variant is not None:
         extra["vp"] = variant_vector(variant)
     xg = scratch("xg", (D, xrows, G * H), dtype)      # one projection buffer per direction
     hg = scratch("hg", (D, B, G * H), dtype)

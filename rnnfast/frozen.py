@@ -130,7 +130,7 @@ class FrozenRNN(_FrozenBase):
         self._kind, self._code = lay._kind, lay._code
         self._q = None
         self._packed = None
-        if not lowp and lay._variant is None:
+        if not lowp:
             self._packed = _engine.pack_layer_weights(self._kind, self._code, lay._weights())
         if not lowp:
             self.kernel = (f"{self.precision} kernels of the layer"

@@ -340,10 +340,9 @@ _VARIANT_DOC = """
     - ``clip``: pre-activations clamped to [-clip, clip] before their activations.
     - ``input_forget`` (LSTM): the forget gate is 1 - i.
 
-    A layer with a non-standard cell runs in the Numba kernels (the NumPy reference where
-    Numba is missing) under backend "auto"; the Cython kernels have the standard cells
-    only so far (naming that backend raises NotImplementedError), and training a
-    variant raises NotImplementedError.
+    Inference of every variant runs in the compiled kernels (Cython and Numba) and the
+    reference. Training a variant runs on the NumPy reference for now (backend "auto"
+    takes it there; naming a compiled backend for it raises NotImplementedError).
 """
 
 

@@ -356,6 +356,7 @@ def test_cell_codes_are_one_definition():
     codes = cy_rnn.build_info()["cell_codes"]
     assert codes == {n: getattr(cells, n) for n in ("LSTM", "LSTM_PROJ", "GRU_LBR", "GRU_NOLBR", "RNN_TANH",
                                                      "RNN_RELU")}
+    assert cy_rnn.build_info()["activation_codes"] == cells.ACTIVATION_CODES     # the cell variants' (rf_act)
     kdir = pathlib.Path(__file__).resolve().parent.parent / "kernels"
     if not kdir.is_dir():
         pytest.fail(f"the kernels' sources are not beside the tests ({kdir})")
