@@ -339,3 +339,32 @@ def test_variant_training_against_torch_autograd(name, kind, kw, reverse):
     assert set(lay.grads) == set(tp)
     for k, g in lay.grads.items():
         np.testing.assert_allclose(g, tp[k].grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_functional_variants(be):
+    """rnnfast.lstm / gru / rnn take the variants (and ``w_ph``) as the layers do."""
+    rng = rng_for("var-fn")
+    x = rng.standard_normal((T, B, I))
+    kw = dict(clip=0.7, gate_activation=("hard_sigmoid", 0.25, 0.5), output_activation="relu")
+    lay = rnnfast.LSTM(I, H, peephole=True, dtype=np.float64, seed=6, **kw)
+    p = lay.state_dict()
+    g = rnnfast.GRU(I, H, linear_before_reset=False, candidate_activation="softsign", dtype=np.float64, seed=6)
+    q = g.state_dict()
+    r = rnnfast.RNN(I, H, nonlinearity=("elu", 0.3), clip=2.0, dtype=np.float64, seed=6)
+    o = r.state_dict()
+    with rnnfast.backend(be):
+        y, (hn, cn) = rnnfast.lstm(x, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"],
+                                   w_ph=p["weight_ph_l0"], lengths=[T, 2, 0], **kw)
+        yg, _ = rnnfast.gru(x, q["weight_ih_l0"], q["weight_hh_l0"], q["bias_ih_l0"], q["bias_hh_l0"],
+                            linear_before_reset=False, candidate_activation="softsign")
+        yr, _ = rnnfast.rnn(x, o["weight_ih_l0"], o["weight_hh_l0"], o["bias_ih_l0"], o["bias_hh_l0"],
+                            nonlinearity=("elu", 0.3), clip=2.0)
+    wy, (wh, wc) = ref_stack(lay, x, None, [T, 2, 0])
+    np.testing.assert_allclose(y, wy, **tol_for(np.float64))
+    np.testing.assert_allclose(cn, wc[0], **tol_for(np.float64))
+    np.testing.assert_allclose(hn, wh[0], **tol_for(np.float64))
+    np.testing.assert_allclose(yg, ref_stack(g, x)[0], **tol_for(np.float64))
+    np.testing.assert_allclose(yr, ref_stack(r, x)[0], **tol_for(np.float64))
+    with pytest.raises(ValueError, match="w_ph"):
+        rnnfast.lstm(x, p["weight_ih_l0"], p["weight_hh_l0"], w_ph=np.zeros(2))
