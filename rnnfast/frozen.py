@@ -53,7 +53,42 @@ def freeze(layer, precision=None):
     return FrozenRNN(layer, precision)
 
 
+def _refreeze(layer, precision, num_threads):
+    """Unpickle a frozen layer: freeze the travelled copy again (the packed or quantized
+    weights are rebuilt from it once, in the receiving process, rather than carried a
+    second time in the pickle)."""
+    frozen = freeze(layer, precision)
+    frozen.num_threads = num_threads
+    return frozen
+
+
 class _FrozenBase:
+    _nthreads: int | None = None
+
+    @property
+    def num_threads(self) -> int | None:
+        """The most threads one call of this frozen layer (or of its streams) uses (None:
+        the process-wide :func:`rnnfast.get_num_threads`); settable, the layer's value
+        at freeze time to begin with."""
+        return self._nthreads
+
+    @num_threads.setter
+    def num_threads(self, n: int | None) -> None:
+        self._nthreads = threads.check_num_threads(n)
+
+    def __call__(self, x, hx=None, lengths=None, train: bool = False):
+        n = self._nthreads
+        if n is not None:
+            return threads.call_limited(n, self._forward, x, hx, lengths, train)
+        return self._forward(x, hx, lengths, train)
+
+    def forward(self, x, hx=None, lengths=None, train: bool = False):
+        """Run the frozen layer: the layer's ``forward(x, hx, lengths)`` (see its docstring)."""
+        n = self._nthreads
+        if n is not None:
+            return threads.call_limited(n, self._forward, x, hx, lengths, train)
+        return self._forward(x, hx, lengths, train)
+
     def _copy(self, layer, precision) -> bool:
         """Set precision and ``_layer``, a private copy of `layer` in the compute dtype (its
         own read-only arrays, no training state); True for bf16 / int8."""
@@ -65,6 +100,8 @@ class _FrozenBase:
         lay = copy.copy(layer)
         lay.__dict__ = {k: v for k, v in layer.__dict__.items() if k not in layer._TRANSIENT}
         lay._ctx, lay.grads, lay._rng = None, {}, None
+        self._nthreads = layer.num_threads
+        lay._nthreads = None        # the frozen layer's own bound applies to its calls
         lay.dtype = dtype
         lay._params = {k: _readonly_copy(v, dtype) for k, v in layer._params.items()}
         self._layer = lay
@@ -72,11 +109,11 @@ class _FrozenBase:
 
     def __getattr__(self, name):
         # the layer's configuration (input_size, hidden_size, ...): read from the copy
-        if name.startswith("_") or name in ("forward", "backward", "grads"):
+        if name.startswith("_") or name in ("forward", "backward", "grads", "num_threads"):
             raise AttributeError(name)
         return getattr(self.__dict__["_layer"], name)
 
-    def forward(self, x, hx=None, lengths=None, train: bool = False):
+    def _forward(self, x, hx=None, lengths=None, train: bool = False):
         raise NotImplementedError
 
     def backward(self, *args, **kwargs):
@@ -102,7 +139,7 @@ class _FrozenBase:
         raise NotImplementedError
 
     def __reduce__(self):
-        return (freeze, (self._layer, self.precision))
+        return (_refreeze, (self._layer, self.precision, self._nthreads))
 
     def __repr__(self) -> str:
         return (f"Frozen{self._layer!r}[precision={self.precision!r}, kernel={self.kernel!r}; "
@@ -164,8 +201,7 @@ class FrozenRNN(_FrozenBase):
                 n += wih.nbytes + whh.nbytes + (whr.nbytes if whr is not None else 0) + bx.nbytes + bh.nbytes
         return n
 
-    def forward(self, x, hx=None, lengths=None, train: bool = False):
-        """Run the frozen layer: the layer's ``forward(x, hx, lengths)`` (see its docstring)."""
+    def _forward(self, x, hx=None, lengths=None, train: bool = False):
         if train:
             raise TypeError("a frozen layer is inference-only: train the layer, then freeze it again")
         lay = self._layer
@@ -181,8 +217,6 @@ class FrozenRNN(_FrozenBase):
         xs, unbatched, h0, c0, ln = lay._prepare(x, hx, lengths)
         y, hn, cn = self._run_lowp(xs, h0, c0, ln)
         return lay._finish(y, hn, cn, unbatched)
-
-    __call__ = forward
 
     def _run_time_major(self, xs, h0, c0):
         """(y, h_n, c_n) of time-major `xs` (T, B, I) in the compute dtype (streams)."""
@@ -289,12 +323,11 @@ class FrozenMinRNN(_FrozenBase):
         sa = scratch("lp_sa", (max(1, M),), np.float32)
         mod.gemm(self._q, np.ascontiguousarray(x2, np.float32), out, qa, sa, self._isa)
 
-    def forward(self, x, hx=None, lengths=None, train: bool = False):
-        """Run the frozen layer: the layer's ``forward(x, hx, lengths)`` (see its docstring)."""
+    def _forward(self, x, hx=None, lengths=None, train: bool = False):
         if train:
             raise TypeError("a frozen layer is inference-only: train the layer, then freeze it again")
         if self._q is None:
-            return self._layer.forward(x, hx, lengths)
+            return self._layer._forward(x, hx, lengths)
         from . import scan
         lay = self._layer
         prep = lay._prepare(x, hx, lengths)
@@ -302,8 +335,6 @@ class FrozenMinRNN(_FrozenBase):
         y2, hn, _ = scan._forward(prep, name=_fast_scan())
         hn = hn.astype(np.float32)
         return scan._user_layout(y2, prep), (hn[0] if prep.unbatched else hn)
-
-    __call__ = forward
 
     def _run_time_major(self, xs, h0, c0):
         y, hn = self.forward(xs, None if h0 is None else h0[0]) if not self._layer.batch_first else \
@@ -432,6 +463,12 @@ class Stream:
             raise RuntimeError("stream: used from two threads at once (use one stream per thread)")
 
     def __call__(self, x_t):
+        n = self._model._nthreads
+        if n is not None:
+            return threads.call_limited(n, self._call, x_t)
+        return self._call(x_t)
+
+    def _call(self, x_t):
         plans = self._plans
         if (plans is not None and type(x_t) is np.ndarray and x_t.dtype == np.float32
                 and x_t.shape == self._xshape and x_t.flags.c_contiguous):

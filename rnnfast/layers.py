@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from . import _engine, backends
+from . import _engine, backends, threads
 from ._validation import check_input, check_lengths, check_state, load_params
 from .cells import CELLS, activation, cell_code, make_variant
 
@@ -45,6 +45,57 @@ class _PickledAsParameters:
     pickle after a training step would otherwise carry every saved activation)."""
 
     _TRANSIENT = ("_splan", "_wcache", "_ctx", "grads")
+    _nthreads: int | None = None      # class default: pickles made before num_threads existed
+
+    @property
+    def num_threads(self) -> int | None:
+        """The most threads one call of this object uses (None: the process-wide count,
+        :func:`rnnfast.get_num_threads`). The bound applies as ``min(num_threads,
+        get_num_threads())`` to the calls of this object only and changes no process
+        setting; it travels with a pickle."""
+        return self._nthreads
+
+    @num_threads.setter
+    def num_threads(self, n: int | None) -> None:
+        self._nthreads = threads.check_num_threads(n)
+
+    def forward(self, x, hx=None, lengths=None, train: bool = False):
+        """See the subclass's ``_forward``."""
+        n = self._nthreads
+        if n is not None:
+            return threads.call_limited(n, self._forward, x, hx, lengths, train)
+        return self._forward(x, hx, lengths, train)
+
+    def __call__(self, x, hx=None, lengths=None, train: bool = False):
+        n = self._nthreads
+        if n is not None:
+            return threads.call_limited(n, self._forward, x, hx, lengths, train)
+        return self._forward(x, hx, lengths, train)
+
+    def backward(self, dy, dhx_n=None):
+        """See the subclass's ``_backward``."""
+        n = self._nthreads
+        if n is not None:
+            return threads.call_limited(n, self._backward, dy, dhx_n)
+        return self._backward(dy, dhx_n)
+
+    def load_state_dict(self, mapping) -> None:
+        """Load parameters (strict). Values may be any array-like (torch tensors, read-only
+        arrays, ``np.memmap``), copied once into the live arrays.
+
+        Raises ``ValueError`` naming every missing, unexpected or mis-shaped key, and
+        ``TypeError`` for a non-numeric value; on error nothing is changed. Parameters
+        that are read-only (a layer unpickled from an object store's buffers) are first
+        replaced by writeable copies of their own, and what was built on them dropped.
+        """
+        if any(not v.flags.writeable for v in self._params.values()):
+            # checked on scratch arrays first, so that an error changes nothing
+            load_params({k: np.empty(v.shape, v.dtype) for k, v in self._params.items()}, self._shapes, mapping)
+            self._params = {k: (v if v.flags.writeable else _engine.aligned_copy(v, v.dtype))
+                            for k, v in self._params.items()}
+            for k in ("_splan", "_wcache"):
+                self.__dict__.pop(k, None)
+        load_params(self._params, self._shapes, mapping)
 
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
@@ -93,7 +144,8 @@ class _RNNBase(_PickledAsParameters):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, dtype=np.float32, seed=None, *, _code: int | None = None,
-                 reverse: bool = False, _variant=None):
+                 reverse: bool = False, _variant=None, num_threads: int | None = None):
+        self.num_threads = num_threads
         self.input_size = _check_int("input_size", input_size, 1)
         self.hidden_size = _check_int("hidden_size", hidden_size, 1)
         self.num_layers = _check_int("num_layers", num_layers, 1)
@@ -166,14 +218,6 @@ class _RNNBase(_PickledAsParameters):
         """Copies of the parameters, keyed by PyTorch's names."""
         return {k: v.copy() for k, v in self._params.items()}
 
-    def load_state_dict(self, mapping) -> None:
-        """Load parameters (strict). Values may be any array-like, torch tensors included.
-
-        Raises ``ValueError`` naming every missing, unexpected or mis-shaped key; on error
-        nothing is changed.
-        """
-        load_params(self._params, self._shapes, mapping)
-
     def _weights(self) -> list[list[_engine.DirWeights]]:
         """The parameters grouped per layer and direction (built once: the arrays in
         ``_params`` are never replaced, load_state_dict copies into them)."""
@@ -217,8 +261,8 @@ class _RNNBase(_PickledAsParameters):
             y = y.transpose(1, 0, 2)
         return y, ((hn, cn) if self._kind == "lstm" else hn)
 
-    def forward(self, x, hx=None, lengths=None, train: bool = False):
-        """Run the layer.
+    def _forward(self, x, hx=None, lengths=None, train: bool = False):
+        """Run the layer (``forward`` / ``__call__``, under the layer's ``num_threads``).
 
         Parameters
         ----------
@@ -248,8 +292,6 @@ class _RNNBase(_PickledAsParameters):
             y, hn, cn = _engine.run_stack(self._kind, self._code, xs, self._weights(), h0, c0, ln,
                                           rev0=self.reverse, variant=self._variant)
         return self._finish(y, hn, cn, unbatched)
-
-    __call__ = forward
 
     @property
     def _small_ok(self) -> bool:
@@ -302,7 +344,7 @@ class _RNNBase(_PickledAsParameters):
         y, hn, cn = _engine.run_small(plan, x, B, h0, c0)
         return y, ((hn, cn) if cn is not None else hn)
 
-    def backward(self, dy, dhx_n=None):
+    def _backward(self, dy, dhx_n=None):
         """Gradients of sum(y*dy) + sum(hx_n*dhx_n) after a ``forward(..., train=True)``.
 
         Returns ``(dx, dhx)`` shaped like x and hx; fills :attr:`grads`.
@@ -339,6 +381,8 @@ _VARIANT_DOC = """
     - ``peephole`` (LSTM): parameters ``weight_ph_l{k}`` (3*H,), ordered i, f, o.
     - ``clip``: pre-activations clamped to [-clip, clip] before their activations.
     - ``input_forget`` (LSTM): the forget gate is 1 - i.
+    - ``num_threads``: the most threads one call of this layer uses (None: the process-wide
+      :func:`rnnfast.get_num_threads`); an attribute, settable.
 
     Inference of every variant runs in the compiled kernels (Cython and Numba) and the
     reference. Training a variant runs on the NumPy reference for now (backend "auto"
@@ -356,13 +400,14 @@ class LSTM(_RNNBase):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, dtype=np.float32, seed=None, *, reverse: bool = False,
                  gate_activation="sigmoid", candidate_activation="tanh", output_activation="tanh",
-                 peephole: bool = False, clip: float | None = None, input_forget: bool = False):
+                 peephole: bool = False, clip: float | None = None, input_forget: bool = False,
+                 num_threads: int | None = None):
         v = make_variant("lstm", gate=gate_activation, candidate=candidate_activation, output=output_activation,
                          peephole=peephole, clip=clip, input_forget=input_forget)
         self._set_variant_attrs(v, "lstm")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          proj_size, dtype, seed, _code=cell_code("lstm", proj=proj_size > 0),
-                         reverse=reverse, _variant=v)
+                         reverse=reverse, _variant=v, num_threads=num_threads)
 
 
 class GRU(_RNNBase):
@@ -374,13 +419,14 @@ class GRU(_RNNBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  dtype=np.float32, seed=None, linear_before_reset: bool = True, *, reverse: bool = False,
-                 gate_activation="sigmoid", candidate_activation="tanh", clip: float | None = None):
+                 gate_activation="sigmoid", candidate_activation="tanh", clip: float | None = None,
+                 num_threads: int | None = None):
         self.linear_before_reset = bool(linear_before_reset)
         v = make_variant("gru", gate=gate_activation, candidate=candidate_activation, clip=clip)
         self._set_variant_attrs(v, "gru")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          0, dtype, seed, _code=cell_code("gru", linear_before_reset=self.linear_before_reset),
-                         reverse=reverse, _variant=v)
+                         reverse=reverse, _variant=v, num_threads=num_threads)
 
 
 class RNN(_RNNBase):
@@ -393,10 +439,10 @@ class RNN(_RNNBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  dtype=np.float32, seed=None, nonlinearity="tanh", *, reverse: bool = False,
-                 clip: float | None = None):
+                 clip: float | None = None, num_threads: int | None = None):
         v = make_variant("rnn", candidate=activation(nonlinearity, "nonlinearity"), clip=clip)
         self.nonlinearity = activation(nonlinearity, "nonlinearity")
         self.clip = v.clip if v is not None else None
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          0, dtype, seed, _code=cell_code("rnn", nonlinearity=self.nonlinearity.name),
-                         reverse=reverse, _variant=v)
+                         reverse=reverse, _variant=v, num_threads=num_threads)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import _engine, scan
-from ._validation import load_params
 from .layers import _check_dtype, _check_int, _PickledAsParameters
 
 __all__ = ["MinGRU", "MinLSTM"]
@@ -31,7 +30,8 @@ class _MinRNNBase(_PickledAsParameters):
     _gates: tuple[str, ...] = ()     # weight suffixes in kernel order
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, batch_first: bool = False,
-                 dtype=np.float32, seed=None):
+                 dtype=np.float32, seed=None, *, num_threads: int | None = None):
+        self.num_threads = num_threads
         self.input_size = _check_int("input_size", input_size, 1)
         self.hidden_size = _check_int("hidden_size", hidden_size, 1)
         self.bias = bool(bias)
@@ -59,14 +59,6 @@ class _MinRNNBase(_PickledAsParameters):
         """Copies of the parameters."""
         return {k: v.copy() for k, v in self._params.items()}
 
-    def load_state_dict(self, mapping) -> None:
-        """Load parameters (strict). Values may be any array-like, torch tensors included.
-
-        Raises ``ValueError`` naming every missing, unexpected or mis-shaped key, and
-        ``TypeError`` for a non-numeric value; on error nothing is changed.
-        """
-        load_params(self._params, self._shapes, mapping)
-
     # ------------------------------------------------------------------ forward / backward
     def _prepare(self, x, hx, lengths):
         p = self._params
@@ -74,8 +66,8 @@ class _MinRNNBase(_PickledAsParameters):
         biases = [p.get(f"bias_{g}") for g in self._gates]
         return scan._prepare(self._kind, x, weights, biases, hx, lengths, self.batch_first, h0_name="hx")
 
-    def forward(self, x, hx=None, lengths=None, train: bool = False):
-        """Run the layer.
+    def _forward(self, x, hx=None, lengths=None, train: bool = False):
+        """Run the layer (``forward`` / ``__call__``, under the layer's ``num_threads``).
 
         Parameters
         ----------
@@ -96,9 +88,7 @@ class _MinRNNBase(_PickledAsParameters):
             self._ctx = (prep, proj, y2.copy())
         return scan._user_layout(y2, prep), (hn[0] if prep.unbatched else hn)
 
-    __call__ = forward
-
-    def backward(self, dy, dhx_n=None):
+    def _backward(self, dy, dhx_n=None):
         """Gradients of sum(y*dy) + sum(h_n*dhx_n) after a ``forward(..., train=True)``.
 
         Returns ``(dx, dhx)`` shaped like x and hx (dhx (B, H), or (H,) unbatched); fills

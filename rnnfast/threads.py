@@ -15,6 +15,7 @@ and asking it for more warns and keeps one. Processes started with the "spawn" o
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
 import time
@@ -83,6 +84,53 @@ _cv = threading.Condition(threading.Lock())
 _waiting = 0
 
 
+# A bound on the threads of the calls made in this context (a layer's or frozen layer's
+# ``num_threads``), set by :func:`limit` for the duration of one object's call: a
+# context variable, so that it reaches only the calls of the thread (or task) that set
+# it and never changes the process-wide count the caller sees afterwards.
+_limit: contextvars.ContextVar[int | None] = contextvars.ContextVar("rnnfast_num_threads", default=None)
+
+
+def check_num_threads(n, name: str = "num_threads") -> int | None:
+    """`n` validated as a per-object thread bound: None or an int >= 1."""
+    if n is None:
+        return None
+    if isinstance(n, bool) or (not isinstance(n, int) and not hasattr(n, "__index__")):
+        raise TypeError(f"{name}: expected None or an int, got {type(n).__name__}")
+    n = int(n.__index__())
+    if n < 1:
+        raise ValueError(f"{name}: expected None or an int >= 1, got {n}")
+    return n
+
+
+@contextlib.contextmanager
+def limit(n: int | None):
+    """Bound the thread count of the rnnfast calls made inside the ``with`` block (in
+    this thread or task only) to ``min(n, get_num_threads())``; None: no bound. Nests:
+    an inner bound never raises an outer one. BLAS counts are still set per call and
+    restored after it, as without a bound, so threadpoolctl's limits compose as before."""
+    if n is None:
+        yield
+        return
+    outer = _limit.get()
+    token = _limit.set(n if outer is None else min(n, outer))
+    try:
+        yield
+    finally:
+        _limit.reset(token)
+
+
+def call_limited(n: int | None, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` under :func:`limit` (n). The layers' entry points call it
+    only when their ``num_threads`` is set, so that unbounded calls pay nothing."""
+    outer = _limit.get()
+    token = _limit.set(n if outer is None else min(n, outer))
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _limit.reset(token)
+
+
 def enter_call(most: int = 0) -> int:
     """Threads for a kernel call that starts now, at most `most` (0: no limit of its own);
     pair it with :func:`leave_call`.
@@ -96,6 +144,9 @@ def enter_call(most: int = 0) -> int:
     made from inside another on the same Python thread shares that call's threads.
     """
     global _parallel_ran
+    bound = _limit.get()
+    if bound is not None and (not most or bound < most):
+        most = bound
     n = _num_threads if not most or most > _num_threads else most
     entry = (_get_ident(), n)
     _inflight.append(entry)
@@ -174,11 +225,19 @@ def call_with_threads(fn, *args):
 
 
 def get_num_threads() -> int:
-    """Return the process-wide thread count used by rnnfast kernels."""
+    """Return the process-wide thread count used by rnnfast kernels.
+
+    Inside a call of a layer or frozen layer whose ``num_threads`` is set (and so in
+    rnnfast's own code only), the smaller of that bound and the process-wide count: the
+    strategy choices made from it then match the threads the call gets."""
     global _parallel_ran
-    if _num_threads > 1:
+    n = _num_threads
+    bound = _limit.get()
+    if bound is not None and bound < n:
+        n = bound
+    if n > 1:
         _parallel_ran = True      # the caller is about to run kernels on several threads
-    return _num_threads
+    return n
 
 
 def _blas_libs():
