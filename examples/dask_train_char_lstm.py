@@ -29,7 +29,7 @@ import rnnfast
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from train_char_lstm import Adam, CharModel, load_text  # noqa: E402 - the model of the plain example
+from train_char_lstm import Adam, CharModel, load_text, readout_loss  # noqa: E402 - the plain example's model
 
 
 def loss_and_grads(model: CharModel, inputs: np.ndarray, targets: np.ndarray, chunk: int) -> tuple[float, dict]:
@@ -39,18 +39,7 @@ def loss_and_grads(model: CharModel, inputs: np.ndarray, targets: np.ndarray, ch
     e = p["embed"][inputs]                                              # (B, T, E), batch_first
     e_d = da.from_array(e, chunks=(chunk, -1, -1))
     h = rnnfast.dask.predict(model.lstm, e_d).compute()                 # (B, T, H)
-    logits = h @ p["w_out"].T + p["b_out"]
-    logits -= logits.max(axis=-1, keepdims=True)
-    prob = np.exp(logits)
-    prob /= prob.sum(axis=-1, keepdims=True)
-    B, T = targets.shape
-    picked = np.take_along_axis(prob, targets[..., None], axis=-1)[..., 0]
-    loss = float(-np.log(picked + 1e-12).mean())
-    dlogits = prob
-    np.put_along_axis(dlogits, targets[..., None], np.take_along_axis(dlogits, targets[..., None], -1) - 1, -1)
-    dlogits /= B * T
-    grads = {"w_out": np.einsum("btv,bth->vh", dlogits, h), "b_out": dlogits.sum(axis=(0, 1))}
-    dh = dlogits @ p["w_out"]
+    loss, grads, dh = readout_loss(p, h, targets)
     de_d, lstm_grads = rnnfast.dask.gradients(model.lstm, e_d, dh)
     grads.update(lstm_grads)
     g_embed = np.zeros_like(p["embed"])

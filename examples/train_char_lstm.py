@@ -50,18 +50,7 @@ class CharModel:
         p = self.params
         e = p["embed"][inputs]                                   # (B, T, E)
         h, _ = self.lstm.forward(e, train=True)                  # (B, T, H)
-        logits = h @ p["w_out"].T + p["b_out"]                   # (B, T, V)
-        logits -= logits.max(axis=-1, keepdims=True)
-        prob = np.exp(logits)
-        prob /= prob.sum(axis=-1, keepdims=True)
-        B, T = targets.shape
-        picked = np.take_along_axis(prob, targets[..., None], axis=-1)[..., 0]
-        loss = float(-np.log(picked + 1e-12).mean())
-        dlogits = prob
-        np.put_along_axis(dlogits, targets[..., None], np.take_along_axis(dlogits, targets[..., None], -1) - 1, -1)
-        dlogits /= B * T
-        grads = {"w_out": np.einsum("btv,bth->vh", dlogits, h), "b_out": dlogits.sum(axis=(0, 1))}
-        dh = dlogits @ p["w_out"]
+        loss, grads, dh = readout_loss(p, h, targets)
         de, _ = self.lstm.backward(dh)                           # fills self.lstm.grads
         grads.update(self.lstm.grads)
         g_embed = np.zeros_like(p["embed"])
@@ -101,6 +90,23 @@ class Adam:
             mh = self.m[k] / (1 - self.b1 ** self.t)
             vh = self.v[k] / (1 - self.b2 ** self.t)
             self.params[k] -= (self.lr * mh / (np.sqrt(vh) + self.eps)).astype(self.params[k].dtype)
+
+
+def readout_loss(p: dict, h: np.ndarray, targets: np.ndarray) -> tuple[float, dict, np.ndarray]:
+    """Linear read-out + softmax cross-entropy of the LSTM outputs `h` (B, T, H): the mean
+    loss, the read-out's gradients (w_out, b_out) and the gradient of `h`."""
+    logits = h @ p["w_out"].T + p["b_out"]                       # (B, T, V)
+    logits -= logits.max(axis=-1, keepdims=True)
+    prob = np.exp(logits)
+    prob /= prob.sum(axis=-1, keepdims=True)
+    B, T = targets.shape
+    picked = np.take_along_axis(prob, targets[..., None], axis=-1)[..., 0]
+    loss = float(-np.log(picked + 1e-12).mean())
+    dlogits = prob
+    np.put_along_axis(dlogits, targets[..., None], np.take_along_axis(dlogits, targets[..., None], -1) - 1, -1)
+    dlogits /= B * T
+    grads = {"w_out": np.einsum("btv,bth->vh", dlogits, h), "b_out": dlogits.sum(axis=(0, 1))}
+    return loss, grads, dlogits @ p["w_out"]
 
 
 def main(argv=None) -> dict:
