@@ -76,18 +76,14 @@ class _FrozenBase:
     def num_threads(self, n: int | None) -> None:
         self._nthreads = threads.check_num_threads(n)
 
-    def __call__(self, x, hx=None, lengths=None, train: bool = False):
-        n = self._nthreads
-        if n is not None:
-            return threads.call_limited(n, self._forward, x, hx, lengths, train)
-        return self._forward(x, hx, lengths, train)
-
     def forward(self, x, hx=None, lengths=None, train: bool = False):
         """Run the frozen layer: the layer's ``forward(x, hx, lengths)`` (see its docstring)."""
         n = self._nthreads
         if n is not None:
             return threads.call_limited(n, self._forward, x, hx, lengths, train)
         return self._forward(x, hx, lengths, train)
+
+    __call__ = forward
 
     def _copy(self, layer, precision) -> bool:
         """Set precision and ``_layer``, a private copy of `layer` in the compute dtype (its

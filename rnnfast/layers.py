@@ -66,11 +66,7 @@ class _PickledAsParameters:
             return threads.call_limited(n, self._forward, x, hx, lengths, train)
         return self._forward(x, hx, lengths, train)
 
-    def __call__(self, x, hx=None, lengths=None, train: bool = False):
-        n = self._nthreads
-        if n is not None:
-            return threads.call_limited(n, self._forward, x, hx, lengths, train)
-        return self._forward(x, hx, lengths, train)
+    __call__ = forward
 
     def backward(self, dy, dhx_n=None):
         """See the subclass's ``_backward``."""
