@@ -272,6 +272,12 @@ def _grad_hh(gemm, dgp, yd, h0d, segs, g_rows, h_rows, out, use_h0: bool) -> Non
         beta = 1.0
     if beta == 0.0:
         out[...] = 0
+    if not use_h0 and g_rows.size:
+        # the implicit zero initial state still multiplies dG: a NaN or inf there makes
+        # NaN, as in the reference and PyTorch (0 * inf), so skip only the arithmetic
+        bad = ~np.isfinite(dgp[_as_index(g_rows)]).all(axis=0)
+        if bad.any():
+            out[bad] = np.nan
 
 
 def _fast_backward(ctx, mod, dy, dhn, dcn, weights, nthreads):

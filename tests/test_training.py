@@ -335,6 +335,30 @@ def test_zero_dy_gives_zero_gradients(be, variant):
     assert all(not np.any(g) for g in layer.grads.values())
 
 
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+@pytest.mark.parametrize("steps, lengths, row", [(1, None, 0), (T, [T, 1, 3, 2], 1)], ids=["T1", "ragged"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("be", [b for b in BACKENDS if b != "reference"])
+def test_nonfinite_gradients_through_the_implicit_zero_state(be, variant, steps, lengths, row, bad):
+    """Without hx a sequence's first step has a zero previous state, but 0 * NaN is NaN:
+    where the reference (and PyTorch) gives NaN in the weight_hh gradient, so does every
+    backend, not 0. A regression test: the fast paths skipped that product (found by the
+    fuzz search). The bad value sits in a sequence of one step, so nothing else carries it."""
+    _, kind, opts = variant
+    layer = make_layer(kind, opts, I, H, num_layers=2, bidirectional=True, dtype=np.float64, seed=3)
+    rng = rng_for("train-nan-h0", be, kind, repr(opts))
+    x = rng.standard_normal((steps, B, I))
+    x[0, row, 0] = bad
+    dy, _ = random_grads(layer, x, rng)
+    want = rnnfast_grads(layer, "reference", x, None, lengths, dy, None)
+    got = rnnfast_grads(layer, be, x, None, lengths, dy, None)
+    if np.isnan(bad) and opts.get("nonlinearity") != "relu":   # relu's gradient at NaN is 0
+        assert np.isnan(want["weight_hh_l0"]).any()
+    for k in layer.grads:
+        np.testing.assert_array_equal(np.isnan(got[k]), np.isnan(want[k]), err_msg=k)
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-9, equal_nan=True, err_msg=k)
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("be", BACKENDS)
 def test_repeated_forward_backward_identical(be, variant):
