@@ -115,12 +115,6 @@ cdef extern from "rf_cells.h":
         ACT_SOFTSIGN "RF_ACT_SOFTSIGN"
         ACT_SOFTPLUS "RF_ACT_SOFTPLUS"
 
-# the layout of a cell variant's vector (one definition: rnnfast/cells.py, variant_vector)
-from rnnfast.cells import (VARIANT_CLIP, VARIANT_FLAG, VARIANT_GATE, VARIANT_INPUT_FORGET, VARIANT_LEN,
-                           VARIANT_PEEPHOLE)
-cdef int _VARIANT_FLAG = VARIANT_FLAG, _VARIANT_GATE = VARIANT_GATE, _VARIANT_CLIP = VARIANT_CLIP
-cdef int _VARIANT_INPUT_FORGET = VARIANT_INPUT_FORGET, _VARIANT_PEEPHOLE = VARIANT_PEEPHOLE, _VARIANT_LEN = VARIANT_LEN
-
 DEF UNIT_BLOCK = 16     # hidden-unit slices are multiples of this (one AVX-512 vector)
 DEF MAX_DIRS = 2
 DEF FUSED_MIN_T = 4
@@ -548,18 +542,10 @@ def run_layer(int code, const floating[:, ::1] x, const int64_t[::1] bsz,
     cdef const floating *ph[MAX_DIRS]
     cdef rf_var_t var
     cdef const rf_var_t *varp = NULL
-    cdef int a
     if T == 0 or N == 0:
         return
     ph[0] = ph[1] = NULL
-    if vp is not None and vp.shape[0] >= _VARIANT_LEN and vp[_VARIANT_FLAG] != 0:
-        for a in range(3):      # (gate, candidate, output): (code, alpha, beta) each
-            var.act[a] = <int>vp[_VARIANT_GATE + 3 * a]
-            var.alpha[a] = vp[_VARIANT_GATE + 3 * a + 1]
-            var.beta[a] = vp[_VARIANT_GATE + 3 * a + 2]
-        var.clip = vp[_VARIANT_CLIP]
-        var.input_forget = vp[_VARIANT_INPUT_FORGET] != 0
-        var.peephole = vp[_VARIANT_PEEPHOLE] != 0
+    if _read_variant(vp, &var):
         if var.peephole:
             if ph0 is None or ph0.shape[0] < 3 * H or (ndir == 2 and (ph1 is None or ph1.shape[0] < 3 * H)):
                 raise ValueError("run_layer: a peephole variant needs each direction's (3H,) peepholes")

@@ -31,6 +31,8 @@ from cython.parallel cimport parallel, threadid
 from libc.stdint cimport int64_t
 from cpython.exc cimport PyErr_CheckSignals
 
+include "rf_variant.pxi"
+
 cdef extern from "rf_train.h" nogil:
     ctypedef struct rf_sync_t:
         pass
@@ -38,51 +40,65 @@ cdef extern from "rf_train.h" nogil:
     void rf_sync(rf_sync_t *b, int team)
     int rf_team_size()
     int rf_have_openmp()
-    void rft_lstm_fwd_f(int j0, int j1, int H, int u0, int u1, float *xg, int ldx, const float *hg, int ldg,
-                        const float *bx, const float *bh, const float *cp, int ldcp, float *c, int ldc,
-                        float *h, int ldh)
-    void rft_lstm_fwd_d(int j0, int j1, int H, int u0, int u1, double *xg, int ldx, const double *hg, int ldg,
-                        const double *bx, const double *bh, const double *cp, int ldcp, double *c, int ldc,
-                        double *h, int ldh)
-    void rft_gru_fwd_f(int j0, int j1, int H, int u0, int u1, float *xg, int ldx, const float *hg, int ldg,
-                       const float *bx, const float *bh, const float *hp, int ldp, float *h, int ldh)
-    void rft_gru_fwd_d(int j0, int j1, int H, int u0, int u1, double *xg, int ldx, const double *hg, int ldg,
-                       const double *bx, const double *bh, const double *hp, int ldp, double *h, int ldh)
-    void rft_gru_rz_fwd_f(int j0, int j1, int H, int u0, int u1, float *xg, int ldx, const float *hg, int ldg,
-                          const float *bx, const float *bh, const float *hp, int ldp, float *rh, int ldr)
-    void rft_gru_rz_fwd_d(int j0, int j1, int H, int u0, int u1, double *xg, int ldx, const double *hg, int ldg,
-                          const double *bx, const double *bh, const double *hp, int ldp, double *rh, int ldr)
-    void rft_gru_n_fwd_f(int j0, int j1, int H, int u0, int u1, float *xg, int ldx, const float *hg, int ldg,
-                         const float *bx, const float *bh, const float *hp, int ldp, float *h, int ldh)
-    void rft_gru_n_fwd_d(int j0, int j1, int H, int u0, int u1, double *xg, int ldx, const double *hg, int ldg,
-                         const double *bx, const double *bh, const double *hp, int ldp, double *h, int ldh)
-    void rft_rnn_fwd_f(int j0, int j1, int relu, int u0, int u1, const float *xg, int ldx, const float *hg,
-                       int ldg, const float *bx, const float *bh, float *h, int ldh)
-    void rft_rnn_fwd_d(int j0, int j1, int relu, int u0, int u1, const double *xg, int ldx, const double *hg,
-                       int ldg, const double *bx, const double *bh, double *h, int ldh)
-    void rft_lstm_bwd_f(int j0, int j1, int H, int u0, int u1, const float *gt, int ldx, const float *c, int ldc,
-                        const float *cp, int ldcp, const float *dh, int lddh, float *dc, int lddc,
-                        float *dg, int ldg, float *m, int ldm)
-    void rft_lstm_bwd_d(int j0, int j1, int H, int u0, int u1, const double *gt, int ldx, const double *c,
-                        int ldc, const double *cp, int ldcp, const double *dh, int lddh, double *dc, int lddc,
-                        double *dg, int ldg, double *m, int ldm)
-    void rft_gru_bwd_f(int j0, int j1, int H, int u0, int u1, const float *gt, int ldx, const float *hp, int ldp,
-                       float *dh, int lddh, float *dg, int ldg)
-    void rft_gru_bwd_d(int j0, int j1, int H, int u0, int u1, const double *gt, int ldx, const double *hp,
-                       int ldp, double *dh, int lddh, double *dg, int ldg)
-    void rft_gru_nolbr_bwd1_f(int j0, int j1, int H, int u0, int u1, const float *gt, int ldx, const float *hp,
-                              int ldp, float *dh, int lddh, float *dg, int ldg, float *rh, int ldr)
-    void rft_gru_nolbr_bwd1_d(int j0, int j1, int H, int u0, int u1, const double *gt, int ldx,
-                              const double *hp, int ldp, double *dh, int lddh, double *dg, int ldg,
-                              double *rh, int ldr)
-    void rft_gru_nolbr_bwd2_f(int j0, int j1, int u0, int u1, const float *gt, int ldx, const float *hp, int ldp,
-                              const float *q, int ldq, float *dh, int lddh, float *dg, int ldg)
-    void rft_gru_nolbr_bwd2_d(int j0, int j1, int u0, int u1, const double *gt, int ldx, const double *hp,
-                              int ldp, const double *q, int ldq, double *dh, int lddh, double *dg, int ldg)
-    void rft_rnn_bwd_f(int j0, int j1, int relu, int u0, int u1, const float *h, int ldh, const float *dh,
-                       int lddh, float *dg, int ldg)
-    void rft_rnn_bwd_d(int j0, int j1, int relu, int u0, int u1, const double *h, int ldh, const double *dh,
-                       int lddh, double *dg, int ldg)
+    void rft_lstm_fwd_v_f(const rf_var_t *v, const float *ph, float *dv, int lddv, int j0, int j1, int H, int u0,
+                          int u1, float *xg, int ldx, const float *hg, int ldg, const float *bx, const float *bh,
+                          const float *cp, int ldcp, float *c, int ldc, float *h, int ldh)
+    void rft_lstm_fwd_v_d(const rf_var_t *v, const double *ph, double *dv, int lddv, int j0, int j1, int H, int u0,
+                          int u1, double *xg, int ldx, const double *hg, int ldg, const double *bx, const double *bh,
+                          const double *cp, int ldcp, double *c, int ldc, double *h, int ldh)
+    void rft_gru_fwd_v_f(const rf_var_t *v, const float *ph, float *dv, int lddv, int j0, int j1, int H, int u0, int u1,
+                         float *xg, int ldx, const float *hg, int ldg, const float *bx, const float *bh,
+                         const float *hp, int ldp, float *h, int ldh)
+    void rft_gru_fwd_v_d(const rf_var_t *v, const double *ph, double *dv, int lddv, int j0, int j1, int H, int u0,
+                         int u1, double *xg, int ldx, const double *hg, int ldg, const double *bx, const double *bh,
+                         const double *hp, int ldp, double *h, int ldh)
+    void rft_gru_rz_fwd_v_f(const rf_var_t *v, const float *ph, float *dv, int lddv, int j0, int j1, int H, int u0,
+                            int u1, float *xg, int ldx, const float *hg, int ldg, const float *bx, const float *bh,
+                            const float *hp, int ldp, float *rh, int ldr)
+    void rft_gru_rz_fwd_v_d(const rf_var_t *v, const double *ph, double *dv, int lddv, int j0, int j1, int H, int u0,
+                            int u1, double *xg, int ldx, const double *hg, int ldg, const double *bx, const double *bh,
+                            const double *hp, int ldp, double *rh, int ldr)
+    void rft_gru_n_fwd_v_f(const rf_var_t *v, const float *ph, float *dv, int lddv, int j0, int j1, int H, int u0,
+                           int u1, float *xg, int ldx, const float *hg, int ldg, const float *bx, const float *bh,
+                           const float *hp, int ldp, float *h, int ldh)
+    void rft_gru_n_fwd_v_d(const rf_var_t *v, const double *ph, double *dv, int lddv, int j0, int j1, int H, int u0,
+                           int u1, double *xg, int ldx, const double *hg, int ldg, const double *bx, const double *bh,
+                           const double *hp, int ldp, double *h, int ldh)
+    void rft_rnn_fwd_v_f(const rf_var_t *v, const float *ph, float *dv, int lddv, int j0, int j1, int relu, int u0,
+                         int u1, const float *xg, int ldx, const float *hg, int ldg, const float *bx, const float *bh,
+                         float *h, int ldh)
+    void rft_rnn_fwd_v_d(const rf_var_t *v, const double *ph, double *dv, int lddv, int j0, int j1, int relu, int u0,
+                         int u1, const double *xg, int ldx, const double *hg, int ldg, const double *bx,
+                         const double *bh, double *h, int ldh)
+    void rft_lstm_bwd_v_f(const rf_var_t *v, const float *ph, const float *dv, int lddv, int j0, int j1, int H, int u0,
+                          int u1, const float *gt, int ldx, const float *c, int ldc, const float *cp, int ldcp,
+                          const float *dh, int lddh, float *dc, int lddc, float *dg, int ldg, float *m, int ldm)
+    void rft_lstm_bwd_v_d(const rf_var_t *v, const double *ph, const double *dv, int lddv, int j0, int j1, int H,
+                          int u0, int u1, const double *gt, int ldx, const double *c, int ldc, const double *cp,
+                          int ldcp, const double *dh, int lddh, double *dc, int lddc, double *dg, int ldg, double *m,
+                          int ldm)
+    void rft_gru_bwd_v_f(const rf_var_t *v, const float *ph, const float *dv, int lddv, int j0, int j1, int H, int u0,
+                         int u1, const float *gt, int ldx, const float *hp, int ldp, float *dh, int lddh, float *dg,
+                         int ldg)
+    void rft_gru_bwd_v_d(const rf_var_t *v, const double *ph, const double *dv, int lddv, int j0, int j1, int H, int u0,
+                         int u1, const double *gt, int ldx, const double *hp, int ldp, double *dh, int lddh, double *dg,
+                         int ldg)
+    void rft_gru_nolbr_bwd1_v_f(const rf_var_t *v, const float *ph, const float *dv, int lddv, int j0, int j1, int H,
+                                int u0, int u1, const float *gt, int ldx, const float *hp, int ldp, float *dh, int lddh,
+                                float *dg, int ldg, float *rh, int ldr)
+    void rft_gru_nolbr_bwd1_v_d(const rf_var_t *v, const double *ph, const double *dv, int lddv, int j0, int j1, int H,
+                                int u0, int u1, const double *gt, int ldx, const double *hp, int ldp, double *dh,
+                                int lddh, double *dg, int ldg, double *rh, int ldr)
+    void rft_gru_nolbr_bwd2_v_f(const rf_var_t *v, const float *ph, const float *dv, int lddv, int j0, int j1, int u0,
+                                int u1, const float *gt, int ldx, const float *hp, int ldp, const float *q, int ldq,
+                                float *dh, int lddh, float *dg, int ldg)
+    void rft_gru_nolbr_bwd2_v_d(const rf_var_t *v, const double *ph, const double *dv, int lddv, int j0, int j1, int u0,
+                                int u1, const double *gt, int ldx, const double *hp, int ldp, const double *q, int ldq,
+                                double *dh, int lddh, double *dg, int ldg)
+    void rft_rnn_bwd_v_f(const rf_var_t *v, const float *ph, const float *dv, int lddv, int j0, int j1, int relu,
+                         int u0, int u1, const float *h, int ldh, const float *dh, int lddh, float *dg, int ldg)
+    void rft_rnn_bwd_v_d(const rf_var_t *v, const double *ph, const double *dv, int lddv, int j0, int j1, int relu,
+                         int u0, int u1, const double *h, int ldh, const double *dh, int lddh, double *dg, int ldg)
     void rft_add_dy_f(int n, int p0, int p1, float *dh, int lddh, const float *dy, int lddy, float *dhs, int lds)
     void rft_add_dy_d(int n, int p0, int p1, double *dh, int lddh, const double *dy, int lddy,
                       double *dhs, int lds)
@@ -370,12 +386,14 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                       const floating **w_hr, const floating *h0, const floating *c0,
                       floating *y, floating *cb, floating *hg, floating *s2,
                       floating *wpk, size_t wsz, rf_sync_t *bar,
-                      rf_intr_t *intr) noexcept nogil:
+                      rf_intr_t *intr, const rf_var_t *var, const floating **ph, floating *dv) noexcept nogil:
     cdef int G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
     cdef int nitems = ndir * cpd
     cdef int it, d, k, g, ng, u0, u1, p0, p1, s, t, tp, n, nc, phase
+    cdef const floating *phd
+    cdef floating *dvt = NULL
     cdef int vl = _vl(<floating>0)
     cdef int nbH = (H + vl - 1) // vl
     cdef size_t bs = <size_t>Hout * vl, bsr = <size_t>H * vl
@@ -441,6 +459,9 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 ct = cb + (<size_t>d * N + <size_t>offs[t]) * H
                 cpv = cb + (<size_t>d * N + <size_t>offs[tp]) * H if nc > 0 else cb
                 s2d = s2 + <size_t>d * B * H
+                phd = ph[d]
+                if dv != NULL:      # a variant's saved gate derivatives
+                    dvt = dv + (<size_t>d * N + <size_t>offs[t]) * GH
                 if wpk != NULL:
                     WT = wpk + <size_t>d * wsz
                     WrT = WT + <size_t>G * nbH * bs
@@ -460,37 +481,55 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                     if code == LSTM or code == LSTM_PROJ:
                         if floating is float:
                             if code == LSTM:
-                                rft_lstm_fwd_f(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], cpv, H, ct, H, yt, ldy)
-                                rft_lstm_fwd_f(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], c0d, H, ct, H, yt, ldy)
+                                rft_lstm_fwd_v_f(var, phd, dvt, GH, 0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d],
+                                                 cpv, H, ct, H, yt, ldy)
+                                rft_lstm_fwd_v_f(var, phd, dvt, GH, nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d],
+                                                 c0d, H, ct, H, yt, ldy)
                             else:
-                                rft_lstm_fwd_f(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], cpv, H, ct, H, s2d, H)
-                                rft_lstm_fwd_f(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], c0d, H, ct, H, s2d, H)
+                                rft_lstm_fwd_v_f(var, phd, dvt, GH, 0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d],
+                                                 cpv, H, ct, H, s2d, H)
+                                rft_lstm_fwd_v_f(var, phd, dvt, GH, nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d],
+                                                 c0d, H, ct, H, s2d, H)
                         else:
                             if code == LSTM:
-                                rft_lstm_fwd_d(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], cpv, H, ct, H, yt, ldy)
-                                rft_lstm_fwd_d(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], c0d, H, ct, H, yt, ldy)
+                                rft_lstm_fwd_v_d(var, phd, dvt, GH, 0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d],
+                                                 cpv, H, ct, H, yt, ldy)
+                                rft_lstm_fwd_v_d(var, phd, dvt, GH, nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d],
+                                                 c0d, H, ct, H, yt, ldy)
                             else:
-                                rft_lstm_fwd_d(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], cpv, H, ct, H, s2d, H)
-                                rft_lstm_fwd_d(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], c0d, H, ct, H, s2d, H)
+                                rft_lstm_fwd_v_d(var, phd, dvt, GH, 0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d],
+                                                 cpv, H, ct, H, s2d, H)
+                                rft_lstm_fwd_v_d(var, phd, dvt, GH, nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d],
+                                                 c0d, H, ct, H, s2d, H)
                     elif code == GRU_LBR:
                         if floating is float:
-                            rft_gru_fwd_f(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, yt, ldy)
-                            rft_gru_fwd_f(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, yt, ldy)
+                            rft_gru_fwd_v_f(var, phd, dvt, GH, 0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp,
+                                            ldy, yt, ldy)
+                            rft_gru_fwd_v_f(var, phd, dvt, GH, nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d,
+                                            Hout, yt, ldy)
                         else:
-                            rft_gru_fwd_d(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, yt, ldy)
-                            rft_gru_fwd_d(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, yt, ldy)
+                            rft_gru_fwd_v_d(var, phd, dvt, GH, 0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp,
+                                            ldy, yt, ldy)
+                            rft_gru_fwd_v_d(var, phd, dvt, GH, nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d,
+                                            Hout, yt, ldy)
                     elif code == GRU_NOLBR:
                         if floating is float:
-                            rft_gru_rz_fwd_f(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, s2d, H)
-                            rft_gru_rz_fwd_f(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, s2d, H)
+                            rft_gru_rz_fwd_v_f(var, phd, dvt, GH, 0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp,
+                                               ldy, s2d, H)
+                            rft_gru_rz_fwd_v_f(var, phd, dvt, GH, nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d,
+                                               Hout, s2d, H)
                         else:
-                            rft_gru_rz_fwd_d(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, s2d, H)
-                            rft_gru_rz_fwd_d(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, s2d, H)
+                            rft_gru_rz_fwd_v_d(var, phd, dvt, GH, 0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp,
+                                               ldy, s2d, H)
+                            rft_gru_rz_fwd_v_d(var, phd, dvt, GH, nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d,
+                                               Hout, s2d, H)
                     else:
                         if floating is float:
-                            rft_rnn_fwd_f(0, n, code == RNN_RELU, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yt, ldy)
+                            rft_rnn_fwd_v_f(var, phd, dvt, GH, 0, n, code == RNN_RELU, u0, u1, xgt, GS, hgd, GH, bx[d],
+                                            bh[d], yt, ldy)
                         else:
-                            rft_rnn_fwd_d(0, n, code == RNN_RELU, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yt, ldy)
+                            rft_rnn_fwd_v_d(var, phd, dvt, GH, 0, n, code == RNN_RELU, u0, u1, xgt, GS, hgd, GH, bx[d],
+                                            bh[d], yt, ldy)
                 elif code == LSTM_PROJ:
                     p0 = _split(Hout, k, cpd)
                     p1 = _split(Hout, k + 1, cpd)
@@ -505,11 +544,15 @@ cdef void _fwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                         rf_blas_gemm_nt(n, u1 - u0, H, s2d, H, w_hh[d] + <size_t>(2 * H + u0) * Hout, Hout,
                                         hgd + 2 * H + u0, GH, zero)
                     if floating is float:
-                        rft_gru_n_fwd_f(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, yt, ldy)
-                        rft_gru_n_fwd_f(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, yt, ldy)
+                        rft_gru_n_fwd_v_f(var, phd, dvt, GH, 0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy,
+                                          yt, ldy)
+                        rft_gru_n_fwd_v_f(var, phd, dvt, GH, nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d,
+                                          Hout, yt, ldy)
                     else:
-                        rft_gru_n_fwd_d(0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy, yt, ldy)
-                        rft_gru_n_fwd_d(nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d, Hout, yt, ldy)
+                        rft_gru_n_fwd_v_d(var, phd, dvt, GH, 0, nc, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], yp, ldy,
+                                          yt, ldy)
+                        rft_gru_n_fwd_v_d(var, phd, dvt, GH, nc, n, H, u0, u1, xgt, GS, hgd, GH, bx[d], bh[d], h0d,
+                                          Hout, yt, ldy)
                 it = it + nthr
             rf_sync(bar, nthr)
 
@@ -532,6 +575,27 @@ cdef int _items(int nthreads, int ndir, int H, int *cpd) noexcept nogil:
     return nthr
 
 
+cdef int _variant_args(const double[::1] vp, const floating[::1] ph0, const floating[::1] ph1,
+                       const floating[:, :, ::1] dv, int ndir, int N, int H, int GH, rf_var_t *var,
+                       const floating **ph, const floating **dvp) except -1:
+    """The kernels' view of a cell variant (rf_variant.pxi): 1 with `var`, the peepholes
+    and the derivative rows set, 0 for the standard cell; a clear error when an array is
+    missing or too small (the kernels read them unchecked)."""
+    ph[0] = ph[1] = NULL
+    dvp[0] = NULL
+    if not _read_variant(vp, var):
+        return 0
+    if var.peephole:
+        if ph0 is None or ph0.shape[0] < 3 * H or (ndir == 2 and (ph1 is None or ph1.shape[0] < 3 * H)):
+            raise ValueError("a peephole variant needs each direction's (3H,) peepholes")
+        ph[0] = &ph0[0]
+        ph[1] = &ph1[0] if ndir == 2 else ph[0]
+    if dv is None or dv.shape[0] < ndir or dv.shape[1] < N or dv.shape[2] != GH:
+        raise ValueError(f"a cell variant needs dv of shape ({ndir}, {N}, {GH}) for its gate derivatives")
+    dvp[0] = &dv[0, 0, 0]
+    return 1
+
+
 def forward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int ndir, bint rev0,
                   floating[:, :, ::1] xg,
                   const floating[:, ::1] w_hh0, const floating[::1] bx0, const floating[::1] bh0,
@@ -540,7 +604,9 @@ def forward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int
                   const floating[:, ::1] w_hr1,
                   const floating[:, :, ::1] h0, const floating[:, :, ::1] c0,
                   floating[:, ::1] y, floating[:, :, ::1] cb,
-                  floating[:, :, ::1] hg, floating[:, :, ::1] s2, floating[::1] wpk, int nthreads):
+                  floating[:, :, ::1] hg, floating[:, :, ::1] s2, floating[::1] wpk, int nthreads,
+                  const double[::1] vp=None, const floating[::1] ph0=None, const floating[::1] ph1=None,
+                  floating[:, :, ::1] dv=None):
     """Recurrence of a training forward for one layer (one or two directions).
 
     Parameters
@@ -557,10 +623,17 @@ def forward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int
     wpk : scratch of ndir * packed_size(..., backward=False) elements: the recurrent products
         then run on weights packed once per call (small batches), or size 0: BLAS per step.
     nthreads : threads to use.
+    vp, ph0, ph1, dv : a cell variant (rnnfast.cells.variant_vector; None or a zero flag:
+        the standard cell), the directions' (3H,) peepholes, and dv (ndir, N, G*H) out:
+        the gates' derivatives, which backward_layer reads.
     """
     cdef int T = bsz.shape[0]
     cdef int N = xg.shape[1]
     cdef size_t wsz = packed_size(code, s2.shape[2], h0.shape[2], floating is double, False)
+    cdef rf_var_t var
+    cdef const rf_var_t *varp = NULL
+    cdef const floating *ph[MAX_DIRS]
+    cdef const floating *dvp = NULL
     cdef floating *wp = &wpk[0] if wpk.shape[0] > 0 and <size_t>wpk.shape[0] >= ndir * wsz else NULL
     cdef int GS = xg.shape[2]
     cdef int B = h0.shape[1]
@@ -583,6 +656,8 @@ def forward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int
     bx[1] = &bx1[0]
     bh[1] = &bh1[0]
     w_hr[1] = &w_hr1[0, 0]
+    if _variant_args(vp, ph0, ph1, dv, ndir, N, H, hg.shape[2], &var, ph, &dvp):
+        varp = &var
     nthr = _items(nthreads, ndir, H, &cpd)
     rf_sync_init(&bar, nthr)
     rf_intr_init(&intr, _main_ident)
@@ -590,13 +665,13 @@ def forward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, int
         with nogil:
             _fwd_worker(0, 1, code, ndir, cpd, rev0, T, N, B, H, Hout, GS, &bsz[0], &offs[0], &xg[0, 0, 0],
                         w_hh, bx, bh, w_hr, &h0[0, 0, 0], &c0[0, 0, 0], &y[0, 0], &cb[0, 0, 0],
-                        &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz, &bar, &intr)
+                        &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz, &bar, &intr, varp, ph, <floating *>dvp)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _fwd_worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, H, Hout, GS, &bsz[0], &offs[0],
                         &xg[0, 0, 0], w_hh, bx, bh, w_hr, &h0[0, 0, 0], &c0[0, 0, 0], &y[0, 0],
-                        &cb[0, 0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz, &bar, &intr)
+                        &cb[0, 0, 0], &hg[0, 0, 0], &s2[0, 0, 0], wp, wsz, &bar, &intr, varp, ph, <floating *>dvp)
     rf_intr_raise(&intr)     # a signal handler raised during the call (Ctrl-C)
 
 
@@ -608,7 +683,8 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                       const floating **w_hh, const floating **w_hr, const floating *dy,
                       floating *dh, floating *dc, floating *dg, floating *aux, floating *dhs,
                       floating *scr, floating *wpk, size_t wsz, double *db, rf_sync_t *bar,
-                      rf_intr_t *intr) noexcept nogil:
+                      rf_intr_t *intr, const rf_var_t *var, const floating **ph,
+                      const floating *dv) noexcept nogil:
     cdef int G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
     cdef int GH = G * H
     cdef int ldy = ndir * Hout
@@ -635,6 +711,8 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
     cdef floating *Wb = NULL
     cdef floating *Wrb = NULL
     cdef double *dbd
+    cdef const floating *phd
+    cdef const floating *dvt = NULL
     if wpk != NULL:     # pack this item's weight columns once for every step
         it = tid
         while it < nitems:
@@ -708,21 +786,24 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                 scrd = scr + <size_t>d * B * H
                 auxt = aux + (<size_t>d * N + <size_t>offs[t]) * H
                 dbd = db + <size_t>d * GSb
+                phd = ph[d]
+                if dv != NULL:      # a variant's saved gate derivatives
+                    dvt = dv + (<size_t>d * N + <size_t>offs[t]) * GH
                 if wpk != NULL:
                     Wb = wpk + <size_t>d * wsz
                     Wrb = Wb + <size_t>nbO * bs
                 if phase == 0:
                     if code == LSTM:
                         if floating is float:
-                            rft_lstm_bwd_f(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd, H, dgt, GSb,
-                                           NULL, 0)
-                            rft_lstm_bwd_f(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd, H, dgt, GSb,
-                                           NULL, 0)
+                            rft_lstm_bwd_v_f(var, phd, dvt, GH, 0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd,
+                                             H, dgt, GSb, NULL, 0)
+                            rft_lstm_bwd_v_f(var, phd, dvt, GH, nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd,
+                                             H, dgt, GSb, NULL, 0)
                         else:
-                            rft_lstm_bwd_d(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd, H, dgt, GSb,
-                                           NULL, 0)
-                            rft_lstm_bwd_d(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd, H, dgt, GSb,
-                                           NULL, 0)
+                            rft_lstm_bwd_v_d(var, phd, dvt, GH, 0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, dhd, Hout, dcd,
+                                             H, dgt, GSb, NULL, 0)
+                            rft_lstm_bwd_v_d(var, phd, dvt, GH, nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, dhd, Hout, dcd,
+                                             H, dgt, GSb, NULL, 0)
                     elif code == LSTM_PROJ:
                         # dm = dh @ W_hr (the gradient of o*tanh(c))
                         if wpk != NULL:
@@ -730,30 +811,38 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                         else:
                             rf_blas_gemm_nn(n, u1 - u0, Hout, dhd, Hout, w_hr[d] + u0, H, scrd + u0, H, zero)
                         if floating is float:
-                            rft_lstm_bwd_f(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, scrd, H, dcd, H, dgt, GSb, auxt, H)
-                            rft_lstm_bwd_f(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, scrd, H, dcd, H, dgt, GSb, auxt, H)
+                            rft_lstm_bwd_v_f(var, phd, dvt, GH, 0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, scrd, H, dcd,
+                                             H, dgt, GSb, auxt, H)
+                            rft_lstm_bwd_v_f(var, phd, dvt, GH, nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, scrd, H, dcd,
+                                             H, dgt, GSb, auxt, H)
                         else:
-                            rft_lstm_bwd_d(0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, scrd, H, dcd, H, dgt, GSb, auxt, H)
-                            rft_lstm_bwd_d(nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, scrd, H, dcd, H, dgt, GSb, auxt, H)
+                            rft_lstm_bwd_v_d(var, phd, dvt, GH, 0, nc, H, u0, u1, gt, GS, ct, H, cpv, H, scrd, H, dcd,
+                                             H, dgt, GSb, auxt, H)
+                            rft_lstm_bwd_v_d(var, phd, dvt, GH, nc, n, H, u0, u1, gt, GS, ct, H, c0d, H, scrd, H, dcd,
+                                             H, dgt, GSb, auxt, H)
                     elif code == GRU_LBR:
                         if floating is float:
-                            rft_gru_bwd_f(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb)
-                            rft_gru_bwd_f(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb)
+                            rft_gru_bwd_v_f(var, phd, dvt, GH, 0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb)
+                            rft_gru_bwd_v_f(var, phd, dvt, GH, nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb)
                         else:
-                            rft_gru_bwd_d(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb)
-                            rft_gru_bwd_d(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb)
+                            rft_gru_bwd_v_d(var, phd, dvt, GH, 0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb)
+                            rft_gru_bwd_v_d(var, phd, dvt, GH, nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb)
                     elif code == GRU_NOLBR:
                         if floating is float:
-                            rft_gru_nolbr_bwd1_f(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb, auxt, H)
-                            rft_gru_nolbr_bwd1_f(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb, auxt, H)
+                            rft_gru_nolbr_bwd1_v_f(var, phd, dvt, GH, 0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt,
+                                                   GSb, auxt, H)
+                            rft_gru_nolbr_bwd1_v_f(var, phd, dvt, GH, nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout,
+                                                   dgt, GSb, auxt, H)
                         else:
-                            rft_gru_nolbr_bwd1_d(0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt, GSb, auxt, H)
-                            rft_gru_nolbr_bwd1_d(nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout, dgt, GSb, auxt, H)
+                            rft_gru_nolbr_bwd1_v_d(var, phd, dvt, GH, 0, nc, H, u0, u1, gt, GS, yp, ldy, dhd, Hout, dgt,
+                                                   GSb, auxt, H)
+                            rft_gru_nolbr_bwd1_v_d(var, phd, dvt, GH, nc, n, H, u0, u1, gt, GS, h0d, Hout, dhd, Hout,
+                                                   dgt, GSb, auxt, H)
                     else:
                         if floating is float:
-                            rft_rnn_bwd_f(0, n, relu, u0, u1, yt, ldy, dhd, Hout, dgt, GSb)
+                            rft_rnn_bwd_v_f(var, phd, dvt, GH, 0, n, relu, u0, u1, yt, ldy, dhd, Hout, dgt, GSb)
                         else:
-                            rft_rnn_bwd_d(0, n, relu, u0, u1, yt, ldy, dhd, Hout, dgt, GSb)
+                            rft_rnn_bwd_v_d(var, phd, dvt, GH, 0, n, relu, u0, u1, yt, ldy, dhd, Hout, dgt, GSb)
                     # this step's gate gradients into the bias gradients (slots [g0, g1))
                     if floating is float:
                         rft_dbsum_f(0, n, g0, g1, H, u0, u1, dgt, GSb, dbd)
@@ -768,11 +857,15 @@ cdef void _bwd_worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                         rf_blas_gemm_nn(n, u1 - u0, H, dgt + 2 * H, GSb, w_hh[d] + <size_t>(2 * H) * Hout + u0, Hout,
                                         scrd + u0, H, zero)
                     if floating is float:
-                        rft_gru_nolbr_bwd2_f(0, nc, u0, u1, gt, GS, yp, ldy, scrd, H, dhd, Hout, dgt, GSb)
-                        rft_gru_nolbr_bwd2_f(nc, n, u0, u1, gt, GS, h0d, Hout, scrd, H, dhd, Hout, dgt, GSb)
+                        rft_gru_nolbr_bwd2_v_f(var, phd, dvt, GH, 0, nc, u0, u1, gt, GS, yp, ldy, scrd, H, dhd, Hout,
+                                               dgt, GSb)
+                        rft_gru_nolbr_bwd2_v_f(var, phd, dvt, GH, nc, n, u0, u1, gt, GS, h0d, Hout, scrd, H, dhd, Hout,
+                                               dgt, GSb)
                     else:
-                        rft_gru_nolbr_bwd2_d(0, nc, u0, u1, gt, GS, yp, ldy, scrd, H, dhd, Hout, dgt, GSb)
-                        rft_gru_nolbr_bwd2_d(nc, n, u0, u1, gt, GS, h0d, Hout, scrd, H, dhd, Hout, dgt, GSb)
+                        rft_gru_nolbr_bwd2_v_d(var, phd, dvt, GH, 0, nc, u0, u1, gt, GS, yp, ldy, scrd, H, dhd, Hout,
+                                               dgt, GSb)
+                        rft_gru_nolbr_bwd2_v_d(var, phd, dvt, GH, nc, n, u0, u1, gt, GS, h0d, Hout, scrd, H, dhd, Hout,
+                                               dgt, GSb)
                     if floating is float:
                         rft_dbsum_f(0, n, 0, 1, H, u0, u1, dgt, GSb, dbd)
                     else:
@@ -820,7 +913,9 @@ def backward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, in
                    const floating[:, ::1] w_hh1, const floating[:, ::1] w_hr1,
                    const floating[:, ::1] dy, floating[:, :, ::1] dh, floating[:, :, ::1] dc,
                    floating[:, :, ::1] dg, floating[:, :, ::1] aux, floating[:, :, ::1] dhs,
-                   floating[:, :, ::1] scr, floating[::1] wpk, double[:, ::1] db, int nthreads):
+                   floating[:, :, ::1] scr, floating[::1] wpk, double[:, ::1] db, int nthreads,
+                   const double[::1] vp=None, const floating[::1] ph0=None, const floating[::1] ph1=None,
+                   const floating[:, :, ::1] dv=None):
     """Recurrence of backpropagation through time for one layer (one or two directions).
 
     Parameters
@@ -837,6 +932,7 @@ def backward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, in
     wpk : ndir * packed_size(..., backward=True) elements (packed weights), or size 0 (BLAS).
     db : (ndir, GSb) float64, zeros in; out: the column sums of dg (the bias gradients).
     nthreads : threads to use.
+    vp, ph0, ph1, dv : the cell variant, peepholes and gate derivatives of the forward.
     """
     cdef int T = bsz.shape[0]
     cdef int N = dg.shape[1]
@@ -852,12 +948,19 @@ def backward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, in
     cdef rf_intr_t intr
     cdef const floating *w_hh[MAX_DIRS]
     cdef const floating *w_hr[MAX_DIRS]
+    cdef rf_var_t var
+    cdef const rf_var_t *varp = NULL
+    cdef const floating *ph[MAX_DIRS]
+    cdef const floating *dvp = NULL
+    cdef int G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
     if T == 0 or N == 0:
         return
     w_hh[0] = &w_hh0[0, 0]
     w_hr[0] = &w_hr0[0, 0]
     w_hh[1] = &w_hh1[0, 0]
     w_hr[1] = &w_hr1[0, 0]
+    if _variant_args(vp, ph0, ph1, dv, ndir, N, H, G * H, &var, ph, &dvp):
+        varp = &var
     nthr = _items(nthreads, ndir, H, &cpd)
     rf_sync_init(&bar, nthr)
     rf_intr_init(&intr, _main_ident)
@@ -866,12 +969,12 @@ def backward_layer(int code, const int64_t[::1] bsz, const int64_t[::1] offs, in
             _bwd_worker(0, 1, code, ndir, cpd, rev0, T, N, B, H, Hout, GS, GSb, &bsz[0], &offs[0],
                         &xg[0, 0, 0], &cb[0, 0, 0], &y[0, 0], &h0[0, 0, 0], &c0[0, 0, 0], w_hh, w_hr,
                         &dy[0, 0], &dh[0, 0, 0], &dc[0, 0, 0], &dg[0, 0, 0], &aux[0, 0, 0],
-                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0], &bar, &intr)
+                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0], &bar, &intr, varp, ph, dvp)
     else:
         with nogil, parallel(num_threads=nthr):
             tid = threadid()
             _bwd_worker(tid, rf_team_size(), code, ndir, cpd, rev0, T, N, B, H, Hout, GS, GSb, &bsz[0], &offs[0],
                         &xg[0, 0, 0], &cb[0, 0, 0], &y[0, 0], &h0[0, 0, 0], &c0[0, 0, 0], w_hh, w_hr,
                         &dy[0, 0], &dh[0, 0, 0], &dc[0, 0, 0], &dg[0, 0, 0], &aux[0, 0, 0],
-                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0], &bar, &intr)
+                        &dhs[0, 0, 0], &scr[0, 0, 0], wp, wsz, &db[0, 0], &bar, &intr, varp, ph, dvp)
     rf_intr_raise(&intr)     # a signal handler raised during the call (Ctrl-C)

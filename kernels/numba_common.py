@@ -14,9 +14,20 @@ Numba kernels take turns.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import numba
+from numba import njit
+
+from ..cells import (
+    VARIANT_CANDIDATE,
+    VARIANT_CLIP,
+    VARIANT_GATE,
+    VARIANT_INPUT_FORGET,
+    VARIANT_OUTPUT,
+    VARIANT_PEEPHOLE,
+)
 
 _serial = threading.Lock()
 _layer: list = []       # the threading layer once Numba has launched one
@@ -53,3 +64,92 @@ def kernel_threads(n: int):
         if lock is not None:
             lock.release()
         numba.set_num_threads(prev)
+
+
+# ------------------------------------------------------------------------ cell variants
+# The activations of rnnfast.cells.ACTIVATION_CODES (a variant vector's codes, see
+# rnnfast.cells.variant_vector), their derivatives and the clip, in float64: one copy for
+# the inference and the training kernels. The derivatives are the reference's
+# (rnnfast.reference.backward.activation_grad), kinks and NaN included.
+_VJIT = dict(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True)
+
+
+@njit(**_VJIT)
+def act(k, a, b, x):
+    """Activation code k with parameters a, b at x."""
+    if k == 0.0:
+        return 1.0 / (1.0 + math.exp(-x))
+    if k == 1.0:
+        return math.tanh(x)
+    if k == 2.0:
+        return 0.0 if x < 0.0 else x
+    if k == 3.0:
+        return a * x + b
+    if k == 4.0:
+        return x if x >= 0.0 else a * x
+    if k == 5.0:
+        return x if x > a else 0.0
+    if k == 6.0:
+        return a * math.tanh(b * x)
+    if k == 7.0:
+        v = a * x + b
+        return 0.0 if v < 0.0 else (1.0 if v > 1.0 else v)
+    if k == 8.0:
+        return x if x >= 0.0 else a * math.expm1(x)
+    if k == 9.0:
+        return x / (1.0 + abs(x))
+    # softplus, log(1 + e^x) without overflow
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+@njit(**_VJIT)
+def dact(k, a, b, x):
+    """The derivative of activation code k at x (0 at NaN where the reference has 0)."""
+    if k == 0.0:
+        s = 1.0 / (1.0 + math.exp(-x))
+        return s * (1.0 - s)
+    if k == 1.0:
+        t = math.tanh(x)
+        return 1.0 - t * t
+    if k == 2.0:
+        return 1.0 if x > 0.0 else 0.0
+    if k == 3.0:
+        return a
+    if k == 4.0:
+        return 1.0 if x >= 0.0 else a
+    if k == 5.0:
+        return 1.0 if x > a else 0.0
+    if k == 6.0:
+        t = math.tanh(b * x)
+        return a * b * (1.0 - t * t)
+    if k == 7.0:
+        v = a * x + b
+        return a if (v > 0.0 and v < 1.0) else 0.0
+    if k == 8.0:
+        return 1.0 if x >= 0.0 else a * math.exp(min(x, 0.0))
+    if k == 9.0:
+        d = 1.0 + abs(x)
+        return 1.0 / (d * d)
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@njit(**_VJIT)
+def clip(x, c):
+    """x clamped to [-c, c] (NaN passes; c = inf: none)."""
+    return c if x > c else (-c if x < -c else x)
+
+
+@njit(**_VJIT)
+def dclip(x, c):
+    """The clip's derivative: 1 inside [-c, c] (bounds included, as torch.clamp), else 0
+    (NaN: 0, as the reference)."""
+    return 1.0 if (x >= -c and x <= c) else 0.0
+
+
+@njit(**_VJIT)
+def variant_fields(vp):
+    """A variant vector's fields: the gate, candidate and output activations as (code,
+    alpha, beta) each, then clip, input_forget, peephole (rnnfast.cells.variant_vector)."""
+    g, c, o = VARIANT_GATE, VARIANT_CANDIDATE, VARIANT_OUTPUT
+    return (vp[g], vp[g + 1], vp[g + 2], vp[c], vp[c + 1], vp[c + 2], vp[o], vp[o + 1], vp[o + 2],
+            vp[VARIANT_CLIP], vp[VARIANT_INPUT_FORGET] != 0.0, vp[VARIANT_PEEPHOLE] != 0.0)

@@ -49,7 +49,7 @@ from numba.np.linalg import ensure_blas
 
 from .. import threads
 from ..cells import GRU_LBR, GRU_NOLBR, LSTM, LSTM_PROJ, RNN_TANH, VARIANT_LEN
-from .numba_common import FASTMATH, kernel_threads
+from .numba_common import FASTMATH, act, clip, kernel_threads, variant_fields
 
 # The polynomial approximations below rely on the exact order of their operations
 # (Cody-Waite range reduction): only contraction into FMAs is allowed there.
@@ -348,39 +348,6 @@ def _gates_chunk(code, phase, H, u0, u1, xr, gr, bx, bh, hp, hw, yr, cr, sr):
 # --------------------------------------------------------------------------------------
 
 @njit(**_JIT)
-def _act(k, a, b, x):
-    """Activation code k of rnnfast.cells.ACTIVATION_CODES with parameters a, b, in float64."""
-    if k == 0.0:
-        return _sigmoid_f64(x)
-    if k == 1.0:
-        return math.tanh(x)
-    if k == 2.0:
-        return 0.0 if x < 0.0 else x
-    if k == 3.0:
-        return a * x + b
-    if k == 4.0:
-        return x if x >= 0.0 else a * x
-    if k == 5.0:
-        return x if x > a else 0.0
-    if k == 6.0:
-        return a * math.tanh(b * x)
-    if k == 7.0:
-        v = a * x + b
-        return 0.0 if v < 0.0 else (1.0 if v > 1.0 else v)
-    if k == 8.0:
-        return x if x >= 0.0 else a * math.expm1(x)
-    if k == 9.0:
-        return x / (1.0 + abs(x))
-    # softplus, log(1 + e^x) without overflow
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
-
-
-@njit(**_JIT)
-def _clip(x, c):
-    return c if x > c else (-c if x < -c else x)       # NaN passes
-
-
-@njit(**_JIT)
 def _gates_chunk_v(code, phase, H, u0, u1, xr, gr, bx, bh, hp, hw, yr, cr, sr, vp, ph):
     """:func:`_gates_chunk` of a cell variant, in float64 (vp: the variant vector; ph:
     the direction's peepholes (3H,), i, f, o). ONNX Runtime's order: peephole terms,
@@ -388,12 +355,7 @@ def _gates_chunk_v(code, phase, H, u0, u1, xr, gr, bx, bh, hp, hw, yr, cr, sr, v
     H1 = np.uint64(H)
     H2 = H1 + H1
     H3 = H2 + H1
-    ga, gaa, gab = vp[1], vp[2], vp[3]
-    ca, caa, cab = vp[4], vp[5], vp[6]
-    oa, oaa, oab = vp[7], vp[8], vp[9]
-    cl = vp[10]
-    cifg = vp[11] != 0.0
-    peep = vp[12] != 0.0
+    ga, gaa, gab, ca, caa, cab, oa, oaa, oab, cl, cifg, peep = variant_fields(vp)
     for uu in range(u0, u1):
         u = np.uint64(uu)
         if code == LSTM or code == LSTM_PROJ:
@@ -405,35 +367,35 @@ def _gates_chunk_v(code, phase, H, u0, u1, xr, gr, bx, bh, hp, hw, yr, cr, sr, v
             if peep:
                 gi += np.float64(ph[u]) * c0
                 gf += np.float64(ph[H1 + u]) * c0
-            i = _act(ga, gaa, gab, _clip(gi, cl))
-            f = 1.0 - i if cifg else _act(ga, gaa, gab, _clip(gf, cl))
-            c = f * c0 + i * _act(ca, caa, cab, _clip(gg, cl))
+            i = act(ga, gaa, gab, clip(gi, cl))
+            f = 1.0 - i if cifg else act(ga, gaa, gab, clip(gf, cl))
+            c = f * c0 + i * act(ca, caa, cab, clip(gg, cl))
             if peep:
                 go += np.float64(ph[H2 + u]) * c
-            o = _act(ga, gaa, gab, _clip(go, cl))
+            o = act(ga, gaa, gab, clip(go, cl))
             cr[u] = c
             if code == LSTM_PROJ:
-                sr[u] = o * _act(oa, oaa, oab, c)
+                sr[u] = o * act(oa, oaa, oab, c)
             else:
-                hw[u] = o * _act(oa, oaa, oab, c)
+                hw[u] = o * act(oa, oaa, oab, c)
         elif code == GRU_LBR:
-            r = _act(ga, gaa, gab, _clip(np.float64(xr[u] + gr[u] + bx[u] + bh[u]), cl))
-            z = _act(ga, gaa, gab, _clip(np.float64(xr[H1 + u] + gr[H1 + u] + bx[H1 + u] + bh[H1 + u]), cl))
-            n = _act(ca, caa, cab, _clip(np.float64(xr[H2 + u] + bx[H2 + u]) + r * np.float64(gr[H2 + u] + bh[H2 + u]),
+            r = act(ga, gaa, gab, clip(np.float64(xr[u] + gr[u] + bx[u] + bh[u]), cl))
+            z = act(ga, gaa, gab, clip(np.float64(xr[H1 + u] + gr[H1 + u] + bx[H1 + u] + bh[H1 + u]), cl))
+            n = act(ca, caa, cab, clip(np.float64(xr[H2 + u] + bx[H2 + u]) + r * np.float64(gr[H2 + u] + bh[H2 + u]),
                                          cl))
             hw[u] = n + z * (np.float64(hp[u]) - n)
         elif code == GRU_NOLBR:
             if phase == 0:
-                r = _act(ga, gaa, gab, _clip(np.float64(xr[u] + gr[u] + bx[u] + bh[u]), cl))
-                z = _act(ga, gaa, gab, _clip(np.float64(xr[H1 + u] + gr[H1 + u] + bx[H1 + u] + bh[H1 + u]), cl))
+                r = act(ga, gaa, gab, clip(np.float64(xr[u] + gr[u] + bx[u] + bh[u]), cl))
+                z = act(ga, gaa, gab, clip(np.float64(xr[H1 + u] + gr[H1 + u] + bx[H1 + u] + bh[H1 + u]), cl))
                 sr[u] = r * np.float64(hp[u])
                 gr[u] = z
             else:
                 z = np.float64(gr[u])
-                n = _act(ca, caa, cab, _clip(np.float64(xr[H2 + u] + bx[H2 + u] + gr[H2 + u] + bh[H2 + u]), cl))
+                n = act(ca, caa, cab, clip(np.float64(xr[H2 + u] + bx[H2 + u] + gr[H2 + u] + bh[H2 + u]), cl))
                 hw[u] = n + z * (np.float64(hp[u]) - n)
         else:   # RNN: the candidate activation is its nonlinearity
-            hw[u] = _act(ca, caa, cab, _clip(np.float64(xr[u] + gr[u] + bx[u] + bh[u]), cl))
+            hw[u] = act(ca, caa, cab, clip(np.float64(xr[u] + gr[u] + bx[u] + bh[u]), cl))
     if code != LSTM_PROJ and (code != GRU_NOLBR or phase == 1):
         for u in range(u0, u1):
             yr[u] = hw[u]

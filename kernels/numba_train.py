@@ -17,6 +17,10 @@ One jitted function per call; each step is
    plain loop otherwise (a parallel launch costs a few microseconds);
 3. backward only: dh_prev = dG_t W_hh (``np.dot``), and the dy of the next step added.
 
+Cell variants (rnnfast.cells.Variant: ``vp``, ``ph0``/``ph1``, ``dv``) take
+``_fwd_chunk_v`` / ``_bwd_chunk_v``, in float64: the forward saves each gate's derivative
+in ``dv`` beside the gate, the backward reads it.
+
 Transcendentals are ``math.exp`` / ``math.tanh`` in the data's precision (this Numba
 has no SVML, so they are scalar libm calls). Threading: every entry sets the
 thread count for its call and restores the caller's, and the threading layer is left to
@@ -29,8 +33,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ..cells import GRU_LBR, GRU_NOLBR, LSTM, LSTM_PROJ, RNN_TANH
-from .numba_common import FASTMATH, kernel_threads
+from ..cells import GRU_LBR, GRU_NOLBR, LSTM, LSTM_PROJ, RNN_TANH, VARIANT_LEN
+from .numba_common import FASTMATH, act, clip, dact, dclip, kernel_threads, variant_fields
 
 _UNIT_BLOCK = 16
 FUSED_BIAS_GRADS = False
@@ -55,6 +59,16 @@ def _pdot_par(a, b, out, nchunks):
         r1 = (n * (c + 1)) // nchunks
         if r1 > r0:
             np.dot(a[r0:r1], b, out[r0:r1])
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _item(c, n0, cpr):
+    """(direction, row, unit slice) of work item c of a parallel pass: n0 rows of
+    direction 0 first, cpr slices a row."""
+    d = 0 if c < n0 * cpr else 1
+    cc = c - d * n0 * cpr
+    j = cc // cpr
+    return d, j, cc - j * cpr
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -175,38 +189,160 @@ def _fwd_chunk(code, phase, H, Hout, d, j, u0, u1, info, xg, hg, hn2, bx0, bh0, 
             yr[yo + u] = max(v, v - v)
 
 
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _fwd_chunk_v(code, phase, H, Hout, d, j, u0, u1, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
+                 hp, y, cb, c0, s2, vp, ph0, ph1, dv):
+    """:func:`_fwd_chunk` of a cell variant (vp: rnnfast.cells.variant_vector; ph0/ph1 the
+    directions' peepholes (3H,), i, f, o), in float64 as the inference kernels: the
+    post-activation gates are saved as for the standard cells, and beside them in `dv`
+    each gate's derivative (the activation's at the clipped pre-activation, times the
+    clip's), which the backward cannot recover from the gate for every activation."""
+    off = info[d, 1]
+    nc = info[d, 3]
+    offp = info[d, 4]
+    bx = bx0 if d == 0 else bx1
+    bh = bh0 if d == 0 else bh1
+    ph = ph0 if d == 0 else ph1
+    xr = xg[d, off + j]
+    gr = hg[d, j]
+    dvr = dv[d, off + j]
+    H1 = np.uint64(H)
+    H2 = H1 + H1
+    H3 = H2 + H1
+    yo = np.uint64(d * Hout)
+    yr = y[off + j]
+    pr = hp[d, j]
+    ga, gaa, gab, ca, caa, cab, oa, oaa, oab, cl, cifg, peep = variant_fields(vp)
+    if code == LSTM or code == LSTM_PROJ:
+        cp = cb[d, offp + j] if j < nc else c0[d, j]
+        cr = cb[d, off + j]
+        sr = s2[d, j]
+        for uu in range(u0, u1):
+            u = np.uint64(uu)
+            cpu = np.float64(cp[u])
+            ai = np.float64(xr[u] + gr[u] + bx[u] + bh[u])
+            af = np.float64(xr[H1 + u] + gr[H1 + u] + bx[H1 + u] + bh[H1 + u])
+            ag = np.float64(xr[H2 + u] + gr[H2 + u] + bx[H2 + u] + bh[H2 + u])
+            ao = np.float64(xr[H3 + u] + gr[H3 + u] + bx[H3 + u] + bh[H3 + u])
+            if peep:
+                ai += ph[u] * cpu
+                af += ph[H1 + u] * cpu
+            i = act(ga, gaa, gab, clip(ai, cl))
+            di = dact(ga, gaa, gab, clip(ai, cl)) * dclip(ai, cl)
+            if cifg:
+                f = 1.0 - i
+                df = 0.0
+            else:
+                f = act(ga, gaa, gab, clip(af, cl))
+                df = dact(ga, gaa, gab, clip(af, cl)) * dclip(af, cl)
+            g = act(ca, caa, cab, clip(ag, cl))
+            dgg = dact(ca, caa, cab, clip(ag, cl)) * dclip(ag, cl)
+            c = f * cpu + i * g
+            if peep:
+                ao += ph[H2 + u] * c
+            o = act(ga, gaa, gab, clip(ao, cl))
+            do = dact(ga, gaa, gab, clip(ao, cl)) * dclip(ao, cl)
+            xr[u] = i
+            xr[H1 + u] = f
+            xr[H2 + u] = g
+            xr[H3 + u] = o
+            dvr[u] = di
+            dvr[H1 + u] = df
+            dvr[H2 + u] = dgg
+            dvr[H3 + u] = do
+            cr[u] = c
+            h = o * act(oa, oaa, oab, c)
+            if code == LSTM:
+                yr[yo + u] = h
+            else:
+                sr[u] = h
+    elif code == GRU_LBR:
+        for uu in range(u0, u1):
+            u = np.uint64(uu)
+            ar = np.float64(xr[u] + gr[u] + bx[u] + bh[u])
+            az = np.float64(xr[H1 + u] + gr[H1 + u] + bx[H1 + u] + bh[H1 + u])
+            r = act(ga, gaa, gab, clip(ar, cl))
+            z = act(ga, gaa, gab, clip(az, cl))
+            hn = np.float64(gr[H2 + u] + bh[H2 + u])
+            an = np.float64(xr[H2 + u] + bx[H2 + u]) + r * hn
+            n = act(ca, caa, cab, clip(an, cl))
+            dvr[u] = dact(ga, gaa, gab, clip(ar, cl)) * dclip(ar, cl)
+            dvr[H1 + u] = dact(ga, gaa, gab, clip(az, cl)) * dclip(az, cl)
+            dvr[H2 + u] = dact(ca, caa, cab, clip(an, cl)) * dclip(an, cl)
+            xr[u] = r
+            xr[H1 + u] = z
+            xr[H2 + u] = n
+            xr[H3 + u] = hn
+            yr[yo + u] = (1.0 - z) * n + z * pr[u]
+    elif code == GRU_NOLBR:
+        sr = s2[d, j]
+        if phase == 0:
+            for uu in range(u0, u1):
+                u = np.uint64(uu)
+                ar = np.float64(xr[u] + gr[u] + bx[u] + bh[u])
+                az = np.float64(xr[H1 + u] + gr[H1 + u] + bx[H1 + u] + bh[H1 + u])
+                r = act(ga, gaa, gab, clip(ar, cl))
+                z = act(ga, gaa, gab, clip(az, cl))
+                dvr[u] = dact(ga, gaa, gab, clip(ar, cl)) * dclip(ar, cl)
+                dvr[H1 + u] = dact(ga, gaa, gab, clip(az, cl)) * dclip(az, cl)
+                xr[u] = r
+                xr[H1 + u] = z
+                sr[u] = r * pr[u]
+        else:
+            nr = hn2[d, j]
+            for uu in range(u0, u1):
+                u = np.uint64(uu)
+                z = np.float64(xr[H1 + u])
+                an = np.float64(xr[H2 + u] + bx[H2 + u] + nr[u] + bh[H2 + u])
+                n = act(ca, caa, cab, clip(an, cl))
+                dvr[H2 + u] = dact(ca, caa, cab, clip(an, cl)) * dclip(an, cl)
+                xr[H2 + u] = n
+                yr[yo + u] = (1.0 - z) * n + z * pr[u]
+    else:
+        for uu in range(u0, u1):
+            u = np.uint64(uu)
+            a = np.float64(xr[u] + gr[u] + bx[u] + bh[u])
+            dvr[u] = dact(ca, caa, cab, clip(a, cl)) * dclip(a, cl)
+            yr[yo + u] = act(ca, caa, cab, clip(a, cl))
+
+
 @njit(fastmath=FASTMATH, error_model="numpy", parallel=True, cache=True)
 def _fwd_pass_par(nchunks, n0, cpr, code, phase, H, Hout, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
-                  hp, y, cb, c0, s2, one):
+                  hp, y, cb, c0, s2, one, vp, ph0, ph1, dv):
     for c in prange(nchunks):
-        d = 0 if c < n0 * cpr else 1
-        cc = c - d * n0 * cpr
-        j = cc // cpr
-        k = cc - j * cpr
-        _fwd_chunk(code, phase, H, Hout, d, j, _split(H, k, cpr), _split(H, k + 1, cpr), info, xg, hg, hn2,
-                   bx0, bh0, bx1, bh1, hp, y, cb, c0, s2, one)
+        d, j, k = _item(c, n0, cpr)
+        if vp[0] != 0.0:
+            _fwd_chunk_v(code, phase, H, Hout, d, j, _split(H, k, cpr), _split(H, k + 1, cpr), info, xg, hg,
+                         hn2, bx0, bh0, bx1, bh1, hp, y, cb, c0, s2, vp, ph0, ph1, dv)
+        else:
+            _fwd_chunk(code, phase, H, Hout, d, j, _split(H, k, cpr), _split(H, k + 1, cpr), info, xg, hg, hn2,
+                       bx0, bh0, bx1, bh1, hp, y, cb, c0, s2, one)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _fwd_pass(nthr, serial_work, ndir, G, code, phase, H, Hout, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
-              hp, y, cb, c0, s2, one):
+              hp, y, cb, c0, s2, one, vp, ph0, ph1, dv):
     n0 = info[0, 2]
     rows = n0 + (info[1, 2] if ndir == 2 else 0)
     if nthr > 1 and rows * G * H >= serial_work:
         nb = (H + _UNIT_BLOCK - 1) // _UNIT_BLOCK
         cpr = min(nb, max(1, (4 * nthr + rows - 1) // rows))
         _fwd_pass_par(rows * cpr, n0, cpr, code, phase, H, Hout, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
-                      hp, y, cb, c0, s2, one)
+                      hp, y, cb, c0, s2, one, vp, ph0, ph1, dv)
     else:
         for c in range(rows):
             d = 0 if c < n0 else 1
-            _fwd_chunk(code, phase, H, Hout, d, c - d * n0, 0, H, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
-                       hp, y, cb, c0, s2, one)
+            if vp[0] != 0.0:
+                _fwd_chunk_v(code, phase, H, Hout, d, c - d * n0, 0, H, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
+                             hp, y, cb, c0, s2, vp, ph0, ph1, dv)
+            else:
+                _fwd_chunk(code, phase, H, Hout, d, c - d * n0, 0, H, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
+                           hp, y, cb, c0, s2, one)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _fwd(code, bsz, offs, ndir, rev0, xg, w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh1, w_hr1,
-         h0, c0, y, cb, hg, hn2, s2, hp, pt, nthr, serial_work, one):
+         h0, c0, y, cb, hg, hn2, s2, hp, pt, nthr, serial_work, one, vp, ph0, ph1, dv):
     T = bsz.shape[0]
     Hout = h0.shape[2]
     H = s2.shape[2]
@@ -223,7 +359,7 @@ def _fwd(code, bsz, offs, ndir, rev0, xg, w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh
             else:
                 _dot(hp[d, :n], w_hh.T, hg[d, :n], nthr, serial_work)
         _fwd_pass(nthr, serial_work, ndir, G, code, 0, H, Hout, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
-                  hp, y, cb, c0, s2, one)
+                  hp, y, cb, c0, s2, one, vp, ph0, ph1, dv)
         if code == LSTM_PROJ:
             for d in range(ndir):
                 n = info[d, 2]
@@ -237,7 +373,7 @@ def _fwd(code, bsz, offs, ndir, rev0, xg, w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh
                 n = info[d, 2]
                 _dot(s2[d, :n], (w_hh0 if d == 0 else w_hh1)[2 * H:].T, hn2[d, :n], nthr, serial_work)
             _fwd_pass(nthr, serial_work, ndir, G, code, 1, H, Hout, info, xg, hg, hn2, bx0, bh0, bx1, bh1,
-                      hp, y, cb, c0, s2, one)
+                      hp, y, cb, c0, s2, one, vp, ph0, ph1, dv)
 
 
 def _readonly(a):
@@ -246,8 +382,18 @@ def _readonly(a):
     return v
 
 
+def _variant_args(vp, ph0, ph1, dv, dt):
+    """The variant arguments as the jitted functions take them: a zero vector (and empty
+    arrays) for the standard cell."""
+    empty = _readonly(np.zeros(1, dt))
+    if vp is None or vp[0] == 0.0:
+        return _readonly(np.zeros(VARIANT_LEN)), empty, empty, np.zeros((1, 1, 1), dt)
+    return (_readonly(np.ascontiguousarray(vp, np.float64)), empty if ph0 is None else _readonly(ph0),
+            empty if ph1 is None else _readonly(ph1), dv)
+
+
 def forward_layer(code, bsz, offs, ndir, rev0, xg, w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh1, w_hr1,
-                  h0, c0, y, cb, hg, s2, wpk, nthreads):
+                  h0, c0, y, cb, hg, s2, wpk, nthreads, vp=None, ph0=None, ph1=None, dv=None):
     """Same contract as ``rnnfast.kernels.cy_train.forward_layer`` (``wpk`` is ignored)."""
     T = bsz.shape[0]
     if T == 0 or xg.shape[1] == 0:
@@ -265,7 +411,8 @@ def forward_layer(code, bsz, offs, ndir, rev0, xg, w_hh0, bx0, bh0, w_hr0, w_hh1
         _fwd(code, _readonly(bsz), _readonly(offs), int(ndir), bool(rev0), xg,
              _readonly(w_hh0), _readonly(bx0), _readonly(bh0), _readonly(w_hr0),
              _readonly(w_hh1), _readonly(bx1), _readonly(bh1), _readonly(w_hr1),
-             _readonly(h0), _readonly(c0), y, cb, hgc, hn2, s2, hp, pt, nthr, int(_SERIAL_WORK), dt.type(1.0))
+             _readonly(h0), _readonly(c0), y, cb, hgc, hn2, s2, hp, pt, nthr, int(_SERIAL_WORK), dt.type(1.0),
+             *_variant_args(vp, ph0, ph1, dv, dt))
 
 
 # ------------------------------------------------------------------------------ backward
@@ -366,33 +513,146 @@ def _bwd_chunk(code, phase, H, Hout, d, j, u0, u1, info, xg, cb, y, c0, dh, dc, 
                 dgr[u] = dhr[u] if h > one - one else one - one
 
 
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _bwd_chunk_v(code, phase, H, Hout, d, j, u0, u1, info, xg, cb, c0, dh, dc, dg, aux, scr, hp,
+                 gh, gn, vp, ph0, ph1, dv):
+    """:func:`_bwd_chunk` of a cell variant, in float64, from the gates and the
+    derivatives (`dv`) that :func:`_fwd_chunk_v` saved (the reference's equations,
+    rnnfast.reference.backward._variant_backward)."""
+    off = info[d, 1]
+    nc = info[d, 3]
+    offp = info[d, 4]
+    H1 = np.uint64(H)
+    H2 = H1 + H1
+    H3 = H2 + H1
+    dgr = dg[d, off + j]
+    dhr = dh[d, j]
+    dvr = dv[d, off + j]
+    xr = xg[d, off + j]
+    _, _, _, _, _, _, oa, oaa, oab, _, cifg, peep = variant_fields(vp)
+    if code == LSTM or code == LSTM_PROJ:
+        ph = ph0 if d == 0 else ph1
+        cr = cb[d, off + j]
+        cp = cb[d, offp + j] if j < nc else c0[d, j]
+        dcr = dc[d, j]
+        dm = scr[d, j] if code == LSTM_PROJ else dhr
+        mr = aux[d, off + j]
+        for uu in range(u0, u1):
+            u = np.uint64(uu)
+            i = np.float64(xr[u])
+            f = np.float64(xr[H1 + u])
+            g = np.float64(xr[H2 + u])
+            o = np.float64(xr[H3 + u])
+            c = np.float64(cr[u])
+            cpu = np.float64(cp[u])
+            ho = act(oa, oaa, oab, c)
+            dv_ = np.float64(dm[u])
+            dao = dv_ * ho * dvr[H3 + u]
+            dct = dcr[u] + dv_ * o * dact(oa, oaa, oab, c)
+            if peep:
+                dct += dao * ph[H2 + u]
+            di = dct * g
+            df = dct * cpu
+            if cifg:
+                di -= df
+                df = 0.0
+            dai = di * dvr[u]
+            daf = df * dvr[H1 + u]
+            dgr[u] = dai
+            dgr[H1 + u] = daf
+            dgr[H2 + u] = dct * i * dvr[H2 + u]
+            dgr[H3 + u] = dao
+            dcp = dct * f
+            if peep:
+                dcp += dai * ph[u] + daf * ph[H1 + u]
+            dcr[u] = dcp
+            if code == LSTM_PROJ:
+                mr[u] = o * ho
+    elif code == GRU_LBR:
+        pr = hp[d, j]
+        ghr = gh[d, j]
+        for uu in range(u0, u1):
+            u = np.uint64(uu)
+            r = np.float64(xr[u])
+            z = np.float64(xr[H1 + u])
+            n = np.float64(xr[H2 + u])
+            dv_ = np.float64(dhr[u])
+            dan = dv_ * (1.0 - z) * dvr[H2 + u]
+            daz = dv_ * (pr[u] - n) * dvr[H1 + u]
+            dar = dan * xr[H3 + u] * dvr[u]
+            dgr[u] = dar
+            dgr[H1 + u] = daz
+            dgr[H2 + u] = dan
+            dgr[H3 + u] = dan * r
+            ghr[u] = dar
+            ghr[H1 + u] = daz
+            ghr[H2 + u] = dan * r
+            dhr[u] = dv_ * z
+    elif code == GRU_NOLBR:
+        pr = hp[d, j]
+        ghr = gh[d, j]
+        if phase == 0:
+            gnr = gn[d, j]
+            rr = aux[d, off + j]
+            for uu in range(u0, u1):
+                u = np.uint64(uu)
+                z = np.float64(xr[H1 + u])
+                n = np.float64(xr[H2 + u])
+                dv_ = np.float64(dhr[u])
+                daz = dv_ * (pr[u] - n) * dvr[H1 + u]
+                dan = dv_ * (1.0 - z) * dvr[H2 + u]
+                dgr[H1 + u] = daz
+                dgr[H2 + u] = dan
+                ghr[H1 + u] = daz
+                gnr[u] = dan
+                rr[u] = xr[u] * pr[u]
+                dhr[u] = dv_ * z
+        else:
+            qr = scr[d, j]
+            for uu in range(u0, u1):
+                u = np.uint64(uu)
+                dar = np.float64(qr[u]) * pr[u] * dvr[u]
+                dgr[u] = dar
+                ghr[u] = dar
+                dhr[u] += qr[u] * xr[u]
+    else:
+        for uu in range(u0, u1):
+            u = np.uint64(uu)
+            dgr[u] = dhr[u] * dvr[u]
+
+
 @njit(fastmath=FASTMATH, error_model="numpy", parallel=True, cache=True)
 def _bwd_pass_par(nchunks, n0, cpr, code, phase, H, Hout, info, xg, cb, y, c0, dh, dc, dg, aux, scr, hp,
-                  gh, gn, one):
+                  gh, gn, one, vp, ph0, ph1, dv):
     for c in prange(nchunks):
-        d = 0 if c < n0 * cpr else 1
-        cc = c - d * n0 * cpr
-        j = cc // cpr
-        k = cc - j * cpr
-        _bwd_chunk(code, phase, H, Hout, d, j, _split(H, k, cpr), _split(H, k + 1, cpr), info, xg, cb, y, c0,
-                   dh, dc, dg, aux, scr, hp, gh, gn, one)
+        d, j, k = _item(c, n0, cpr)
+        if vp[0] != 0.0:
+            _bwd_chunk_v(code, phase, H, Hout, d, j, _split(H, k, cpr), _split(H, k + 1, cpr), info, xg, cb, c0,
+                         dh, dc, dg, aux, scr, hp, gh, gn, vp, ph0, ph1, dv)
+        else:
+            _bwd_chunk(code, phase, H, Hout, d, j, _split(H, k, cpr), _split(H, k + 1, cpr), info, xg, cb, y, c0,
+                       dh, dc, dg, aux, scr, hp, gh, gn, one)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _bwd_pass(nthr, serial_work, ndir, G, code, phase, H, Hout, info, xg, cb, y, c0, dh, dc, dg, aux, scr,
-              hp, gh, gn, one):
+              hp, gh, gn, one, vp, ph0, ph1, dv):
     n0 = info[0, 2]
     rows = n0 + (info[1, 2] if ndir == 2 else 0)
     if nthr > 1 and rows * G * H >= serial_work:
         nb = (H + _UNIT_BLOCK - 1) // _UNIT_BLOCK
         cpr = min(nb, max(1, (4 * nthr + rows - 1) // rows))
         _bwd_pass_par(rows * cpr, n0, cpr, code, phase, H, Hout, info, xg, cb, y, c0, dh, dc, dg, aux, scr,
-                      hp, gh, gn, one)
+                      hp, gh, gn, one, vp, ph0, ph1, dv)
     else:
         for c in range(rows):
             d = 0 if c < n0 else 1
-            _bwd_chunk(code, phase, H, Hout, d, c - d * n0, 0, H, info, xg, cb, y, c0, dh, dc, dg, aux, scr,
-                       hp, gh, gn, one)
+            if vp[0] != 0.0:
+                _bwd_chunk_v(code, phase, H, Hout, d, c - d * n0, 0, H, info, xg, cb, c0, dh, dc, dg, aux, scr,
+                             hp, gh, gn, vp, ph0, ph1, dv)
+            else:
+                _bwd_chunk(code, phase, H, Hout, d, c - d * n0, 0, H, info, xg, cb, y, c0, dh, dc, dg, aux, scr,
+                           hp, gh, gn, one)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -418,7 +678,7 @@ def _add_dy(d, t, Hout, ldy_off, bsz, offs, dy, dh, dhs, proj, add_from, tmp):
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _bwd(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0, w_hh1, w_hr1, dy, dh, dc, dg, aux,
-         dhs, scr, hp, gh, gn, tmp, nthr, serial_work, one):
+         dhs, scr, hp, gh, gn, tmp, nthr, serial_work, one, vp, ph0, ph1, dv):
     T = bsz.shape[0]
     Hout = h0.shape[2]
     H = scr.shape[2]
@@ -439,13 +699,13 @@ def _bwd(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0, w_hh1, w_
             if proj:
                 _dot(dh[d, :n], w_hr0 if d == 0 else w_hr1, scr[d, :n], nthr, serial_work)
         _bwd_pass(nthr, serial_work, ndir, G, code, 0, H, Hout, info, xg, cb, y, c0, dh, dc, dg, aux, scr,
-                  hp, gh, gn, one)
+                  hp, gh, gn, one, vp, ph0, ph1, dv)
         if code == GRU_NOLBR:
             for d in range(ndir):
                 n = info[d, 2]
                 _dot(gn[d, :n], (w_hh0 if d == 0 else w_hh1)[2 * H:], scr[d, :n], nthr, serial_work)
             _bwd_pass(nthr, serial_work, ndir, G, code, 1, H, Hout, info, xg, cb, y, c0, dh, dc, dg, aux, scr,
-                      hp, gh, gn, one)
+                      hp, gh, gn, one, vp, ph0, ph1, dv)
         for d in range(ndir):
             n = info[d, 2]
             off = info[d, 1]
@@ -466,7 +726,7 @@ def _bwd(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0, w_hh1, w_
 
 
 def backward_layer(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0, w_hh1, w_hr1,
-                   dy, dh, dc, dg, aux, dhs, scr, wpk, db, nthreads):
+                   dy, dh, dc, dg, aux, dhs, scr, wpk, db, nthreads, vp=None, ph0=None, ph1=None, dv=None):
     """Same contract as ``rnnfast.kernels.cy_train.backward_layer``, except that ``wpk`` and
     ``db`` are ignored (FUSED_BIAS_GRADS is False: rnnfast.training sums dG itself)."""
     T = bsz.shape[0]
@@ -485,4 +745,4 @@ def backward_layer(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0,
         _bwd(code, _readonly(bsz), _readonly(offs), int(ndir), bool(rev0), _readonly(xg), _readonly(cb),
              _readonly(y), _readonly(h0), _readonly(c0), _readonly(w_hh0), _readonly(w_hr0), _readonly(w_hh1),
              _readonly(w_hr1), _readonly(dy), dh, dc, dg, aux, dhs, scr, hp, gh, gn, tmp, nthr,
-             int(_SERIAL_WORK), dt.type(1.0))
+             int(_SERIAL_WORK), dt.type(1.0), *_variant_args(vp, ph0, ph1, dv, dt))

@@ -1,13 +1,6 @@
 # Declarations of kernels/rf_fused.h (packed panels, micro-kernel, fused step, rf_rowdot),
 # included by the Cython modules that call them (cy_rnn, cy_scan).
-cdef extern from "rf_cells.h" nogil:
-    ctypedef struct rf_var_t:
-        int act[3]
-        double alpha[3]
-        double beta[3]
-        double clip
-        int input_forget
-        int peephole
+include "rf_variant.pxi"
 
 cdef extern from "rf_fused.h" nogil:
     int rf_panel_units(int G, int is_double)

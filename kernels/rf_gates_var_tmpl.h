@@ -6,14 +6,8 @@
  * `v` and the direction's peepholes `ph` ((3H,), i, f, o); with v == NULL it is that
  * twin. A row's units are taken RF_VCH at a time: the pre-activations into arrays on the
  * stack, then each activation over a whole array in one vectorised loop (the switch on
- * its code outside the loop), in ONNX Runtime's order: peephole terms, clip, activation. */
-#ifdef RF_FLOAT_BODY
-#define RF_VEXP rf_expf
-#define RF_VTANH rf_tanhf
-#else
-#define RF_VEXP exp
-#define RF_VTANH tanh
-#endif
+ * its code outside the loop), in ONNX Runtime's order: peephole terms, clip, activation.
+ * RF_VEXP / RF_VTANH: the element type's exp and tanh (rf_each_type.h). */
 
 static inline void RF_FN(rf_act)(const rf_var_t *v, int which, RF_T *x, int m) {
     const RF_T a = (RF_T)v->alpha[which], b = (RF_T)v->beta[which];
@@ -230,5 +224,3 @@ static inline void RF_FN(rf_rnn_gates_v)(const rf_var_t *v, int n, int relu, int
 }
 
 #undef RF_VCH
-#undef RF_VEXP
-#undef RF_VTANH

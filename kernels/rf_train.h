@@ -18,6 +18,8 @@
  * column sums db, the bias gradients, each work item owning its columns):
  *   LSTM [di, df, dg, do];  GRU lbr [dr, dz, dn, dn*r] (the last is the hidden side of n);
  *   GRU no-lbr [dr, dz, dn];  RNN [da].
+ * The cell variants' twins of the gate functions (rft_*_v_f / _d, rf_train_var_tmpl.h)
+ * also save each gate's derivative in rows of G*H beside them.
  */
 #ifndef RF_TRAIN_H
 #define RF_TRAIN_H
@@ -246,6 +248,11 @@ static __attribute__((noinline)) void rft_add_dy_##SFX(int n, int p0, int p1, T 
 
 RFT_DEFINE(float, f, rf_expf, rf_tanhf)
 RFT_DEFINE(double, d, exp, tanh)
+
+/* the cell variants' twins of the gate functions above (rft_*_v_f / _d) */
+#define RF_TMPL "rf_train_var_tmpl.h"
+#include "rf_each_type.h"
+#undef RF_TMPL
 
 /* ------------------------------------------------------------------------------------
  * Small-batch recurrent products: C[n, ncols] (=|+=) A[n, K] @ Wp, where Wp holds the

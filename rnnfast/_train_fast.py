@@ -17,7 +17,7 @@ import weakref
 import numpy as np
 
 from . import _engine, backends, memory, threads
-from .cells import GRU_LBR, GRU_NOLBR, LSTM_PROJ, RNN_RELU, RNN_TANH
+from .cells import GRU_LBR, GRU_NOLBR, LSTM_PROJ, RNN_RELU, RNN_TANH, variant_vector
 
 
 def _train_kernels(name: str):
@@ -125,6 +125,40 @@ def _kernel_blas_threads(name: str, nthreads: int) -> None:
     threads.set_blas_threads(1)
 
 
+def _variant_kwargs(variant) -> dict:
+    """The training kernels' variant arguments (rnnfast.cells.variant_vector); {} for the
+    standard cell."""
+    if variant is None:
+        return {}
+    return {"vp": variant_vector(variant)}
+
+
+def _peepholes(dirs, H: int, dtype) -> dict:
+    """ph0/ph1: the directions' (3H,) peepholes (zeros for a variant without them)."""
+    zeros = np.zeros(3 * H, dtype)
+    ph = [zeros if w.w_ph is None else np.ascontiguousarray(w.w_ph, dtype) for w in (dirs[0], dirs[-1])]
+    return {"ph0": ph[0], "ph1": ph[1]}
+
+
+def _grad_ph(dgd, cbd, c0d, segs, g_rows, h_rows, H: int) -> np.ndarray:
+    """The peepholes' gradient (3H,): i and f against each row's previous cell state,
+    o against its new one (rnnfast.reference.backward._variant_backward), summed over
+    rows with the pairing of :func:`_prev_pairs` (no loop over time)."""
+    out = np.zeros(3 * H, np.float64)
+    dif = dgd[:, :2 * H]
+    for g0, y0, n in segs:
+        blk = dif[g0:g0 + n]
+        out[:H] += np.einsum("ij,ij->j", blk[:, :H], cbd[y0:y0 + n], dtype=np.float64)
+        out[H:2 * H] += np.einsum("ij,ij->j", blk[:, H:], cbd[y0:y0 + n], dtype=np.float64)
+    if g_rows.size:
+        blk = dif[_as_index(g_rows)]
+        cp = c0d[_as_index(h_rows)]
+        out[:H] += np.einsum("ij,ij->j", blk[:, :H], cp, dtype=np.float64)
+        out[H:2 * H] += np.einsum("ij,ij->j", blk[:, H:], cp, dtype=np.float64)
+    out[2 * H:] = np.einsum("ij,ij->j", dgd[:, 3 * H:4 * H], cbd, dtype=np.float64)
+    return out.astype(dgd.dtype)
+
+
 def _fast_forward(ctx, mod, xs, weights, h0, c0, nthreads):
     T, B, I = xs.shape
     kind, code, L, D, H, Hout, dtype = ctx.kind, ctx.code, ctx.L, ctx.D, ctx.H, ctx.Hout, ctx.dtype
@@ -161,6 +195,7 @@ def _fast_forward(ctx, mod, xs, weights, h0, c0, nthreads):
     ls = pk.lengths_sorted
     live = np.nonzero(ls > 0)[0]
     last_fwd = offs[ls[live] - 1] + live      # packed row of each live sequence's last step
+    vkw = _variant_kwargs(ctx.variant)
     layers = []
     inp = x0
     for layer, dirs in enumerate(weights):
@@ -176,10 +211,14 @@ def _fast_forward(ctx, mod, xs, weights, h0, c0, nthreads):
         for wd in (dirs[0], dirs[-1]):
             args += [wd.w_hh, zeros_b if wd.b_ih is None else wd.b_ih, zeros_b if wd.b_hh is None else wd.b_hh,
                      dummy_hr if wd.w_hr is None else wd.w_hr]
+        dv = None
+        if vkw:     # the gates' derivatives, kept for the backward
+            dv = _POOL.take((D, N, GH), dtype)
+            vkw.update(_peepholes(dirs, H, dtype), dv=dv)
         _kernel_blas_threads(ctx.backend, nthreads)
         wpk = _packed(ctx.backend, mod, code, H, Hout, D, dtype, int(bsz[0]), False)
         mod.forward_layer(code, bsz, offs, D, ctx.rev0, xg, *args, h0l, c0l, y, cb, hg, s2, wpk,
-                          _kernel_threads(nthreads, int(bsz[0]), D, G, H, Hout))
+                          _kernel_threads(nthreads, int(bsz[0]), D, G, H, Hout), **vkw)
         _POOL.give(wpk)
         for d in range(D):
             k = layer * D + d
@@ -196,12 +235,12 @@ def _fast_forward(ctx, mod, xs, weights, h0, c0, nthreads):
             _POOL.give(xg)                     # RNN backward needs only the outputs
         layers.append({"xg": None if rnn else xg,
                        "cb": cb if kind == "lstm" else None, "y": y, "h0": h0l,
-                       "c0": c0l if kind == "lstm" else None})
+                       "c0": c0l if kind == "lstm" else None, "dv": dv})
         if layer < L - 1:
             inp = _dropout(ctx, layer, y, ctx.masks_packed)
     ctx.layers = layers
     # the saved gates and cell states go back to the pool when the context dies
-    weakref.finalize(ctx, _POOL.give_raw, [_POOL.raw(l[k]) for l in layers for k in ("xg", "cb")])
+    weakref.finalize(ctx, _POOL.give_raw, [_POOL.raw(l[k]) for l in layers for k in ("xg", "cb", "dv")])
     y = layers[-1]["y"]
     if pk.perm is None:
         # the saved outputs themselves, read-only: modifying them in place would change the
@@ -334,13 +373,16 @@ def _fast_backward(ctx, mod, dy, dhn, dcn, weights, nthreads):
         w_hh = [w.w_hh for w in (dirs[0], dirs[-1])]
         w_hr = [dummy_hr if w.w_hr is None else w.w_hr for w in (dirs[0], dirs[-1])]
         db = np.zeros((D, GSb), np.float64)
+        vkw = _variant_kwargs(ctx.variant)
+        if vkw:
+            vkw.update(_peepholes(dirs, H, dtype), dv=sv["dv"])
         _kernel_blas_threads(ctx.backend, nthreads)
         wpk = _packed(ctx.backend, mod, code, H, Hout, D, dtype, int(bsz[0]), True)
         mod.backward_layer(code, bsz, offs, D, ctx.rev0,
                            dummy3 if sv["xg"] is None else sv["xg"], dummy3 if sv["cb"] is None else sv["cb"],
                            y, sv["h0"], dummy3 if sv["c0"] is None else sv["c0"],
                            w_hh[0], w_hr[0], w_hh[1], w_hr[1], dyl, dh, dc, dg, aux, dhs, scr, wpk, db,
-                           _kernel_threads(nthreads, int(bsz[0]), D, G, H, Hout))
+                           _kernel_threads(nthreads, int(bsz[0]), D, G, H, Hout), **vkw)
         _POOL.give(wpk)
         dh0_s[layer * D:(layer + 1) * D] = dh
         if lstm:
@@ -370,6 +412,8 @@ def _fast_backward(ctx, mod, dy, dhn, dcn, weights, nthreads):
             if code == LSTM_PROJ:
                 g["w_hr"] = np.empty_like(w.w_hr)
                 gemm(dhs[d].T, aux[d], g["w_hr"])
+            if w.w_ph is not None:
+                g["w_ph"] = _grad_ph(dgd, sv["cb"][d], sv["c0"][d], segs, g_rows, h_rows, H)
             if w.b_ih is not None or w.b_hh is not None:
                 if fused_bias:      # column sums of dG accumulated (in float64) by the kernel
                     gb = db[d, :GH].astype(dtype)

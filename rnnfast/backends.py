@@ -41,7 +41,10 @@ class KernelSet:
     and, where the flags say so: ``serving`` (``inference.run_small``, ``packed_size``,
     ``build_info``: the short-call path), ``own_gemm`` (``training.pgemm``: the training
     GEMMs on the kernels' own threads; otherwise NumPy's BLAS runs them) and
-    ``packed_training`` (``training.packed_size``: recurrent weights packed per call).
+    ``packed_training`` (``training.packed_size``: recurrent weights packed per call) and
+    ``variant_training`` (``forward_layer``/``backward_layer`` take a cell variant:
+    ``vp=`` the variant vector of rnnfast.cells.variant_vector, ``ph0=``/``ph1=`` the
+    directions' peepholes and ``dv=`` the gates' saved derivatives).
     """
 
     name: str
@@ -51,6 +54,7 @@ class KernelSet:
     serving: bool = False
     own_gemm: bool = False
     packed_training: bool = False
+    variant_training: bool = False
 
     def module(self, part: str):
         """Import (once, thread-safely) and return the ``part`` module ("inference",
@@ -68,9 +72,9 @@ class KernelSet:
 
 KERNEL_SETS = {
     "cython": KernelSet("cython", "rnnfast.kernels.cy_rnn", "rnnfast.kernels.cy_train", "rnnfast.kernels.cy_scan",
-                        serving=True, own_gemm=True, packed_training=True),
+                        serving=True, own_gemm=True, packed_training=True, variant_training=True),
     "numba": KernelSet("numba", "rnnfast.kernels.numba_rnn", "rnnfast.kernels.numba_train",
-                       "rnnfast.kernels.numba_scan"),
+                       "rnnfast.kernels.numba_scan", variant_training=True),
 }
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from . import _engine
 from ._validation import as_compute, check_float, check_input, check_lengths, check_state, to_numpy, weight_dtype
-from .cells import CELLS, NONLINEARITIES, activation, cell_code, make_variant
+from .cells import CELLS, activation, cell_code, make_variant
 
 
 def _weights(kind: str, x, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -55,6 +55,15 @@ def _run(kind, code, x, dw, dtype, H, Hout, I, h0, c0, lengths, reverse, batch_f
     return y, hn, cn
 
 
+def with_peepholes(dw, w_ph, dtype, H: int):
+    """`dw` (:class:`rnnfast._engine.DirWeights`) with the peepholes `w_ph` ((3H,), checked
+    and in the compute dtype), or `dw` itself when there are none."""
+    if w_ph is None:
+        return dw
+    return _engine.DirWeights(dw.w_ih, dw.w_hh, dw.b_ih, dw.b_hh, dw.w_hr,
+                              as_compute(check_float(to_numpy(w_ph, "w_ph"), "w_ph"), "w_ph", dtype, (3 * H,)))
+
+
 def lstm(x, w_ih, w_hh, b_ih=None, b_hh=None, *, h0=None, c0=None, w_hr=None, lengths=None,
          reverse: bool = False, batch_first: bool = False, w_ph=None, gate_activation="sigmoid",
          candidate_activation="tanh", output_activation="tanh", clip: float | None = None,
@@ -73,8 +82,8 @@ def lstm(x, w_ih, w_hh, b_ih=None, b_hh=None, *, h0=None, c0=None, w_hr=None, le
     w_ph, gate_activation, candidate_activation, output_activation, clip, input_forget :
         a cell variant (see the layers' docstring): peepholes (3H,) ordered i, f, o, the
         activations (a name or ``(name, alpha[, beta])``), the clip of the
-        pre-activations, the coupled input-forget gate (inference only: the
-        ``*_forward_train`` functions take the standard cells).
+        pre-activations, the coupled input-forget gate (:func:`rnnfast.lstm_forward_train`
+        takes them too).
 
     Returns
     -------
@@ -83,9 +92,7 @@ def lstm(x, w_ih, w_hh, b_ih=None, b_hh=None, *, h0=None, c0=None, w_hr=None, le
     v = make_variant("lstm", gate=gate_activation, candidate=candidate_activation, output=output_activation,
                      peephole=w_ph is not None, clip=clip, input_forget=input_forget)
     dw, dtype, H, Hout, I = _weights("lstm", x, w_ih, w_hh, b_ih, b_hh, w_hr)
-    if w_ph is not None:
-        dw = _engine.DirWeights(dw.w_ih, dw.w_hh, dw.b_ih, dw.b_hh, dw.w_hr,
-                                as_compute(check_float(to_numpy(w_ph, "w_ph"), "w_ph"), "w_ph", dtype, (3 * H,)))
+    dw = with_peepholes(dw, w_ph, dtype, H)
     y, hn, cn = _run("lstm", cell_code("lstm", proj=w_hr is not None), x, dw, dtype, H, Hout, I,
                      h0, c0, lengths, reverse, batch_first, v)
     return y, (hn, cn)
@@ -121,7 +128,3 @@ def rnn(x, w_ih, w_hh, b_ih=None, b_hh=None, *, h0=None, lengths=None, reverse: 
     y, hn, _ = _run("rnn", code, x, dw, dtype, H, Hout, I, h0, None, lengths, reverse, batch_first, v)
     return y, hn
 
-
-def check_nonlinearity(nonlinearity) -> None:
-    if nonlinearity not in NONLINEARITIES:
-        raise ValueError(f"nonlinearity: expected one of {NONLINEARITIES}, got {nonlinearity!r}")

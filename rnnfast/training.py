@@ -58,7 +58,7 @@ import numpy as np
 from . import backends, threads
 from ._train_fast import _draw_masks, _dropout, _fast_backward, _fast_forward, _train_kernels
 from ._validation import check_float, check_input, check_lengths, check_state, to_numpy
-from .cells import CELLS, LSTM_PROJ, cell_code
+from .cells import CELLS, LSTM_PROJ, activation, cell_code, make_variant
 from .reference import backward as _rb
 
 
@@ -89,8 +89,8 @@ def stack_forward_train(kind: str, code: int, xs: np.ndarray, weights, h0, c0, l
     dropout : inter-layer dropout probability (applied to every layer's output but the
         last; inverted scaling; masks drawn from `rng`).
     rev0 : direction 0 runs in reverse (the functional API's ``reverse=True``).
-    variant : a cell variant (:class:`rnnfast.cells.Variant`): trained on the NumPy
-        reference for now (under "auto"; a compiled backend named raises NotImplementedError).
+    variant : a cell variant (:class:`rnnfast.cells.Variant`): trained by the backends
+        whose kernels take variants (see :func:`_variant_training_backend`).
 
     Returns
     -------
@@ -146,13 +146,19 @@ def stack_backward(ctx: TrainContext, dy: np.ndarray, dhn, dcn, weights):
 
 
 def _variant_training_backend(name: str, variant) -> str:
-    """The compiled training kernels have the standard cells only so far (issue 15): a
-    variant trains on the NumPy reference under "auto"; a compiled backend named raises."""
-    if name == "reference" or backends.get_backend() == "auto":
+    """The backend that trains a cell variant: `name` when its training kernels take
+    variants (KernelSet.variant_training); under "auto" the first compiled backend that
+    does, else the reference; a compiled backend named without them raises."""
+    if name == "reference" or backends.kernel_set(name).variant_training:
+        return name
+    if backends.get_backend() == "auto":
+        for other in backends.available_backends():
+            if other != "reference" and backends.kernel_set(other).variant_training:
+                return other
         return "reference"
     raise NotImplementedError(f"the {name!r} training kernels have the standard cells only: a cell with "
-                              f"{variant.describe()} trains on the 'reference' backend for now (backend 'auto' "
-                              "takes it there)")
+                              f"{variant.describe()} trains on the 'numba' or 'reference' backend for now "
+                              "(backend 'auto' picks one)")
 
 
 # ============================================================================ reference backend
@@ -301,9 +307,11 @@ class FunctionalTrainContext:
         return f"FunctionalTrainContext(kind={self.kind!r}, {self.stack!r})"
 
 
-def _functional_forward(kind, code, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths, reverse, batch_first):
-    from .functional import _weights
+def _functional_forward(kind, code, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths, reverse, batch_first,
+                        variant=None, w_ph=None):
+    from .functional import _weights, with_peepholes
     dw, dtype, H, Hout, I = _weights(kind, x, w_ih, w_hh, b_ih, b_hh, w_hr)
+    dw = with_peepholes(dw, w_ph, dtype, H)
     xs, unbatched = check_input(x, "x", dtype, I, batch_first)
     T, B, _ = xs.shape
     h = check_state(h0, "h0", dtype, (B, Hout), unbatched)          # (B, H_out), or (H_out,) unbatched
@@ -311,7 +319,7 @@ def _functional_forward(kind, code, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, len
     h = None if h is None else h[None]                               # one layer-direction: (1, B, .)
     c = None if c is None else c[None]
     ln = check_lengths(lengths, T, B, unbatched)
-    y, hn, cn, sctx = stack_forward_train(kind, code, xs, [[dw]], h, c, ln, rev0=bool(reverse))
+    y, hn, cn, sctx = stack_forward_train(kind, code, xs, [[dw]], h, c, ln, rev0=bool(reverse), variant=variant)
     fctx = FunctionalTrainContext()
     fctx.stack, fctx.kind, fctx.weights = sctx, kind, dw
     fctx.unbatched, fctx.batch_first = unbatched, bool(batch_first)
@@ -345,13 +353,17 @@ def _functional_backward(ctx, kind, dy, dh_n, dc_n):
 
 
 def lstm_forward_train(x, w_ih, w_hh, b_ih=None, b_hh=None, *, h0=None, c0=None, w_hr=None, lengths=None,
-                       reverse: bool = False, batch_first: bool = False):
+                       reverse: bool = False, batch_first: bool = False, w_ph=None, gate_activation="sigmoid",
+                       candidate_activation="tanh", output_activation="tanh", clip: float | None = None,
+                       input_forget: bool = False):
     """:func:`rnnfast.lstm` that also returns the context :func:`lstm_backward` needs.
 
     Parameters
     ----------
     x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, batch_first
         As :func:`rnnfast.lstm`.
+    w_ph, gate_activation, candidate_activation, output_activation, clip, input_forget
+        A cell variant, as :func:`rnnfast.lstm` (the peepholes' gradient is ``w_ph``).
 
     Returns
     -------
@@ -364,9 +376,11 @@ def lstm_forward_train(x, w_ih, w_hh, b_ih=None, b_hh=None, *, h0=None, c0=None,
     The context keeps references to the weights (backward uses them as they are when it
     runs) and to ``x``. It stays valid for several backward calls.
     """
+    v = make_variant("lstm", gate=gate_activation, candidate=candidate_activation, output=output_activation,
+                     peephole=w_ph is not None, clip=clip, input_forget=input_forget)
     code = cell_code("lstm", proj=w_hr is not None)
     y, hn, cn, ctx = _functional_forward("lstm", code, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths,
-                                         reverse, batch_first)
+                                         reverse, batch_first, v, w_ph)
     return y, (hn, cn), ctx
 
 
@@ -391,16 +405,19 @@ def lstm_backward(ctx, dy, dh_n=None, dc_n=None):
 
 
 def gru_forward_train(x, w_ih, w_hh, b_ih=None, b_hh=None, *, h0=None, lengths=None, reverse: bool = False,
-                      batch_first: bool = False, linear_before_reset: bool = True):
-    """:func:`rnnfast.gru` that also returns the context :func:`gru_backward` needs.
+                      batch_first: bool = False, linear_before_reset: bool = True, gate_activation="sigmoid",
+                      candidate_activation="tanh", clip: float | None = None):
+    """:func:`rnnfast.gru` that also returns the context :func:`gru_backward` needs (the
+    cell variant's options as there).
 
     Returns
     -------
     y, h_n, ctx : as :func:`rnnfast.gru`, plus a :class:`FunctionalTrainContext`.
     """
+    v = make_variant("gru", gate=gate_activation, candidate=candidate_activation, clip=clip)
     code = cell_code("gru", linear_before_reset=bool(linear_before_reset))
     y, hn, _, ctx = _functional_forward("gru", code, x, w_ih, w_hh, b_ih, b_hh, None, h0, None, lengths,
-                                        reverse, batch_first)
+                                        reverse, batch_first, v)
     return y, hn, ctx
 
 
@@ -416,18 +433,19 @@ def gru_backward(ctx, dy, dh_n=None):
 
 
 def rnn_forward_train(x, w_ih, w_hh, b_ih=None, b_hh=None, *, h0=None, lengths=None, reverse: bool = False,
-                      batch_first: bool = False, nonlinearity: str = "tanh"):
-    """:func:`rnnfast.rnn` that also returns the context :func:`rnn_backward` needs.
+                      batch_first: bool = False, nonlinearity="tanh", clip: float | None = None):
+    """:func:`rnnfast.rnn` that also returns the context :func:`rnn_backward` needs
+    (`nonlinearity` any activation of the cell variants, and `clip`, as there).
 
     Returns
     -------
     y, h_n, ctx : as :func:`rnnfast.rnn`, plus a :class:`FunctionalTrainContext`.
     """
-    from .functional import check_nonlinearity
-    check_nonlinearity(nonlinearity)
-    code = cell_code("rnn", nonlinearity=nonlinearity)
+    act = activation(nonlinearity, "nonlinearity")
+    v = make_variant("rnn", candidate=act, clip=clip)
+    code = cell_code("rnn", nonlinearity=act.name)
     y, hn, _, ctx = _functional_forward("rnn", code, x, w_ih, w_hh, b_ih, b_hh, None, h0, None, lengths,
-                                        reverse, batch_first)
+                                        reverse, batch_first, v)
     return y, hn, ctx
 
 

@@ -15,7 +15,17 @@ import rnnfast
 from rnnfast import reference
 from rnnfast.cells import ACTIVATIONS, ONNX_ACTIVATIONS, Activation, activation
 
-from conftest import BACKENDS, FAST_BACKENDS, make_layer, ref_stack, require_oracle, rng_for, tol_for
+from conftest import (
+    BACKENDS,
+    FAST_BACKENDS,
+    flat_states,
+    make_layer,
+    random_hx,
+    ref_stack,
+    require_oracle,
+    rng_for,
+    tol_for,
+)
 
 T, B, I, H = 6, 3, 4, 5
 
@@ -209,18 +219,63 @@ def test_variant_wide_units(be, kind, kw):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("be", FAST_BACKENDS)
-def test_variant_training_in_compiled_kernels_says_so(be):
-    """Training a variant: the reference under "auto"; a compiled backend named raises."""
+def test_variant_low_precision_says_so():
+    """bf16/int8 freezing of a variant is not built: a clear NotImplementedError, the layer intact."""
     lay = rnnfast.LSTM(I, H, peephole=True)
-    x = np.zeros((T, B, I), np.float32)
     before = lay.state_dict()
-    with rnnfast.backend(be), pytest.raises(NotImplementedError, match="peephole=True trains on the 'reference'"):
-        lay.forward(x, train=True)
     with pytest.raises(NotImplementedError, match="bf16"):
         lay.freeze("bf16")
     for k, v in lay.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def _train_grads(lay, be, x, hx, lengths, dy):
+    with rnnfast.backend(be):
+        y, hn = lay.forward(x, hx, lengths=lengths, train=True)
+        dx, dhx = lay.backward(dy)
+    return [y, *flat_states(hn), dx, *flat_states(dhx)] + [lay.grads[k].copy() for k in sorted(lay.grads)]
+
+
+@pytest.mark.parametrize("name,kind,kw", VARIANT_LAYERS, ids=[v[0] for v in VARIANT_LAYERS])
+@pytest.mark.parametrize("be,form", [(b, f) for b in FAST_BACKENDS for f in ("packed", "blas")
+                                     if b == "cython" or f == "packed"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_variant_training_kernels(name, kind, kw, be, form, dtype, monkeypatch):
+    """Every compiled backend trains the variants as the reference does: two layers,
+    bidirectional, lengths, hx, projection with peepholes, 2 threads on the parallel
+    paths, past one 64-unit chunk of the C gate math; the Cython kernels on packed
+    weights and on BLAS per step. The values and every gradient (peepholes included)."""
+    from rnnfast import _train_fast
+    monkeypatch.setattr(_train_fast, "_PAR_MIN_WORK", 0)
+    if "numba" in BACKENDS:
+        from rnnfast.kernels import numba_train
+        monkeypatch.setattr(numba_train, "_SERIAL_WORK", 0)
+    if form == "blas":
+        monkeypatch.setattr(_train_fast, "_MK_ROWS", 0)
+    rng = rng_for("var-train-kern", name, dtype)
+    extra = {"proj_size": 5} if kind == "lstm" and "peephole" in kw else {}
+    lay = (rnnfast.LSTM if kind == "lstm" else rnnfast.GRU if kind == "gru" else rnnfast.RNN)(
+        I, 70, num_layers=2, bidirectional=True, seed=2, dtype=dtype, **kw, **extra)
+    sd = lay.state_dict()       # peepholes of both signs, large enough to matter
+    lay.load_state_dict({k: (rng.uniform(-1, 1, v.shape).astype(dtype) if "_ph_" in k else v)
+                         for k, v in sd.items()})
+    Bn = 9
+    x = rng.standard_normal((T, Bn, I)).astype(dtype)
+    lengths = [T, 4, 1, T, T, 2, 3, T, 5]
+    hx = random_hx(lay, Bn, rng, dtype=dtype)
+    y0, _ = lay(x, hx, lengths=lengths)
+    dy = rng.standard_normal(y0.shape).astype(dtype)
+    rnnfast.set_num_threads(2)
+    got = _train_grads(lay, be, x, hx, lengths, dy)
+    want = _train_grads(lay, "reference", x, hx, lengths, dy)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        if dtype == np.float64:
+            np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9)
+        else:
+            scale = max(1.0, float(np.abs(w).max()))
+            np.testing.assert_allclose(g, w, rtol=2e-4, atol=5e-5 * scale)
 
 
 @pytest.mark.parametrize("be", BACKENDS)
@@ -318,18 +373,20 @@ def _torch_variant_layer(torch, lay, x, lengths, params):
 
 @pytest.mark.parametrize("name,kind,kw", VARIANT_LAYERS, ids=[v[0] for v in VARIANT_LAYERS])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_variant_training_against_torch_autograd(name, kind, kw, reverse):
+@pytest.mark.parametrize("be", BACKENDS)
+def test_variant_training_against_torch_autograd(name, kind, kw, reverse, be):
     """Gradients of a variant layer (inputs, every parameter, peepholes included) equal
-    PyTorch autograd's of the same cell written in torch ops (float64)."""
+    PyTorch autograd's of the same cell written in torch ops (float64), on every backend."""
     torch = require_oracle("torch")
     rng = rng_for("var-train", name, reverse)
     lay = (rnnfast.LSTM if kind == "lstm" else rnnfast.GRU if kind == "gru" else rnnfast.RNN)(
         I, H, seed=4, dtype=np.float64, reverse=reverse, **kw)
     x = rng.standard_normal((T, B, I))
     lengths = [T, 3, 1]
-    y, _ = lay.forward(x, lengths=lengths, train=True)
-    dy = rng.standard_normal(y.shape)
-    dx, _ = lay.backward(dy)
+    with rnnfast.backend(be):
+        y, _ = lay.forward(x, lengths=lengths, train=True)
+        dy = rng.standard_normal(y.shape)
+        dx, _ = lay.backward(dy)
     tp = {k: torch.tensor(v, requires_grad=True) for k, v in lay.state_dict().items()}
     tx = torch.tensor(x, requires_grad=True)
     ty, _th, _tc = _torch_variant_layer(torch, lay, tx, lengths, tp)
@@ -368,3 +425,45 @@ def test_functional_variants(be):
     np.testing.assert_allclose(yr, ref_stack(r, x)[0], **tol_for(np.float64))
     with pytest.raises(ValueError, match="w_ph"):
         rnnfast.lstm(x, p["weight_ih_l0"], p["weight_hh_l0"], w_ph=np.zeros(2))
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_functional_training_variants(be):
+    """rnnfast.lstm_forward_train / gru_forward_train / rnn_forward_train take the variants
+    (and ``w_ph``, whose gradient they return) and give the layers' reference gradients."""
+    rng = rng_for("var-fn-train")
+    x = rng.standard_normal((T, B, I))
+    lengths = [T, 2, 0]
+    short = {"weight_ih_l0": "w_ih", "weight_hh_l0": "w_hh", "bias_ih_l0": "b_ih", "bias_hh_l0": "b_hh",
+             "weight_ph_l0": "w_ph"}
+    cases = [
+        (rnnfast.LSTM(I, H, peephole=True, clip=0.7, gate_activation=("hard_sigmoid", 0.25, 0.5),
+                      output_activation="relu", input_forget=True, dtype=np.float64, seed=6),
+         rnnfast.lstm_forward_train, rnnfast.lstm_backward,
+         dict(clip=0.7, gate_activation=("hard_sigmoid", 0.25, 0.5), output_activation="relu", input_forget=True)),
+        (rnnfast.GRU(I, H, linear_before_reset=False, candidate_activation="softsign", clip=1.5,
+                     dtype=np.float64, seed=6),
+         rnnfast.gru_forward_train, rnnfast.gru_backward,
+         dict(linear_before_reset=False, candidate_activation="softsign", clip=1.5)),
+        (rnnfast.RNN(I, H, nonlinearity=("elu", 0.3), clip=2.0, dtype=np.float64, seed=6),
+         rnnfast.rnn_forward_train, rnnfast.rnn_backward, dict(nonlinearity=("elu", 0.3), clip=2.0)),
+    ]
+    for lay, fwd, bwd, kw in cases:
+        p = lay.state_dict()
+        if "weight_ph_l0" in p:
+            p["weight_ph_l0"] = rng.uniform(-1, 1, 3 * H)
+            lay.load_state_dict(p)
+            kw = {**kw, "w_ph": p["weight_ph_l0"]}
+        with rnnfast.backend(be):
+            y, _, ctx = fwd(x, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"], p["bias_hh_l0"],
+                            lengths=lengths, **kw)
+            dy = rng.standard_normal(y.shape)
+            dx, *_, g = bwd(ctx, dy)
+        with rnnfast.backend("reference"):
+            wy, _ = lay.forward(x, lengths=lengths, train=True)
+            wdx, _ = lay.backward(dy)
+        np.testing.assert_allclose(y, wy, **tol_for(np.float64))
+        np.testing.assert_allclose(dx, wdx, rtol=1e-9, atol=1e-12)
+        assert set(g) == {short[k] for k in lay.grads}
+        for k, want in lay.grads.items():
+            np.testing.assert_allclose(g[short[k]], want, rtol=1e-9, atol=1e-12, err_msg=k)
