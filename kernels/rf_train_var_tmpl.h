@@ -61,9 +61,19 @@ static inline void RF_FN(rft_dact)(const rf_var_t *v, int which, RF_T *x, int m)
 static inline void RF_FN(rft_act_d)(const rf_var_t *v, int which, const RF_T *a, RF_T *y, RF_T *dy, int m) {
     memcpy(y, a, sizeof(RF_T) * (size_t)m);
     RF_FN(rf_vclip)(v, y, m);
-    memcpy(dy, y, sizeof(RF_T) * (size_t)m);
-    RF_FN(rf_act)(v, which, y, m);
-    RF_FN(rft_dact)(v, which, dy, m);
+    if (v->act[which] == RF_ACT_SIGMOID || v->act[which] == RF_ACT_TANH) {
+        /* the derivative from the activation itself: no second exp/tanh */
+        RF_FN(rf_act)(v, which, y, m);
+        if (v->act[which] == RF_ACT_SIGMOID) {
+            RF_SIMD for (int q = 0; q < m; ++q) dy[q] = y[q] * ((RF_T)1 - y[q]);
+        } else {
+            RF_SIMD for (int q = 0; q < m; ++q) dy[q] = (RF_T)1 - y[q] * y[q];
+        }
+    } else {
+        memcpy(dy, y, sizeof(RF_T) * (size_t)m);
+        RF_FN(rf_act)(v, which, y, m);
+        RF_FN(rft_dact)(v, which, dy, m);
+    }
     if (v->clip < __builtin_inf()) {
         const RF_T c = (RF_T)v->clip;
         RF_SIMD for (int q = 0; q < m; ++q) dy[q] *= (a[q] >= -c && a[q] <= c) ? (RF_T)1 : (RF_T)0;
@@ -265,9 +275,14 @@ static __attribute__((noinline)) void RF_FN(rft_lstm_bwd_v)(const rf_var_t *v, c
             const int m = u1 - ub < RF_VCH ? u1 - ub : RF_VCH;
             const size_t u = (size_t)ub;
             memcpy(ho, cr + u, sizeof(RF_T) * (size_t)m);
-            memcpy(dho, cr + u, sizeof(RF_T) * (size_t)m);
-            RF_FN(rf_act)(v, 2, ho, m);
-            RF_FN(rft_dact)(v, 2, dho, m);
+            if (v->act[2] == RF_ACT_TANH) {     /* tanh' from tanh: one transcendental */
+                RF_FN(rf_act)(v, 2, ho, m);
+                RF_SIMD for (int q = 0; q < m; ++q) dho[q] = (RF_T)1 - ho[q] * ho[q];
+            } else {
+                memcpy(dho, cr + u, sizeof(RF_T) * (size_t)m);
+                RF_FN(rf_act)(v, 2, ho, m);
+                RF_FN(rft_dact)(v, 2, dho, m);
+            }
             RF_SIMD for (int q = 0; q < m; ++q) {
                 const RF_T i = xr[u + q], f = xr[H1 + u + q], g = xr[H2 + u + q], o = xr[H3 + u + q];
                 const RF_T d = dhr[u + q], cpq = cpr[u + q];
