@@ -13,7 +13,8 @@ One persistent OpenMP parallel region per call, as in cy_rnn: work items are (di
 slice of hidden units); each step is a recurrent GEMM of the item's slice with
 the packed micro-kernel (kernels/rf_train.h; single-threaded BLAS for large batches)
 plus fused gate math, then a barrier (rf_sync, the spin barrier of rf_gates.h, as in
-cy_rnn; against GOMP's barrier an LSTM b8 training forward went 1.34 -> 1.31 ms).
+cy_rnn: a crossing costs one cache-line transfer each way, less than GOMP's barrier, and
+every step pays one; commits 834b328, a7d93a2; figures in docs/performance.md).
 Backward per step: fused gate gradients for the item's units (their column sums, the
 bias gradients, accumulated on the way), a barrier, then dh_prev[:, slice] = dG_t @
 W_hh[:, slice] (and the dy of the next step added). The weight gradients are not
@@ -232,9 +233,9 @@ def pgemm(A, B, C, double beta=0.0, int nthreads=1):
     of ``rf_gemm.h`` (single-threaded BLAS only if its scratch cannot be allocated).
 
     The BLAS that NumPy and SciPy ship may run below the CPU's vector width (OpenBLAS
-    with ``OPENBLAS_CORETYPE=Haswell`` on an AVX-512 machine, as here: ~250 GF/s on two
-    cores against 420-520 for ``rf_gemm`` on the training shapes), and these GEMMs are
-    most of a training step.
+    with ``OPENBLAS_CORETYPE=Haswell`` on an AVX-512 machine, as here, runs its AVX2
+    kernels, well below ``rf_gemm`` on the training shapes; commit 96e2c55, figures in
+    docs/performance.md), and these GEMMs are most of a training step.
 
     A and B are 2-D float arrays or views with one unit stride (transposed views are read
     as transposed operands, no copy); C is written in place and needs unit column stride. All

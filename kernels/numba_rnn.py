@@ -414,23 +414,29 @@ def _split(total, k, parts):
 # --------------------------------------------------------------------------------------
 
 @njit(**_JIT)
-def _proj_item(it, cpd, H, x, w_ih0, w_ih1, xg):
-    """Input projections of every packed row for one item's units, all gates."""
+def _proj_item(it, cpd, H, x, w_ih0, w_ih1, xg, ra0, rb0, ra1, rb1):
+    """Input projections of packed rows [ra, rb) of the item's direction (ra0/rb0 for
+    direction 0, ra1/rb1 for 1) into rows [0, rb - ra) of its xg, the item's units, all
+    gates."""
     d = it // cpd
     k = it - d * cpd
     u0 = _split(H, k, cpd)
     u1 = _split(H, k + 1, cpd)
-    N, I = x.shape
+    I = x.shape[1]
     GH = xg.shape[2]
     w = w_ih0 if d == 0 else w_ih1
+    ra = ra0 if d == 0 else ra1
+    rb = rb0 if d == 0 else rb1
     for g in range(GH // H):
-        _gemm_nt(N, u1 - u0, I, x, 0, I, w, (g * H + u0) * I, I, xg[d], g * H + u0, GH)
+        _gemm_nt(rb - ra, u1 - u0, I, x, ra * I, I, w, (g * H + u0) * I, I, xg[d], g * H + u0, GH)
 
 
 @njit(**_JIT)
-def _step_item(it, cpd, code, phase, H, n0, n1, off0, off1, rd, wr, w_hh0, bx0, bh0, w_hr0,
+def _step_item(it, cpd, code, phase, H, n0, n1, off0, off1, xo0, xo1, rd, wr, w_hh0, bx0, bh0, w_hr0,
                w_hh1, bx1, bh1, w_hr1, xg, hbuf, cst, y, hg, s2, vp, ph0, ph1):
     """One item of one step: recurrent GEMM of its units (all live rows), then their gates.
+    off0/off1: the step's first packed row (of y) in each direction; xo0/xo1: its row in
+    the direction's projection chunk (xg).
 
     phase 1 exists for LSTM_PROJ (projection GEMM, the item's slice of the P outputs)
     and GRU_NOLBR ((r*h) W_hn^T of its units, then the n gate): both need the whole
@@ -440,6 +446,7 @@ def _step_item(it, cpd, code, phase, H, n0, n1, off0, off1, rd, wr, w_hh0, bx0, 
     k = it - d * cpd
     n = n0 if d == 0 else n1
     off = off0 if d == 0 else off1
+    xo = xo0 if d == 0 else xo1
     Hout = hbuf.shape[3]
     GH = hg.shape[2]
     w_hh = w_hh0 if d == 0 else w_hh1
@@ -472,18 +479,19 @@ def _step_item(it, cpd, code, phase, H, n0, n1, off0, off1, rd, wr, w_hh0, bx0, 
     if vp[0] != 0.0:
         ph = ph0 if d == 0 else ph1
         for j in range(n):
-            _gates_chunk_v(code, phase, H, u0, u1, xgd[off + j], hgd[j], bx, bh, hr[j], hw[j],
+            _gates_chunk_v(code, phase, H, u0, u1, xgd[xo + j], hgd[j], bx, bh, hr[j], hw[j],
                            y[off + j, d * Hout:(d + 1) * Hout], cd[j], s2d[j], vp, ph)
         return
     for j in range(n):
-        _gates_chunk(code, phase, H, u0, u1, xgd[off + j], hgd[j], bx, bh, hr[j], hw[j],
+        _gates_chunk(code, phase, H, u0, u1, xgd[xo + j], hgd[j], bx, bh, hr[j], hw[j],
                      y[off + j, d * Hout:(d + 1) * Hout], cd[j], s2d[j])
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", nogil=True, parallel=True, cache=True)
 def _layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, w_hr1,
-           ndir, rev0, xg, hbuf, cst, y, hg, s2, nthr, serial_work, vp, ph0, ph1):
-    """The whole layer: input projections, then every step (no Python in between).
+           ndir, rev0, xg, hbuf, cst, y, hg, s2, nthr, serial_work, vp, ph0, ph1, chunk):
+    """The whole layer: input projections, a chunk of `chunk` steps at a time, and every
+    step (no Python in between).
 
     Parallel passes are ``prange`` loops over the items, one item per thread.
     """
@@ -500,18 +508,28 @@ def _layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, 
     zero = np.int64(0)
     nphase = 2 if code == LSTM_PROJ or code == GRU_NOLBR else 1
 
-    # 1. input projections of every step
-    if par and N * GH * x.shape[1] >= serial_work:
-        for it in prange(nitems):
-            _proj_item(np.int64(it), cpd, H, x, w_ih0, w_ih1, xg)
-    else:
-        for it in range(ndir):
-            _proj_item(it, one, H, x, w_ih0, w_ih1, xg)
-
-    # 2. the recurrence: step s reads half s % 2 of hbuf, writes half (s + 1) % 2
+    offs = np.zeros(T + 1, np.int64)
+    for t in range(T):
+        offs[t + 1] = offs[t] + bsz[t]
+    # the recurrence: step s reads half s % 2 of hbuf, writes half (s + 1) % 2; before
+    # each chunk of steps, the input projections of its rows (each direction its own)
     off0 = N - bsz[T - 1] if rev0 else zero
     off1 = N - bsz[T - 1]
+    base0 = zero
+    base1 = zero
     for s in range(T):
+        if s % chunk == 0:
+            e = min(s + chunk, T)
+            ra0, rb0 = (offs[T - e], offs[T - s]) if rev0 else (offs[s], offs[e])
+            ra1, rb1 = (offs[T - e], offs[T - s]) if ndir == 2 else (zero, zero)
+            base0 = ra0
+            base1 = ra1
+            if par and (rb0 - ra0 + rb1 - ra1) * GH * x.shape[1] >= serial_work:
+                for it in prange(nitems):
+                    _proj_item(np.int64(it), cpd, H, x, w_ih0, w_ih1, xg, ra0, rb0, ra1, rb1)
+            else:
+                for it in range(ndir):
+                    _proj_item(it, one, H, x, w_ih0, w_ih1, xg, ra0, rb0, ra1, rb1)
         rd = s % 2
         wr = 1 - rd
         n0 = bsz[T - 1 - s] if rev0 else bsz[s]
@@ -520,12 +538,13 @@ def _layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, 
         for phase in range(nphase):
             if step_par:
                 for it in prange(nitems):
-                    _step_item(np.int64(it), cpd, code, phase, H, n0, n1, off0, off1, rd, wr,
+                    _step_item(np.int64(it), cpd, code, phase, H, n0, n1, off0, off1, off0 - base0,
+                               off1 - base1, rd, wr,
                                w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh1, w_hr1,
                                xg, hbuf, cst, y, hg, s2, vp, ph0, ph1)
             else:
                 for it in range(ndir):
-                    _step_item(it, one, code, phase, H, n0, n1, off0, off1, rd, wr,
+                    _step_item(it, one, code, phase, H, n0, n1, off0, off1, off0 - base0, off1 - base1, rd, wr,
                                w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh1, w_hr1,
                                xg, hbuf, cst, y, hg, s2, vp, ph0, ph1)
         if s + 1 < T:
@@ -543,7 +562,8 @@ def _readonly(a):
 
 
 def run_layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, w_hr1,
-              ndir, rev0, xg, hbuf, cst, y, hg, s2, nthreads, wpk=None, vp=None, ph0=None, ph1=None):
+              ndir, rev0, xg, hbuf, cst, y, hg, s2, nthreads, wpk=None, vp=None, ph0=None, ph1=None,
+              chunk=0):
     """Run one layer (one or two directions) over packed rows.
 
     Same signature and semantics as ``rnnfast.kernels.cy_rnn.run_layer``:
@@ -562,6 +582,8 @@ def run_layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh
         scratch) and ignored here.
     vp, ph0, ph1 : a cell variant (rnnfast.cells.variant_vector, float64) and each
         direction's peepholes (3H,) in the compute dtype; None: the standard cell.
+    chunk : the inputs are projected this many steps at a time (<= 0 or > T: all at
+        once); xg then needs min(N, chunk * B) rows.
 
     All float arrays share one dtype (float32 or float64) and are C-contiguous. When any
     input is read-only, all inputs are passed as read-only views (one more compiled
@@ -584,9 +606,12 @@ def run_layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh
         ph0 = _no_peepholes(x.dtype)
     if ph1 is None:
         ph1 = ph0
+    chunk = T if chunk <= 0 or chunk > T else int(chunk)
+    if xg.shape[1] < min(x.shape[0], chunk * hbuf.shape[2]):
+        raise ValueError(f"run_layer: xg holds {xg.shape[1]} rows, {min(x.shape[0], chunk * hbuf.shape[2])} needed")
     with kernel_threads(nthreads) as nthr:
         _layer(int(code), *ins, int(ndir), bool(rev0), xg, hbuf, cst, y, hg, s2, nthr, int(_SERIAL_WORK),
-               vp, _readonly(ph0), _readonly(ph1))
+               vp, _readonly(ph0), _readonly(ph1), np.int64(chunk))
 
 
 _NO_VARIANT = np.zeros(VARIANT_LEN)

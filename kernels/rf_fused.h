@@ -100,16 +100,14 @@ static inline int rf_panel_units(int G, int is_double) {
 
 /* Start of row block b of a step's n rows, cut into ceil(n / RF_MR) blocks: whole
  * RF_MR-row blocks first, except that a remainder of 1 or 4 rows takes one row from the
- * block before it (5 + 2, 5 + 5). Measured per block on a Zen 5 core (K = 256, 512 KB of
- * weights from L2): 1-6 rows take 2.08, 2.49, 3.80, 4.94, 4.89, 5.79 us; a 2-row block
- * is bound by L2 bandwidth (one 256-byte panel row per k), 6 rows by the FMA units, and
- * the 4-row form runs no faster than the 5-row one, so equal blocks (4 + 4 for 8 rows:
- * 9.9 us) lose to 6 + 2 (8.3 us). 7 or 8 float rows take neither: rf_mkh runs them as
- * one block, over half a 4-vector panel (LSTM, RNN) at a time (2 x 8 accumulators) or a
- * whole 3-vector one (GRU, 3 x 8), so each weight line is read once: 7.36 -> 6.92 us for
- * 7 rows and 8.31 -> 7.88 for 8 (4 vectors), 5.60 -> 5.14 and 6.20 -> 5.78 (3 vectors); one
- * LSTM H=256 step of 8 rows over all panels 21.2 -> 19.4 us (tools/kernel_harness/
- * step_proj, built with -DRF_HALF_PANELS=0 and 1). */
+ * block before it (5 + 2, 5 + 5). With the weights read from L2, a 2-row block is bound
+ * by L2 bandwidth (one 256-byte panel row per k), a 6-row one by the FMA units, and the
+ * 4-row form runs no faster than the 5-row one, so equal blocks (4 + 4 for 8 rows) lose
+ * to 6 + 2 (commit 48267e2; figures in docs/performance.md). 7 or 8 float rows take
+ * neither: rf_mkh runs them as one block, over half a 4-vector panel (LSTM, RNN) at a
+ * time (2 x 8 accumulators) or a whole 3-vector one (GRU, 3 x 8), so each weight line is
+ * read once a step rather than once per block (commit cbc6c65; figures in
+ * docs/performance.md). */
 static inline int rf_row_block(int n, int b) {
     const int nblk = (n + RF_MR - 1) / RF_MR, rem = n % RF_MR;
     if (b >= nblk) return n;

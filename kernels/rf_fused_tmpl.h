@@ -152,7 +152,8 @@ static inline void RF_FN(rf_mk)(int mr, int nv, int K, const RF_T *A, int lda, c
  * 7-8 rows in one block (each weight line read once per step; 2 x 8 or 3 x 8
  * accumulators) where rf_mk's row blocks take 5 + 2 or 6 + 2. While it runs, the first
  * npf cache lines at pf (at most K: one per k, as rf_mk) are prefetched into L2; all of
- * a GRU or LSTM panel's lines, two or three per k, made H=512 B=8 steps 11-16 % slower. */
+ * a GRU or LSTM panel's lines, two or three per k, made steps slower (commit c847a15;
+ * figures in docs/performance.md). */
 static inline __attribute__((always_inline)) void RF_FN(rf_mkh_body)(const int MR_, const int NVH_,
         int NV, int v0, int K, const RF_T *A, int lda, const RF_T *P, RF_T *out, const RF_T *pf, int npf) {
     const int NV_ = NVH_;
@@ -267,9 +268,8 @@ static inline void RF_FN(rf_gemm_panels)(int G, int H, int K, int n, int p0, int
  * xn (or NULL): the next step's input projections (same layout as xg), of nn rows; the
  * lines of its rows and this item's units are prefetched into L2 after each block. A projection buffer of 16 MB
  * or more is written with streaming stores (rf_gemm_panels), so without it each step's
- * gate math waited on DRAM for scattered lines: LSTM B=16 H=256 T=500 on 2 threads,
- * steps 15.2-15.5 -> 13.3 ms, B=64 H=512 36.0-37.9 -> 33.6-34.0 ms (layer_2threads,
- * with and without NOPF=1); B=8 (buffer in L3) unchanged. */
+ * gate math waited on DRAM for scattered lines; a smaller buffer, still in L3, gains
+ * nothing from it (commit 6129ca5; figures in docs/performance.md). */
 static inline void RF_FN(rf_fused_step_v)(const rf_var_t *v, const RF_T *ph, int code, int G, int H, int K,
         int n, int p0, int p1,
         const RF_T *P, const RF_T *xg, int ldx, const RF_T *xn, int nn, const RF_T *bx, const RF_T *bh,
@@ -597,8 +597,8 @@ static inline __attribute__((always_inline)) void RF_FN(rf_rowdot1_body)(const i
  * `rev` takes the groups of RF_VL rows from the last to the first. A caller that reads
  * more than its L2 holds and takes every other call in reverse finds the lines it read
  * last still cached, where LRU would otherwise evict each line just before it is read
- * again. Harness (tools/kernel_harness/rowdot.c, one Zen 5 core, K = 256): 512 KB
- * 3.62 us by rf_rowdot_blk, 2.57 forward, 2.30 alternating; 1 MB 7.85, 6.45, 5.58.
+ * again. The single stream beats rf_rowdot_blk's eight, and alternating beats forward,
+ * both for weights within L2 and past it (commit a8335f0; figures in docs/performance.md).
  * rf_rowdot1_segs: nseg such products of m rows each, segment s at W + s * wseg and
  * C + s * cseg (the gates of a slice of units), in one pass with `a` loaded once; rev
  * takes the segments last to first too. */

@@ -1,12 +1,8 @@
 /* rf_pool: one helper thread for the two halves of a served token (kernels/cy_rnn.pyx
- * run_small, one step), instead of an OpenMP parallel region per call.
- *
- * Measured on the project's two Zen 5 cores (tools/kernel_harness/pool.c, each half an
- * rf_rowdot1 over 1 MB): 7.0-7.5 us a call in an OpenMP (GOMP) region against 6.1-6.5
- * with the helper; halves of 8 KB: 1.09 us against 0.08 (the caller takes both before
- * the helper sees the job). In the library, 100 served LSTM(256) tokens: 1.28 -> 1.18 ms
- * (medians of 10 alternating processes), the first 100 after a 0.25 s pause 6.5-10.8 ->
- * 1.3-1.4 ms (nobody waits for a sleeping thread).
+ * run_small, one step), instead of an OpenMP parallel region per call: a call spares the
+ * cost of entering and leaving a GOMP region, small halves are both done by the caller
+ * before the helper sees the job, and after an idle pause nobody waits for a sleeping
+ * thread to wake (commit 302e335; figures in docs/performance.md).
  *
  * rf_pool_run(fn, arg) runs fn(arg, 0) on the calling thread and fn(arg, 1) on the
  * helper, or on the caller when the helper has not taken it by the time the caller's
@@ -19,9 +15,9 @@
  * moves off it (sched_setaffinity: its allowed cores but that one) whenever the caller
  * finds it there: the scheduler placed it next to its creator while other threads
  * (OpenBLAS's, spinning after start-up) held the other core, and two spinning threads
- * on one core made tokens 3x slower in one run of five. Linux only (elsewhere
- * rf_pool_run always returns 0). After fork() the child starts with no helper
- * (pthread_atfork).
+ * on one core made tokens several times slower in some runs (commit 302e335; figures in
+ * docs/performance.md). Linux only (elsewhere rf_pool_run always returns 0). After
+ * fork() the child starts with no helper (pthread_atfork).
  */
 #ifndef RF_POOL_H
 #define RF_POOL_H

@@ -394,9 +394,9 @@ RFT_DEFINE_MM(double, d, rft_vd, RFT_VLD)
 /* db[g*H + u] += dg[j, g*H + u] for rows j in [j0, j1) (in that order), gate slots g in
  * [g0, g1), units u in [u0, u1): a step's bias gradients. The running sums stay in
  * registers over the rows, as float64 vectors; added inside the gate loops instead, each
- * row's read-modify-write of db waited on the row before (lstm-train-b8's backward
- * recurrence: 1.23 -> 1.10 ms). The sums are those of the former loops, in the same order
- * (bitwise the same gradients). */
+ * row's read-modify-write of db waited on the row before, a dependency through memory
+ * that slowed the backward recurrence (commit 639d2d7; figures in docs/performance.md).
+ * The sums are those of the former loops, in the same order (bitwise the same gradients). */
 typedef float rft_v8f __attribute__((vector_size(RFT_VBYTES / 2)));
 #define RFT_DEFINE_DBSUM(T, SFX, LT)                                                          \
 static inline void rft_dbsum_##SFX(int j0, int j1, int g0, int g1, int H, int u0, int u1,    \

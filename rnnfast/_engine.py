@@ -20,22 +20,20 @@ from .memory import SmallCache, aligned_copy, aligned_empty, scratch  # noqa: F4
 
 _USE_FUSED = True     # private switch for measurements: False = BLAS per gate in every step
 
-# The Cython kernel can project the inputs a chunk of steps at a time, each thread for its
+# The inference kernels (Cython, Numba) project the inputs a chunk of steps at a time, each thread for its
 # own units right before it needs them (no extra synchronisation), which bounds the
-# projection buffer. Measured on this machine, chunks cost 2-4 % (lstm-b64 95.8 -> 97.6 ms,
-# lstm-2l-bidir 161 -> 168 ms with 2 MB chunks, medians of 6 alternating runs; 0.5-8 MB
-# chunks were no better), so all steps are projected at once up to _CHUNK_ABOVE bytes per
-# direction (lstm-b64: 52 MB), and longer or wider inputs go in chunks of _CHUNK_BYTES,
-# at least _CHUNK_MIN_ROWS rows per GEMM.
+# projection buffer. Chunks measured a little slower than projecting all steps at once,
+# at every chunk size tried (commit 6c426c7; figures in docs/performance.md), so all steps
+# are projected at once up to _CHUNK_ABOVE bytes per direction (lstm-b64: 52 MB), and
+# longer or wider inputs go in chunks of _CHUNK_BYTES, at least _CHUNK_MIN_ROWS rows per
+# GEMM.
 _CHUNK_ABOVE = 64 << 20
 # Threads of a direction can split the batch rows of each step (no barrier per step)
 # rather than the units when there are at least _BSPLIT_MIN_ROWS rows and one direction's
 # recurrent weights are at most _BSPLIT_MAX_WBYTES (each thread reads all of them). On the
-# Xeon (2 MB L2) that the rule was tuned on, it won 1.5-10 % at 8 rows with weights up to
-# 1.25 MB; on the Zen 5 host (1 MB L2) with the micro-kernel's 6 + 2 row blocks it lost
-# on every shape measured (same-process alternations, T=100: LSTM b8 H256 2.30 vs 2.01 ms,
-# GRU b8 H256 1.70 vs 1.50, LSTM b16 H256 4.16 vs 3.92, LSTM b8 H128 0.615 vs 0.580,
-# RNN b8 H512 2.11 vs 1.86).
+# Xeon (2 MB L2) that the rule was tuned on, it won at 8 rows with weights up to 1.25 MB;
+# on the Zen 5 host (1 MB L2) with the micro-kernel's 6 + 2 row blocks it lost on every
+# shape measured (commit 48267e2; figures in docs/performance.md).
 _BSPLIT_MIN_ROWS = 8
 # Whether it is on is measured on the user's machine (rnnfast/tuning.py: up to 1.25 MB of
 # weights where it wins, else off); a number here forces it (tests).
@@ -43,14 +41,12 @@ _BSPLIT_MAX_WBYTES: int | None = None
 # ... except when a thread's rows leave a short last block for the micro-kernel (its
 # blocks are RF_MR rows: 6 at the AVX-512 level, kernels/rf_fused.h, which the kernel
 # module reports as build_info()["rows_per_block"]): 7 rows per thread read the weights
-# twice for 5 + 2 rows (B=14, T=100, H=256 or 512: 9-13 % slower than the unit split
-# for LSTM, GRU and RNN, two runs each). Measured before 7-8 float rows took one block
-# (rf_mkh).
+# twice for 5 + 2 rows, slower than the unit split for LSTM, GRU and RNN (commit e1c3ddb;
+# figures in docs/performance.md). Measured before 7-8 float rows took one block (rf_mkh).
 # Live rows <= this: recurrent product by rf_rowdot from the row-major weights, only the
-# input weights packed. It won on the Xeon (B=2: 1.35 vs 1.42 ms, B=1 equal) but loses on
-# the Zen 5 host, where the packed panels stream from L2 at ~250 GB/s against ~135 for
-# rf_rowdot's eight row streams (same-process alternations, T=100, H=256: LSTM B=1 0.584
-# vs 0.425 ms, GRU B=1 0.447 vs 0.380, LSTM B=2 0.758 vs 0.625; T=10 B=1 0.091 vs 0.088).
+# input weights packed. It won on the Xeon at 2 rows (commit 14c9399) but loses on the
+# Zen 5 host, where the packed panels stream from L2 much faster than rf_rowdot's eight
+# row streams (commit 9274a3e; figures for both in docs/performance.md).
 # Measured per machine too (rnnfast/tuning.py: 2 rows where it wins, else 0); a number
 # here forces it (tests).
 _REC_ROWDOT_ROWS: int | None = None
@@ -64,7 +60,7 @@ def _rows_per_block(mod) -> int:
 
 
 def _chunk_steps(T: int, B: int, GH: int, itemsize: int) -> int:
-    """Steps per projection chunk of the Cython kernel (T: all at once)."""
+    """Steps per projection chunk of the inference kernels (T: all at once)."""
     step = max(1, B * GH * itemsize)
     if T * step <= _CHUNK_ABOVE:
         return T
@@ -250,7 +246,7 @@ def _run_packed(name, kind, code, x, weights, h0, c0, lengths, rev0, G, H, Hout,
     hn_s = np.empty((L * D, B, Hout), dtype)
     cn_s = np.empty((L * D, B, H), dtype) if kind == "lstm" else None
     xrows = N
-    if name == "cython":    # project the inputs a chunk of steps at a time (see _CHUNK_BYTES)
+    if name in ("cython", "numba"):    # project the inputs a chunk of steps at a time (see _CHUNK_BYTES)
         chunk = _chunk_steps(int(pk.bsz.shape[0]), B, G * H, dtype.itemsize)
         xrows = min(N, chunk * B)
         extra["chunk"] = chunk
@@ -331,10 +327,8 @@ SMALL_MAX_T = 3       # below the fused kernel's FUSED_MIN_T: no weight packing
 # Calls of at most _SMALL_1T_ROWS rows (rf_rowdot's products) whose weights (input and
 # recurrent) are at most _SMALL_1T_WBYTES run on one thread: a second one costs more in
 # starting the region and moving the state between cores than it saves once one core's L2
-# holds the weights. Measured here (Zen 5, 1 MB L2; a served token, 1 vs 2 threads, best
-# of 5 x 5000 calls): LSTM H=64 (128 KB) 3.3 vs 4.9 us, GRU 128 (384 KB) 4.3 vs 5.8, LSTM
-# 128 (512 KB) 5.6 vs 7.1 and at B=4 10.3 vs 11.4; GRU 192 (864 KB) 8.2 vs 7.2, LSTM 192
-# (1152 KB) 11.6 vs 8.9.
+# holds the weights. On the Zen 5 host (1 MB L2) one thread won with up to 512 KB of
+# weights and lost from 864 KB (commit 219a349; figures in docs/performance.md).
 _SMALL_1T_WBYTES = 640 << 10
 _SMALL_1T_ROWS = 8
 _small = threading.local()
@@ -402,9 +396,9 @@ def run_small(plan: SmallPlan, x: np.ndarray, B: int, h0, c0):
     dtype, (T, B, I) or unbatched (T, I) with B = 1; `h0` (B, Hout) / `c0` (B, H) are such
     arrays of any shape holding those elements, or None for zeros. Returns y, h_n and c_n
     (None unless LSTM) shaped like x: (T, B, Hout), (1, B, Hout), (1, B, H), or without
-    their B axis when x is unbatched. Every line here runs once per served token: keyed
-    by a string and calling the kernel without call_with_threads' frame, a token's Python
-    took 1.7-1.8 us against 1.95 (the kernel a no-op, timeit)."""
+    their B axis when x is unbatched. Every line here runs once per served token, so the
+    buffers are keyed by a string and the kernel is called without call_with_threads'
+    frame: less Python per token (commit a976e67; figures in docs/performance.md)."""
     T = x.shape[0]
     try:
         bsz, xg, hbuf, hg, s2 = _small.bufs[plan.key, T, B]

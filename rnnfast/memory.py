@@ -1,8 +1,8 @@
 """The memory rnnfast keeps between calls, its bounds, and :func:`release_memory`.
 
 Buffers outlive a call only to spare the page faults of fresh memory (a fresh buffer of
-tens of MB costs a fault per 4 KB page at first touch: about 10 ms per 50 MB here, 5-10 %
-of a training step). Two stores hold them:
+tens of MB costs a fault per 4 KB page at first touch, a noticeable share of a training
+step; commit b34bc51, figures in docs/performance.md). Two stores hold them:
 
 - **Scratch** (:func:`scratch`): each Python thread's buffers for inference calls (input
   projections, state ping-pong, packed weights), one per kind, reused while the shapes
@@ -58,7 +58,7 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
 
     Whole cache lines and vectors: the kernels store large projections with streaming
     stores, and a weight row read as vectors that straddle two cache lines costs up to
-    twice the L2 bandwidth (measured 67 vs 113 GB/s for a 1 MB row-dot product).
+    twice the L2 bandwidth (commit 0fc1b02; figures in docs/performance.md).
     """
     dtype = np.dtype(dtype)
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
@@ -118,8 +118,9 @@ def scratch(key: str, shape: tuple, dtype) -> np.ndarray:
     Only for buffers that never leave the engine: each Python thread has its own, so
     concurrent calls never share one. The largest buffer of each kind is kept, within
     ``SCRATCH_MAX_BYTES`` over all threads; the view of each (kind, shape) asked for is
-    kept too (0.59 -> 0.12 us a call, five calls a layer, at most _SCRATCH_VIEWS of them),
-    and a kind's views go when its buffer is outgrown, so that the old buffer is freed.
+    kept too, at most _SCRATCH_VIEWS of them, so that a call (five a layer) does not build
+    it again (commit dc1a55e; figures in docs/performance.md); a kind's views go when its
+    buffer is outgrown, so that the old buffer is freed.
     """
     global _scratch_bytes
     ws = _tls.__dict__.get("ws") or _workspace()

@@ -360,3 +360,53 @@ def test_run_layer_signature_matches_cython(nb):
     assert params[:22] == ["code", "x", "bsz", "w_ih0", "w_hh0", "bx0", "bh0", "w_hr0", "w_ih1", "w_hh1",
                            "bx1", "bh1", "w_hr1", "ndir", "rev0", "xg", "hbuf", "cst", "y", "hg", "s2",
                            "nthreads"]
+
+
+# ------------------------------------------------------------------ projection chunks
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("chunk_rows", [1, 7])
+@pytest.mark.parametrize("lengths", ["none", "varlen"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_projection_chunks_match_reference(variant, chunk_rows, lengths, nthreads, monkeypatch):
+    """The Numba kernel projects the inputs a chunk of steps at a time as the Cython one
+    does (chunks of 1 step, of steps not dividing T, sequences of different lengths, both
+    directions, two layers): the reference results."""
+    from conftest import flat_states, make_layer, ref_stack
+    _, kind, opts = variant
+    monkeypatch.setattr(_engine, "_CHUNK_ABOVE", 0)
+    monkeypatch.setattr(_engine, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(_engine, "_CHUNK_MIN_ROWS", chunk_rows)
+    T, B, I, H = 13, 5, 7, 20
+    lay = make_layer(kind, opts, I, H, num_layers=2, bidirectional=True, dtype=np.float64, seed=9)
+    rng = rng_for("nb-chunks", kind, str(opts), chunk_rows, lengths)
+    x = rng.standard_normal((T, B, I))
+    ln = None
+    if lengths == "varlen":
+        ln = rng.integers(0, T + 1, B)
+        ln[1] = T
+    want_y, want_h = ref_stack(lay, x, lengths=ln)
+    rnnfast.set_num_threads(nthreads)
+    with rnnfast.backend("numba"):
+        got_y, got_h = lay(x, lengths=ln)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-10, atol=1e-12)
+    for g, w in zip(flat_states(got_h), flat_states(want_h)):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_long_input_is_projected_in_chunks(monkeypatch):
+    """A long input's projections are made a chunk at a time: the Numba path's scratch
+    buffer holds one chunk, not all steps (it held T x B x G*H before)."""
+    from conftest import make_layer, ref_stack
+    monkeypatch.setattr(_engine, "_CHUNK_ABOVE", 1 << 20)
+    monkeypatch.setattr(_engine, "_CHUNK_BYTES", 64 << 10)
+    T, B, I, H = 300, 4, 16, 64         # 300 * 4 * 256 * 4 B = 1.2 MB of projections
+    lay = make_layer("lstm", {}, I, H, dtype=np.float32, seed=2)
+    x = rng_for("nb-long").standard_normal((T, B, I)).astype(np.float32)
+    asked = {}
+    real = _engine.scratch
+    monkeypatch.setattr(_engine, "scratch",
+                        lambda key, shape, dtype: asked.setdefault(key, shape) and real(key, shape, dtype))
+    with rnnfast.backend("numba"):
+        got = lay(x)
+    np.testing.assert_allclose(got[0], ref_stack(lay, x)[0], rtol=2e-4, atol=2e-5)
+    assert asked["xg"] == (1, 96, 4 * H)        # 64 KB chunks, at least 96 rows: 24 steps of 4
