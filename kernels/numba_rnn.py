@@ -18,7 +18,8 @@ weight rows are the same at every step, so they stay in that core's cache. One c
    need a second pass per step (the projection ``w_hr``; ``(r*h) W_hn^T``), because
    it reads the whole result of the first.
 
-Passes with too little work for a parallel launch (2-3 us) run on the calling thread.
+Passes with too little work to pay for a parallel launch run on the calling thread
+(``_SERIAL_WORK``; commit bdbb59a; figures in docs/performance.md).
 BLAS is called single-threaded on each item's slice through Numba's own BLAS helpers
 with explicit leading dimensions (``np.dot`` only writes whole contiguous arrays).
 
@@ -29,8 +30,8 @@ relies on to read the final states.
 Transcendentals: this Numba has no SVML, so ``math.exp`` in a loop is a scalar libm
 call that LLVM cannot vectorise. float32 uses the Cephes single-precision ``expf`` /
 ``tanhf`` polynomials written out here (max error measured 1-2.5 ulp), which LLVM
-vectorises (about 6x faster than libm for the LSTM gates); float64 uses ``math.exp``
-/ ``math.tanh``.
+vectorises (the LSTM gates then no longer wait on a scalar call per element; commit
+bdbb59a; figures in docs/performance.md); float64 uses ``math.exp`` / ``math.tanh``.
 
 Threading: ``run_layer`` sets the thread count for its call and restores the caller's,
 and the threading layer is left to the user (``numba_common``). The kernels release
@@ -39,6 +40,7 @@ the GIL.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 from llvmlite import ir
@@ -62,9 +64,10 @@ _UNIT_BLOCK = 16        # hidden-unit slices are multiples of this (one AVX-512 
 _SMALL_ROWS = 32        # GEMMs of at most this many rows are cut into column blocks ...
 _SMALL_MN = 1024        # ... of at most this many outputs (see _gemm_nt)
 # A pass (the input projections, or one step) of fewer multiply-adds than this runs on
-# the calling thread: a parallel launch costs 2-3 us. Measured break-even at 2 threads:
-# 65k MACs per step (LSTM H=128, batch 1) still faster serially, 131k-147k faster in
-# parallel. Read at every call (tests set it to 0 to exercise the parallel path).
+# the calling thread: below it a parallel launch costs more than the split saves. The
+# value lies between the largest step measured faster serially at 2 threads and the
+# smallest measured faster in parallel (commit bdbb59a; figures in docs/performance.md).
+# Read at every call (tests set it to 0 to exercise the parallel path).
 _SERIAL_WORK = 98304
 
 
@@ -258,8 +261,9 @@ def _gemm_nt(n, m, k, a, a_off, lda, w, w_off, ldw, c, c_off, ldc):
     BLAS (the caller keeps BLAS at one thread; rnnfast's threads split the units).
 
     A few rows (2..32) go in column blocks of at most 1024 // n outputs: OpenBLAS then
-    takes its small-matrix kernel, which skips packing the weights (measured 3-4x faster
-    for 8 rows, H = 256; no difference from 48 rows up, where one call is kept).
+    takes its small-matrix kernel, which skips packing the weights (packing dominates a
+    product of a few rows; no difference from 48 rows up, where one call is kept; commit
+    bdbb59a; figures in docs/performance.md).
     """
     if n <= 0 or m <= 0:
         return
@@ -489,14 +493,16 @@ def _step_item(it, cpd, code, phase, H, n0, n1, off0, off1, xo0, xo1, rd, wr, w_
 
 @njit(fastmath=FASTMATH, error_model="numpy", nogil=True, parallel=True, cache=True)
 def _layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, w_hr1,
-           ndir, rev0, xg, hbuf, cst, y, hg, s2, nthr, serial_work, vp, ph0, ph1, chunk):
-    """The whole layer: input projections, a chunk of `chunk` steps at a time, and every
-    step (no Python in between).
+           ndir, rev0, xg, hbuf, cst, y, hg, s2, nthr, serial_work, vp, ph0, ph1, chunk, s_begin, s_end, base):
+    """Steps [s_begin, s_end) of the layer: the input projections a chunk of `chunk` steps
+    at a time, and each step (no Python in between). A call resumes where the one before
+    stopped (the states live in hbuf/cst; base: each direction's first packed row in xg,
+    kept between calls), so that a long layer runs in pieces with Python's signal
+    handlers between them (run_layer).
 
     Parallel passes are ``prange`` loops over the items, one item per thread.
     """
     T = bsz.shape[0]
-    N = x.shape[0]
     Hout = hbuf.shape[3]
     H = s2.shape[2]
     GH = hg.shape[2]
@@ -513,11 +519,11 @@ def _layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, 
         offs[t + 1] = offs[t] + bsz[t]
     # the recurrence: step s reads half s % 2 of hbuf, writes half (s + 1) % 2; before
     # each chunk of steps, the input projections of its rows (each direction its own)
-    off0 = N - bsz[T - 1] if rev0 else zero
-    off1 = N - bsz[T - 1]
-    base0 = zero
-    base1 = zero
-    for s in range(T):
+    off0 = offs[T - 1 - s_begin] if rev0 else offs[s_begin]
+    off1 = offs[T - 1 - s_begin]
+    base0 = base[0]
+    base1 = base[1]
+    for s in range(s_begin, s_end):
         if s % chunk == 0:
             e = min(s + chunk, T)
             ra0, rb0 = (offs[T - e], offs[T - s]) if rev0 else (offs[s], offs[e])
@@ -553,6 +559,8 @@ def _layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh1, 
             else:
                 off0 += bsz[s]
             off1 -= bsz[T - 2 - s]
+    base[0] = base0
+    base[1] = base1
 
 
 def _readonly(a):
@@ -609,9 +617,36 @@ def run_layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh
     chunk = T if chunk <= 0 or chunk > T else int(chunk)
     if xg.shape[1] < min(x.shape[0], chunk * hbuf.shape[2]):
         raise ValueError(f"run_layer: xg holds {xg.shape[1]} rows, {min(x.shape[0], chunk * hbuf.shape[2])} needed")
+    base = np.zeros(2, np.int64)
+    # pieces of steps sized by time: Ctrl-C (Python's handler runs between two pieces)
+    # stops a long call within about _PIECE_SECONDS
+    G = hg.shape[2]
+    step_flops = 2.0 * x.shape[0] / T * G * (hbuf.shape[3] + x.shape[1]) * ndir
+    steps = max(1, int(_FIRST_PIECE_FLOPS / max(step_flops, 1.0)))
     with kernel_threads(nthreads) as nthr:
-        _layer(int(code), *ins, int(ndir), bool(rev0), xg, hbuf, cst, y, hg, s2, nthr, int(_SERIAL_WORK),
-               vp, _readonly(ph0), _readonly(ph1), np.int64(chunk))
+        s0 = 0
+        while s0 < T:
+            s1 = min(T, s0 + steps)
+            t0 = time.perf_counter()
+            _layer(int(code), *ins, int(ndir), bool(rev0), xg, hbuf, cst, y, hg, s2, nthr, int(_SERIAL_WORK),
+                   vp, _readonly(ph0), _readonly(ph1), np.int64(chunk), np.int64(s0), np.int64(s1), base)
+            dt = time.perf_counter() - t0
+            steps = _next_piece(steps, s1 - s0, dt)
+            s0 = s1
+
+
+# A long call runs in pieces of about this many seconds (the first of _FIRST_PIECE_FLOPS,
+# each next one sized from the rate measured, growing at most 4x): Python's signal
+# handlers (Ctrl-C) run between them, as the Cython kernels poll between steps.
+_PIECE_SECONDS = 0.08
+_FIRST_PIECE_FLOPS = 2e8
+
+
+def _next_piece(steps: int, done: int, seconds: float) -> int:
+    """Steps of the next piece after `done` steps took `seconds`."""
+    if seconds <= 0.0:
+        return 4 * steps
+    return max(1, min(4 * steps, int(done * _PIECE_SECONDS / seconds)))
 
 
 _NO_VARIANT = np.zeros(VARIANT_LEN)

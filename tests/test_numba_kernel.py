@@ -410,3 +410,56 @@ def test_long_input_is_projected_in_chunks(monkeypatch):
         got = lay(x)
     np.testing.assert_allclose(got[0], ref_stack(lay, x)[0], rtol=2e-4, atol=2e-5)
     assert asked["xg"] == (1, 96, 4 * H)        # 64 KB chunks, at least 96 rows: 24 steps of 4
+
+
+_INTERRUPT_CHILD = r"""
+import os, signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.default_int_handler)   # even where the parent ignores SIGINT
+import numpy as np
+import rnnfast
+nthr = int(sys.argv[1])
+rnnfast.set_num_threads(nthr)
+layer = rnnfast.LSTM(64, 256, seed=0)
+x = np.random.default_rng(0).standard_normal((40000, 8, 64)).astype(np.float32)
+with rnnfast.backend("numba"):
+    want, _ = layer(x[:30])
+    t0 = time.perf_counter()
+    layer(x[:2000])
+    full = (time.perf_counter() - t0) * 20
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    t0 = time.perf_counter()
+    try:
+        layer(x)
+        print("not interrupted")
+    except KeyboardInterrupt:
+        print(f"late {time.perf_counter() - t0 - 0.3:.3f} full {full:.2f}")
+    got, _ = layer(x[:30])
+    print("next call", bool(np.array_equal(got, want)))
+"""
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_ctrl_c_stops_a_long_call(nthreads):
+    """SIGINT during a long Numba inference call raises KeyboardInterrupt within 0.5 s (the
+    kernel runs in pieces of steps with Python's handlers between them; it ran to its end
+    before: seconds), and the next call is right."""
+    import subprocess
+    import sys
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(rnnfast.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
+    out = subprocess.run([sys.executable, "-c", _INTERRUPT_CHILD, str(nthreads)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert lines[0].startswith("late "), out.stdout
+    late, full = float(lines[0].split()[1]), float(lines[0].split()[3])
+    assert late < 0.5, (late, full)
+    assert lines[1] == "next call True", out.stdout
+
+
+def test_pieces_grow_to_the_time_target():
+    from rnnfast.kernels import numba_rnn
+    assert numba_rnn._next_piece(10, 10, 0.008) == 40          # at most 4x
+    assert numba_rnn._next_piece(100, 100, 0.16) == 50         # halved when twice too long
+    assert numba_rnn._next_piece(5, 5, 0.0) == 20
+    assert numba_rnn._next_piece(1, 1, 10.0) == 1
