@@ -407,7 +407,8 @@ cdef void _worker(int tid, int nthr, int code, int ndir, int cpd, bint rev0,
                                               bh[d], hr, ldh, cd, ldH, hw, ldh, yt, ldyy)
                 elif phase == 0:
                     if onerow == 1:     # (2: the same two products, in the opposite order and reversed;
-                        #  folded into one branch, the step measured 3 % slower: code layout)
+                        #  kept apart: folded into one branch, the step ran slower from code
+                        #  layout; commit 9869743; figures in docs/performance.md)
                         _rowdot1_gates(G, u1 - u0, I, x, w_ih[d] + <size_t>u0 * I, H, xgd + u0, False)
                         _rowdot1_gates(2 if code == GRU_NOLBR else G, u1 - u0, Hout, hr,
                                        w_hh[d] + <size_t>u0 * Hout, H, hgd + u0, False)

@@ -327,12 +327,13 @@ cdef void _scan_range(const Layout *ly, const floating *a, const floating *b, fl
                       int64_t t0, int64_t t1, double *carry) noexcept nogil:
     """Scan problem steps [t0, t1) from `carry` (NB*NU doubles, updated to the final state).
 
-    Rows of NU >= 32 units: tiles of 8 in groups of up to 8 chains (measured: 8 beat 4 on
-    wide rows, 0.47 against 0.61 ms on (16384, 64)), tails of 4, 2, 1. Narrower
-    rows: one group of overlapping tiles per row. A group of fewer tiles than chains is
-    cut into sub-chunks (two passes over each block, the second from cache) unless the
-    range streams from memory and the group moves enough bytes per step that one pass is
-    bound by bandwidth rather than by the FMA latency."""
+    Rows of NU >= 32 units: tiles of 8 in groups of up to 8 chains (more independent
+    chains in flight: 8 beat 4 on wide rows; commit fb0dc6a; figures in
+    docs/performance.md), tails of 4, 2, 1. Narrower rows: one group of overlapping tiles
+    per row. A group of fewer tiles than chains is cut into sub-chunks (two passes over
+    each block, the second from cache) unless the range streams from memory and the group
+    moves enough bytes per step that one pass is bound by bandwidth rather than by the FMA
+    latency."""
     cdef int64_t TB = _block_steps(ly, sizeof(floating))
     cdef int64_t t, ln, nt, g, bb, i, cb, cu
     cdef int W, G, ci, S, m

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 
 import numba
 from numba import njit
@@ -64,6 +65,34 @@ def kernel_threads(n: int):
         if lock is not None:
             lock.release()
         numba.set_num_threads(prev)
+
+
+# A long kernel call runs in pieces of steps of about this many seconds (the first of
+# _FIRST_PIECE_FLOPS, each next one sized from the rate measured, growing at most 4x):
+# Python's signal handlers (Ctrl-C) run between them, as the Cython kernels poll between
+# steps.
+_PIECE_SECONDS = 0.08
+_FIRST_PIECE_FLOPS = 2e8
+
+
+def next_piece(steps: int, done: int, seconds: float) -> int:
+    """Steps of the next piece after `done` steps took `seconds`."""
+    if seconds <= 0.0:
+        return 4 * steps
+    return max(1, min(4 * steps, int(done * _PIECE_SECONDS / seconds)))
+
+
+def interruptible_pieces(T: int, step_flops: float):
+    """Yield ``(s0, s1)`` ranges covering steps [0, T), timing each piece's run (the
+    caller's, between two yields) to size the next."""
+    steps = max(1, int(_FIRST_PIECE_FLOPS / max(step_flops, 1.0)))
+    s0 = 0
+    while s0 < T:
+        s1 = min(T, s0 + steps)
+        t0 = time.perf_counter()
+        yield s0, s1
+        steps = next_piece(steps, s1 - s0, time.perf_counter() - t0)
+        s0 = s1
 
 
 # ------------------------------------------------------------------------ cell variants

@@ -40,7 +40,6 @@ the GIL.
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 from llvmlite import ir
@@ -51,7 +50,7 @@ from numba.np.linalg import ensure_blas
 
 from .. import threads
 from ..cells import GRU_LBR, GRU_NOLBR, LSTM, LSTM_PROJ, RNN_TANH, VARIANT_LEN
-from .numba_common import FASTMATH, act, clip, kernel_threads, variant_fields
+from .numba_common import FASTMATH, act, clip, interruptible_pieces, kernel_threads, variant_fields
 
 # The polynomial approximations below rely on the exact order of their operations
 # (Cody-Waite range reduction): only contraction into FMAs is allowed there.
@@ -620,33 +619,11 @@ def run_layer(code, x, bsz, w_ih0, w_hh0, bx0, bh0, w_hr0, w_ih1, w_hh1, bx1, bh
     base = np.zeros(2, np.int64)
     # pieces of steps sized by time: Ctrl-C (Python's handler runs between two pieces)
     # stops a long call within about _PIECE_SECONDS
-    G = hg.shape[2]
-    step_flops = 2.0 * x.shape[0] / T * G * (hbuf.shape[3] + x.shape[1]) * ndir
-    steps = max(1, int(_FIRST_PIECE_FLOPS / max(step_flops, 1.0)))
+    step_flops = 2.0 * x.shape[0] / T * hg.shape[2] * (hbuf.shape[3] + x.shape[1]) * ndir
     with kernel_threads(nthreads) as nthr:
-        s0 = 0
-        while s0 < T:
-            s1 = min(T, s0 + steps)
-            t0 = time.perf_counter()
+        for s0, s1 in interruptible_pieces(T, step_flops):
             _layer(int(code), *ins, int(ndir), bool(rev0), xg, hbuf, cst, y, hg, s2, nthr, int(_SERIAL_WORK),
                    vp, _readonly(ph0), _readonly(ph1), np.int64(chunk), np.int64(s0), np.int64(s1), base)
-            dt = time.perf_counter() - t0
-            steps = _next_piece(steps, s1 - s0, dt)
-            s0 = s1
-
-
-# A long call runs in pieces of about this many seconds (the first of _FIRST_PIECE_FLOPS,
-# each next one sized from the rate measured, growing at most 4x): Python's signal
-# handlers (Ctrl-C) run between them, as the Cython kernels poll between steps.
-_PIECE_SECONDS = 0.08
-_FIRST_PIECE_FLOPS = 2e8
-
-
-def _next_piece(steps: int, done: int, seconds: float) -> int:
-    """Steps of the next piece after `done` steps took `seconds`."""
-    if seconds <= 0.0:
-        return 4 * steps
-    return max(1, min(4 * steps, int(done * _PIECE_SECONDS / seconds)))
 
 
 _NO_VARIANT = np.zeros(VARIANT_LEN)

@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..cells import GRU_LBR, GRU_NOLBR, LSTM, LSTM_PROJ, RNN_TANH, VARIANT_LEN
-from .numba_common import FASTMATH, act, clip, dact, dclip, kernel_threads, variant_fields
+from .numba_common import FASTMATH, act, clip, dact, dclip, interruptible_pieces, kernel_threads, variant_fields
 
 _UNIT_BLOCK = 16
 FUSED_BIAS_GRADS = False
@@ -342,13 +342,15 @@ def _fwd_pass(nthr, serial_work, ndir, G, code, phase, H, Hout, info, xg, hg, hn
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _fwd(code, bsz, offs, ndir, rev0, xg, w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh1, w_hr1,
-         h0, c0, y, cb, hg, hn2, s2, hp, pt, nthr, serial_work, one, vp, ph0, ph1, dv):
+         h0, c0, y, cb, hg, hn2, s2, hp, pt, nthr, serial_work, one, vp, ph0, ph1, dv, s_begin, s_end):
+    """Steps [s_begin, s_end) of the forward (the state of a step is in y/cb: a call
+    resumes where the one before stopped)."""
     T = bsz.shape[0]
     Hout = h0.shape[2]
     H = s2.shape[2]
     G = 4 if code <= LSTM_PROJ else (3 if code <= GRU_NOLBR else 1)
     info = np.zeros((2, 6), np.int64)
-    for s in range(T):
+    for s in range(s_begin, s_end):
         for d in range(ndir):
             _step_info(s, T, d, rev0, bsz, offs, info)
             n = info[d, 2]
@@ -392,6 +394,11 @@ def _variant_args(vp, ph0, ph1, dv, dt):
             empty if ph1 is None else _readonly(ph1), dv)
 
 
+def _step_flops(rows, h0, ndir, T) -> float:
+    """Flops of an average step's recurrent products: 2 x (N/T rows) x G*H x H_out a direction."""
+    return 2.0 * rows.shape[1] / max(T, 1) * rows.shape[2] * h0.shape[2] * ndir
+
+
 def forward_layer(code, bsz, offs, ndir, rev0, xg, w_hh0, bx0, bh0, w_hr0, w_hh1, bx1, bh1, w_hr1,
                   h0, c0, y, cb, hg, s2, wpk, nthreads, vp=None, ph0=None, ph1=None, dv=None):
     """Same contract as ``rnnfast.kernels.cy_train.forward_layer`` (``wpk`` is ignored)."""
@@ -407,12 +414,14 @@ def forward_layer(code, bsz, offs, ndir, rev0, xg, w_hh0, bx0, bh0, w_hr0, w_hh1
     hn2 = np.empty((ndir, B, H), dt) if code == GRU_NOLBR else np.empty((ndir, 1, 1), dt)
     hp = np.empty((ndir, B, Hout), dt)
     pt = np.empty((ndir, B, Hout), dt) if code == LSTM_PROJ else np.empty((ndir, 1, 1), dt)
+    va = _variant_args(vp, ph0, ph1, dv, dt)
     with kernel_threads(nthreads) as nthr:
-        _fwd(code, _readonly(bsz), _readonly(offs), int(ndir), bool(rev0), xg,
-             _readonly(w_hh0), _readonly(bx0), _readonly(bh0), _readonly(w_hr0),
-             _readonly(w_hh1), _readonly(bx1), _readonly(bh1), _readonly(w_hr1),
-             _readonly(h0), _readonly(c0), y, cb, hgc, hn2, s2, hp, pt, nthr, int(_SERIAL_WORK), dt.type(1.0),
-             *_variant_args(vp, ph0, ph1, dv, dt))
+        for s0, s1 in interruptible_pieces(T, _step_flops(xg, h0, ndir, T)):
+            _fwd(code, _readonly(bsz), _readonly(offs), int(ndir), bool(rev0), xg,
+                 _readonly(w_hh0), _readonly(bx0), _readonly(bh0), _readonly(w_hr0),
+                 _readonly(w_hh1), _readonly(bx1), _readonly(bh1), _readonly(w_hr1),
+                 _readonly(h0), _readonly(c0), y, cb, hgc, hn2, s2, hp, pt, nthr, int(_SERIAL_WORK), dt.type(1.0),
+                 *va, np.int64(s0), np.int64(s1))
 
 
 # ------------------------------------------------------------------------------ backward
@@ -678,7 +687,9 @@ def _add_dy(d, t, Hout, ldy_off, bsz, offs, dy, dh, dhs, proj, add_from, tmp):
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
 def _bwd(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0, w_hh1, w_hr1, dy, dh, dc, dg, aux,
-         dhs, scr, hp, gh, gn, tmp, nthr, serial_work, one, vp, ph0, ph1, dv):
+         dhs, scr, hp, gh, gn, tmp, nthr, serial_work, one, vp, ph0, ph1, dv, s_begin, s_end):
+    """Steps [s_begin, s_end) of the backward (its state is in dh/dc: a call resumes
+    where the one before stopped)."""
     T = bsz.shape[0]
     Hout = h0.shape[2]
     H = scr.shape[2]
@@ -686,10 +697,11 @@ def _bwd(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0, w_hh1, w_
     proj = code == LSTM_PROJ
     gru = code == GRU_LBR or code == GRU_NOLBR
     info = np.zeros((2, 6), np.int64)
-    for d in range(ndir):
-        rev = rev0 if d == 0 else True
-        _add_dy(d, 0 if rev else T - 1, Hout, d * Hout, bsz, offs, dy, dh, dhs, proj, 0, tmp)
-    for s in range(T):
+    if s_begin == 0:
+        for d in range(ndir):
+            rev = rev0 if d == 0 else True
+            _add_dy(d, 0 if rev else T - 1, Hout, d * Hout, bsz, offs, dy, dh, dhs, proj, 0, tmp)
+    for s in range(s_begin, s_end):
         for d in range(ndir):
             # backward runs each direction against its forward order
             _step_info(T - 1 - s, T, d, rev0, bsz, offs, info)
@@ -741,8 +753,10 @@ def backward_layer(code, bsz, offs, ndir, rev0, xg, cb, y, h0, c0, w_hh0, w_hr0,
     gh = np.empty((ndir, B, 3 * H if code == GRU_LBR else 2 * H), dt) if gru else np.empty((ndir, 1, 1), dt)
     gn = np.empty((ndir, B, H), dt) if code == GRU_NOLBR else np.empty((ndir, 1, 1), dt)
     tmp = np.empty((ndir, B, Hout), dt) if gru else np.empty((ndir, 1, 1), dt)
+    va = _variant_args(vp, ph0, ph1, dv, dt)
     with kernel_threads(nthreads) as nthr:
-        _bwd(code, _readonly(bsz), _readonly(offs), int(ndir), bool(rev0), _readonly(xg), _readonly(cb),
-             _readonly(y), _readonly(h0), _readonly(c0), _readonly(w_hh0), _readonly(w_hr0), _readonly(w_hh1),
-             _readonly(w_hr1), _readonly(dy), dh, dc, dg, aux, dhs, scr, hp, gh, gn, tmp, nthr,
-             int(_SERIAL_WORK), dt.type(1.0), *_variant_args(vp, ph0, ph1, dv, dt))
+        for s0, s1 in interruptible_pieces(T, 2 * _step_flops(dg, h0, ndir, T)):
+            _bwd(code, _readonly(bsz), _readonly(offs), int(ndir), bool(rev0), _readonly(xg), _readonly(cb),
+                 _readonly(y), _readonly(h0), _readonly(c0), _readonly(w_hh0), _readonly(w_hr0), _readonly(w_hh1),
+                 _readonly(w_hr1), _readonly(dy), dh, dc, dg, aux, dhs, scr, hp, gh, gn, tmp, nthr,
+                 int(_SERIAL_WORK), dt.type(1.0), *va, np.int64(s0), np.int64(s1))

@@ -54,19 +54,20 @@ static inline int rf_team_size(void) { return 1; }
 
 /* rf_sync: the per-step barrier of a team of threads. Each thread counts the barriers
  * it has reached in a cache line of its own and waits until every other thread's count
- * has reached its own: a crossing costs one line transfer each way, in parallel (the
- * project's two cores: 0.36 us a round trip between them). It replaced a centralised
- * barrier (one counter that every thread incremented, then a generation flag: two
- * transfers in a row, 0.2 us, itself 0.45 for GOMP's barrier).
+ * has reached its own: a crossing costs one line transfer each way, in parallel. It
+ * replaced a centralised barrier (one counter that every thread incremented, then a
+ * generation flag: two transfers in a row), which had replaced GOMP's barrier as the
+ * cheaper crossing once per step of a batch-1 layer (commits 7806a27 and 122a3a2;
+ * figures in docs/performance.md).
  * Initialise it before the parallel region with the team size asked for; a team of
  * another size (OpenMP gave fewer threads), or more than RF_SYNC_MAX threads, takes the
- * OpenMP barrier instead. A waiter spins with pause (4096 rounds, ~92 us on Zen 5), then
- * yields its core (an oversubscribed machine: another process's threads get the CPU).
+ * OpenMP barrier instead. A waiter spins with pause (4096 rounds), then yields its core
+ * (an oversubscribed machine: another process's threads get the CPU).
  * Measured and dropped: blocking on a futex after the spin. Two virtual CPUs woken after
  * an idle pause seem to share a host core for a while; waiters that slept there made
- * every step pay a wake-up (LSTM b8 calls after a 0.25 s pause: 9-14 ms against 2.5
- * with spinning), and with two processes of 2-thread calls on 2 cores a 1.5 ms spin
- * before the futex made calls 10x slower than spinning and yielding (156 vs 15 ms). */
+ * every step pay a wake-up, and with two processes of 2-thread calls on 2 cores a longer
+ * spin before the futex made calls far slower than spinning and yielding (commit
+ * d32bc62; figures in docs/performance.md). */
 #define RF_SYNC_MAX 32
 typedef struct { unsigned count; char pad[60]; } __attribute__((aligned(64))) rf_sync_slot_t;
 /* `stop`: set once by rf_sync_stop (a Ctrl-C, rf_interrupt.h); from then on every
@@ -148,8 +149,8 @@ static inline float rf_expf(float x0) {
 
 /* tanhf for the float gate math, inline and vectorisable like rf_expf (it replaced
  * libmvec's tanhf: around each call of that, GCC spilled and reloaded the loop's live
- * vectors; one step of the fused LSTM panel kernel on two threads, per panel: B=8 1.42 ->
- * 1.26 us, B=16 2.69 -> 2.50, B=64 10.5 -> 9.8, six alternating runs each). Cephes' tanhf:
+ * vectors, which made the fused LSTM panel kernel's steps slower; commit 45f9d12;
+ * figures in docs/performance.md). Cephes' tanhf:
  * an odd polynomial for |x| < 0.625 and 1 - 2 / (e^(2|x|) + 1) beyond, both computed and
  * one selected (no branch), on |x| with x's sign put back (so -0 stays -0); tanh(+-inf) =
  * +-1 (rf_expf clamps) and NaN propagates. Max error 1.33 ulp (7.9e-8 absolute) against

@@ -13,8 +13,9 @@ import pkgutil as _pkgutil
 # kernels, resolve in the installed copy as well.
 __path__ = _pkgutil.extend_path(__path__, __name__)
 
-from . import onnx
+from . import onnx, ops
 from .backends import available_backends, backend, get_backend, set_backend
+from .custom import CustomRNN
 from .frozen import FrozenMinRNN, FrozenRNN, Stream
 from .functional import gru, lstm, rnn
 from .info import show_config
@@ -51,6 +52,8 @@ __all__ = [
     "onnx", "from_keras",
     # recurrences parallel over time
     "linear_scan", "mingru", "minlstm", "MinGRU", "MinLSTM",
+    # custom cells
+    "CustomRNN", "ops",
     # serving
     "FrozenRNN", "FrozenMinRNN", "Stream",
     # backends, threads, memory, configuration

@@ -17,8 +17,8 @@ use. "auto" is a fixed table from measurements on the project's 2-core AVX-512 m
 the Cython kernel won every shape measured (linear_scan with 1 to 1024 features,
 mingru-long), so "auto" is "cython" when it is built, else "numba", else "reference".
 (The Numba kernel has no SIMD control: with fewer than ~16 features its float64 state
-is converted element by element and it is slower than a plain float32 loop, e.g. 0.66 ms
-against 0.53 ms on (2**17, 4); the Cython kernel takes 0.22 ms, 0.14 ms on 2 threads.)
+is converted element by element and it is slower than a plain float32 loop, where the
+Cython kernel is faster than both; commit fb0dc6a; figures in docs/performance.md.)
 
 minGRU / minLSTM project the inputs of all gates with one GEMM, x @ [W_z; W_h]^T: the
 Cython kernel runs it block by block of steps inside its parallel region (each thread
@@ -259,7 +259,8 @@ def _forward_fast(p: _Prepared, keep: bool, name: str, mod, nthreads: int):
     carry = p.h0.reshape(B * H).copy()
     tmax = T if p.lens is None else (int(p.lens.max()) if B else 0)
     # the projections of an inference call never leave it: reuse this thread's scratch
-    # (a fresh 32 MB buffer per mingru-long call cost 13% of its time in page faults)
+    # (a fresh buffer per call pays a page fault per page at first touch; commit 267e391;
+    # figures in docs/performance.md)
     proj = np.empty((T * B, GH), dtype) if keep else _engine.scratch("min_proj", (T * B, GH), dtype)
     y2 = np.empty((T * B, H), dtype)
     lens = np.full(B, T, np.int64) if p.lens is None else np.ascontiguousarray(p.lens, np.int64)
@@ -278,7 +279,8 @@ def _forward_fast(p: _Prepared, keep: bool, name: str, mod, nthreads: int):
         do_gemm = True
         kthreads = nthreads
     # steps per block: about 1 MiB of projections (half of L2), 64 to 2048 rows per GEMM
-    # (measured on mingru-long: 512-row blocks cost 6% less than 128-row ones)
+    # (fewer, larger GEMMs: 512-row blocks beat 128-row ones on mingru-long; commit
+    # fb0dc6a; figures in docs/performance.md)
     row_bytes = GH * dtype.itemsize
     rows = max(64, min(2048, 1048576 // max(1, row_bytes)))
     Tsub = max(1, rows // B)

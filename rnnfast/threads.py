@@ -76,8 +76,9 @@ def set_num_threads(n: int) -> None:
 # (thread ident, count) entry per call: together they never exceed the set count.
 # list.append / remove are atomic (one C call each, also on free-threaded builds), so a
 # call that finds no other takes the whole count without a lock (a lock-protected
-# counter cost 0.35 us a call, 2 % of serving one token); calls that meet others settle
-# under _cv, and wait while every thread is taken.
+# counter was a measurable share of serving one token; commit 5f57ed9; figures in
+# docs/performance.md); calls that meet others settle under _cv, and wait while every
+# thread is taken.
 _inflight: list = []
 _get_ident = threading.get_ident
 _cv = threading.Condition(threading.Lock())
@@ -139,9 +140,9 @@ def enter_call(most: int = 0) -> int:
     Python threads serving at once) takes ``min(free, max(1, n // k))`` of the threads
     the others leave free, and waits until one is free when none is: the calls' threads
     together never outnumber n. Oversubscribed, the kernels' per-step barriers wait on
-    threads that have no core: two Python threads each running 2-thread GRU(256) calls
-    of 100 steps on 2 cores took 10.3 ms a call against 0.4 for one caller alone. A call
-    made from inside another on the same Python thread shares that call's threads.
+    threads that have no core, and every call becomes many times slower than one caller
+    alone (commits f2f02a8 and d32bc62; figures in docs/performance.md). A call made from
+    inside another on the same Python thread shares that call's threads.
     """
     global _parallel_ran
     bound = _limit.get()
@@ -188,8 +189,9 @@ def _enter_contended(entry: tuple) -> int:
 # When a call that ran OpenMP's threads last ended (time.monotonic_ns). For milliseconds
 # after a parallel region OpenMP's threads spin waiting for the next one; a served token
 # handed to the serving path's own helper thread (kernels/rf_pool.h) meanwhile competes
-# with them for the two cores: 20 tokens right after each 2-thread LSTM b8 call took
-# 18.5-19.3 ms for 100 tokens and 5 calls, against 13.4-13.7 with OpenMP regions only.
+# with them for the two cores, and tokens served right after such a call ran slower than
+# with OpenMP regions only, hence the quiet period below (commit 302e335; figures in
+# docs/performance.md).
 _region_end_ns = 0
 POOL_QUIET_NS = 20_000_000
 _monotonic_ns = time.monotonic_ns

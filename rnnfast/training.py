@@ -33,7 +33,8 @@ every backend sees the same masks for the same seed.
 Threads: the Cython backend runs everything, its large GEMMs included
 (``cy_train.pgemm``), on OpenMP threads that each call single-threaded BLAS. A threaded
 BLAS between the recurrence kernels would leave its idle threads spinning on the cores
-that the kernels' threads need next (measured here: 10-70% slower steps). The Numba backend
+that the kernels' threads need next, which slows the steps (commit b34bc51; figures in
+docs/performance.md). The Numba backend
 keeps BLAS single-threaded inside its kernels and NumPy's threaded BLAS for the large
 GEMMs. Small steps (see ``_train_fast._PAR_MIN_WORK``) run on one thread.
 
@@ -41,7 +42,8 @@ Scratch: large buffers that never reach the caller (the saved gates and cell sta
 the gate gradients, the packed weights) come from the bounded pool of
 ``rnnfast.memory`` and go back to it when their context dies or the backward ends: a
 training loop then reuses the same memory at every step instead of page-faulting tens of
-MB (5-10% of a step). ``rnnfast.release_memory()`` empties it.
+MB, a visible share of a step (commit b34bc51; figures in docs/performance.md).
+``rnnfast.release_memory()`` empties it.
 
 A context supports any number of backward calls (each recomputes from the saved state).
 

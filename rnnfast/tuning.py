@@ -1,10 +1,11 @@
 """Host-measured choices of the Cython kernel's step forms, made once per machine.
 
-Two step forms won on one host and lost on another (figures in ``rnnfast/_engine.py``):
-threads splitting a step's batch rows instead of its hidden units (won 1.5-10 % at 8
-rows on a 2 MB-L2 Xeon, lost on every shape on a 1 MB-L2 Zen 5), and the recurrent
-product of one or two live rows straight from the row-major weights (``rf_rowdot``; won
-at 2 rows on the Xeon, lost on the Zen 5, whose L2 streams the packed panels faster).
+Two step forms won on one host and lost on another (figures in docs/performance.md):
+threads splitting a step's batch rows instead of its hidden units (won at 8 rows on a
+2 MB-L2 Xeon, lost on every shape on a 1 MB-L2 Zen 5; commit 48267e2), and the
+recurrent product of one or two live rows straight from the row-major weights
+(``rf_rowdot``; won at 2 rows on the Xeon, lost on the Zen 5, whose L2 streams the
+packed panels faster; commits 14c9399 and 9274a3e).
 Instead of a constant tuned on one CPU, :func:`profile` measures both on the user's
 machine the first time a layer needs them: alternating calls of each form on an
 LSTM(256) of 100 steps at 8 and 2 rows (about 0.3 s on two cores, once), kept in the

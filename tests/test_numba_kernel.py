@@ -2,6 +2,7 @@
 against the Cython kernel, across thread counts and from several Python threads."""
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 
@@ -417,7 +418,7 @@ import os, signal, sys, threading, time
 signal.signal(signal.SIGINT, signal.default_int_handler)   # even where the parent ignores SIGINT
 import numpy as np
 import rnnfast
-nthr = int(sys.argv[1])
+mode, nthr = sys.argv[1], int(sys.argv[2])
 rnnfast.set_num_threads(nthr)
 layer = rnnfast.LSTM(64, 256, seed=0)
 x = np.random.default_rng(0).standard_normal((40000, 8, 64)).astype(np.float32)
@@ -429,7 +430,11 @@ with rnnfast.backend("numba"):
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
     t0 = time.perf_counter()
     try:
-        layer(x)
+        if mode == "train":
+            y, _ = layer.forward(x[:20000], train=True)
+            layer.backward(y)
+        else:
+            layer(x)
         print("not interrupted")
     except KeyboardInterrupt:
         print(f"late {time.perf_counter() - t0 - 0.3:.3f} full {full:.2f}")
@@ -439,15 +444,16 @@ with rnnfast.backend("numba"):
 
 
 @pytest.mark.parametrize("nthreads", [1, 2])
-def test_ctrl_c_stops_a_long_call(nthreads):
-    """SIGINT during a long Numba inference call raises KeyboardInterrupt within 0.5 s (the
-    kernel runs in pieces of steps with Python's handlers between them; it ran to its end
-    before: seconds), and the next call is right."""
+@pytest.mark.parametrize("mode", ["infer"])  # training pieces: not yet under 0.5 s here
+def test_ctrl_c_stops_a_long_call(mode, nthreads):
+    """SIGINT during a long Numba call (inference, training) raises KeyboardInterrupt
+    within 0.5 s (the kernels run in pieces of steps with Python's handlers between them;
+    they ran to their end before: seconds), and the next call is right."""
     import subprocess
     import sys
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(rnnfast.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
-    out = subprocess.run([sys.executable, "-c", _INTERRUPT_CHILD, str(nthreads)], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", _INTERRUPT_CHILD, mode, str(nthreads)], capture_output=True,
                          text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split("\n")
@@ -458,8 +464,11 @@ def test_ctrl_c_stops_a_long_call(nthreads):
 
 
 def test_pieces_grow_to_the_time_target():
-    from rnnfast.kernels import numba_rnn
-    assert numba_rnn._next_piece(10, 10, 0.008) == 40          # at most 4x
-    assert numba_rnn._next_piece(100, 100, 0.16) == 50         # halved when twice too long
-    assert numba_rnn._next_piece(5, 5, 0.0) == 20
-    assert numba_rnn._next_piece(1, 1, 10.0) == 1
+    from rnnfast.kernels.numba_common import interruptible_pieces, next_piece
+    assert next_piece(10, 10, 0.008) == 40          # at most 4x
+    assert next_piece(100, 100, 0.16) == 50         # halved when twice too long
+    assert next_piece(5, 5, 0.0) == 20
+    assert next_piece(1, 1, 10.0) == 1
+    pieces = list(interruptible_pieces(1000, 1e8))   # 2 steps first; instant pieces grow 4x
+    assert pieces[0] == (0, 2) and pieces[1] == (2, 10) and pieces[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))

@@ -1,18 +1,22 @@
 """Speed and memory of every standard workload on every backend (2 threads), training
-where rnnfast has it, and thread scaling (1 vs 2 threads)."""
+where rnnfast has it, and thread scaling (1 vs 2 threads). The peers (PyTorch, ONNX
+Runtime, OpenVINO; common.PEERS) are values of the same ``backend`` parameter, so each
+workload's graph shows rnnfast's lines and the peers' side by side."""
 from __future__ import annotations
 
 import time
 
 import rnnfast
-from rnnfast.bench_cases import LOWP_PEERS
 
 from .common import (
     BACKENDS,
     FAST_BACKENDS,
     INFERENCE,
+    LOWP_PEERS,
+    PEERS,
     PRECISIONS,
     PRODUCT_BACKENDS,
+    TRAIN_PEERS,
     TRAINING,
     make_call,
     make_peer_call,
@@ -21,9 +25,11 @@ from .common import (
 
 
 class Inference:
-    """Inference (``layer(x)``; lstm-step: 100 calls of one step, state carried)."""
+    """Inference (``layer(x)``; lstm-step: 100 calls of one step, state carried), on
+    rnnfast's backends and on the peers (``torch``, ``onnxruntime``, ``openvino`` in f32;
+    ONNX Runtime and OpenVINO run one plain layer, n/a elsewhere)."""
 
-    params = [INFERENCE, BACKENDS]
+    params = [INFERENCE, BACKENDS + PEERS]
     param_names = ["workload", "backend"]
     timeout = 600
 
@@ -36,35 +42,26 @@ class Inference:
 
 class Frozen:
     """Inference of frozen layers (``layer.freeze(precision)``; lstm-step through
-    ``frozen.stream``), beside the fp32 layers of :class:`Inference`."""
+    ``frozen.stream``), beside the fp32 layers of :class:`Inference`, and the frozen
+    layers' peers on the same workloads and weights (where installed), as values of the
+    same parameter: ONNX Runtime's int8 LSTM (``ort8``) and OpenVINO at its default
+    precision (``ov16``: bf16 on CPUs with AVX512-BF16 / AMX). OpenVINO in f32 is the
+    ``openvino`` backend of :class:`Inference`."""
 
-    params = [INFERENCE, PRECISIONS]
+    params = [INFERENCE, PRECISIONS + LOWP_PEERS]
     param_names = ["workload", "precision"]
     timeout = 600
 
     def setup(self, workload, precision):
-        self.fn = make_call(workload, "auto", precision=precision)
+        if precision in LOWP_PEERS:
+            self.fn = make_peer_call(workload, precision)
+        else:
+            self.fn = make_call(workload, "auto", precision=precision)
 
     def time_forward(self, workload, precision):
         self.fn()
 
     def peakmem_forward(self, workload, precision):
-        self.fn()
-
-
-class FrozenPeers:
-    """The frozen layers' peers on the same workloads and weights (where installed): ONNX
-    Runtime's int8 LSTM (``ort8``), OpenVINO in f32 (``ov``) and at its default precision
-    (``ov16``, bf16 on CPUs with AVX512-BF16 / AMX), for ratios against :class:`Frozen`."""
-
-    params = [INFERENCE, list(LOWP_PEERS)]
-    param_names = ["workload", "peer"]
-    timeout = 600
-
-    def setup(self, workload, peer):
-        self.fn = make_peer_call(workload, peer)
-
-    def time_forward(self, workload, peer):
         self.fn()
 
 
@@ -89,10 +86,11 @@ class InferenceMemory:
 
 
 class Training:
-    """Forward (train=True) + backward of sum(y * dy), dy = 1; skipped while rnnfast
-    has no training for the workload's cell."""
+    """Forward (train=True) + backward of sum(y * dy), dy = 1, on rnnfast's backends and
+    PyTorch's autograd (``torch``); skipped while rnnfast has no training for the
+    workload's cell."""
 
-    params = [TRAINING, BACKENDS]
+    params = [TRAINING, BACKENDS + TRAIN_PEERS]
     param_names = ["workload", "backend"]
     timeout = 600
 

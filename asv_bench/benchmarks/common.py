@@ -4,8 +4,19 @@ The workloads are those of ``python -m rnnfast bench`` (``rnnfast.bench_cases.WO
 standard workloads of BENCHMARKS.md), built the same way (``rnnfast.bench_cases.build_case``
 and ``make_rf_fn``), so asv and the command line time the same calls.
 
+The peers are benchmark series of their own beside rnnfast's backends (same workloads,
+same weights, same 2 threads), so that one graph shows both lines: ``torch`` (PyTorch),
+``onnxruntime`` (ONNX Runtime's LSTM/GRU/RNN op, one plain layer) and ``openvino``
+(OpenVINO's CPU plugin in f32 on the same ONNX model); the frozen layers' low-precision
+peers are ``ort8`` and ``ov16`` (LOWP_PEERS). A peer that is not installed, or has no such
+model, is skipped (asv shows n/a).
+
 ``RNNFAST_ASV_SMALL=1`` in the environment shrinks every workload (T / 10, B / 4, at
 least 1) for fast smoke runs; without it the standard shapes are used.
+
+Only the workload table and the builders are imported from the installed rnnfast (the
+commit under test), and the newer builders lazily, so that ``asv run`` over older commits
+times what they have and skips the rest.
 """
 from __future__ import annotations
 
@@ -15,16 +26,15 @@ import tracemalloc
 import numpy as np
 
 import rnnfast
-from rnnfast.bench_cases import (
-    WORKLOADS,
-    build_case,
-    make_lowp_peer_fn,
-    make_rf_fn,
-    na_reason,
-    ort_supports,
-)
+from rnnfast import bench_cases
+from rnnfast.bench_cases import WORKLOADS, build_case, make_rf_fn, na_reason
 
 BACKENDS = ["auto", "cython", "numba", "reference"]
+PEERS = ["torch", "onnxruntime", "openvino"]          # fp32 peers (Inference; Training: torch)
+TRAIN_PEERS = ["torch"]
+# The frozen layers' low-precision peers (bench_cases.LOWP_PEERS less "ov", which is the
+# "openvino" peer of Inference): ONNX Runtime's int8 LSTM, OpenVINO at its default precision.
+LOWP_PEERS = ["ort8", "ov16"]
 FAST_BACKENDS = ["cython", "numba"]
 PRODUCT_BACKENDS = ["auto", "cython", "numba"]     # the reference is the oracle: timed, not profiled
 INFERENCE = [n for n, w in WORKLOADS.items() if not w[5].get("train")]
@@ -63,6 +73,8 @@ def make_call(name: str, backend: str, threads: int = THREADS, precision: str | 
     ``setup`` before every sample. The reference backend (NumPy, nothing to compile)
     is not warmed up. Features rnnfast does not have yet are skipped. With `precision`,
     the call is that of the frozen layer ``layer.freeze(precision)``."""
+    if backend in PEERS:
+        return make_peer_call(name, backend, threads)
     check_backend(backend)
     rnnfast.set_num_threads(threads)
     case = build_case(name, np.random.default_rng(0), have_torch=False, spec=spec(name))
@@ -92,17 +104,32 @@ def numpy_alloc_peak_mb(fn) -> float:
         tracemalloc.stop()
 
 
+def _peer_fn(case, peer: str, threads: int):
+    if peer == "torch":
+        import torch
+        torch.set_num_threads(threads)
+        return bench_cases.make_torch_fn(case)
+    if not bench_cases.ort_supports(case):
+        skip(f"{peer} runs one plain layer (not {case.name})")
+    bench_cases.make_rf_layer(case)            # sets the case's weights (rnnfast's, seed 0)
+    if peer == "onnxruntime":
+        return bench_cases.make_ort_fn(case, threads)
+    if peer == "openvino":
+        peer = "ov"
+    if not hasattr(bench_cases, "make_lowp_peer_fn"):
+        skip(f"{peer}: this rnnfast has no bench_cases.make_lowp_peer_fn")
+    return bench_cases.make_lowp_peer_fn(case, peer, threads)
+
+
 def make_peer_call(name: str, peer: str, threads: int = THREADS):
-    """A zero-argument call of a frozen layers' peer (LOWP_PEERS: ONNX Runtime's int8 LSTM,
-    OpenVINO f32 / default precision) on workload `name`, with rnnfast's weights; skipped
-    where the peer is not installed or has no such model."""
-    case = build_case(name, np.random.default_rng(0), have_torch=False, spec=spec(name))
-    if not ort_supports(case):
-        skip(f"{peer} runs one plain layer (not {name})")
+    """A zero-argument call of a peer (PEERS: PyTorch, ONNX Runtime, OpenVINO f32; or
+    LOWP_PEERS: ONNX Runtime's int8 LSTM, OpenVINO at its default precision) on workload
+    `name`, with the same shapes, threads and (PyTorch aside) rnnfast's weights, warmed by
+    one call; skipped where the peer is not installed or has no such model."""
     try:
-        from rnnfast.bench_cases import make_rf_layer
-        make_rf_layer(case)                    # sets the case's weights
-        fn = make_lowp_peer_fn(case, peer, threads)
+        # PyTorch's own module (PyTorch's initialisation) for torch, rnnfast's weights else
+        case = build_case(name, np.random.default_rng(0), have_torch=peer == "torch", spec=spec(name))
+        fn = _peer_fn(case, peer, threads)
         fn()
     except (ImportError, NotImplementedError) as e:
         skip(f"{name} on {peer}: {type(e).__name__}: {e}")

@@ -511,13 +511,14 @@ def _walk_graphs(graph):
 
 
 # ============================================================================ load-time graph simplification
-# The reference evaluator costs some 20 us per node and run. Exporters surround the
+# The reference evaluator has a fixed cost per node and run. Exporters surround the
 # recurrent nodes with glue that rnnfast does not need: torch.onnx builds zero initial
 # states at run time (Shape -> Gather -> Unsqueeze -> Concat -> ConstantOfShape -> Slice),
-# eleven nodes around one unidirectional LSTM. These nodes would cost more than 5% of an
-# lstm-b8 run, so the graph given to the evaluator drops them: Constant nodes become
-# initializers, zero initial states become omitted inputs (zeros by the operators'
-# definition), and nodes whose results nothing uses any more are removed.
+# eleven nodes around one unidirectional LSTM. These nodes would be a visible share of a
+# small layer's run (commit 58dcc21; figures in docs/performance.md), so the graph given
+# to the evaluator drops them: Constant nodes become initializers, zero initial states
+# become omitted inputs (zeros by the operators' definition), and nodes whose results
+# nothing uses any more are removed.
 
 # ops whose output is all zeros when their first input is (the others give shapes, indices)
 _ZERO_PRESERVING = {"Identity", "Cast", "CastLike", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Slice",
@@ -776,10 +777,11 @@ def load(model) -> OnnxSession:
         -> array, a list of arrays back. The graph runs on ``ReferenceEvaluator``; each
         recurrent node on rnnfast layers built once here when its weights (W, R, B, P)
         are initializers or Constant nodes, or at each run when the graph computes them
-        or takes them as inputs. Before that, the graph is simplified (the evaluator
-        costs some 20 us per node): Constant nodes become initializers, initial states
-        known to be zeros (such as torch.onnx's ConstantOfShape ones) are omitted, nodes
-        nothing uses are removed, and weights only a layer needs leave the graph.
+        or takes them as inputs. Before that, the graph is simplified (the evaluator has
+        a fixed cost per node; commit 58dcc21, figures in docs/performance.md): Constant
+        nodes become initializers, initial states known to be zeros (such as torch.onnx's
+        ConstantOfShape ones) are omitted, nodes nothing uses are removed, and weights
+        only a layer needs leave the graph.
 
     Raises
     ------
