@@ -126,8 +126,12 @@ static inline void rf_sync(rf_sync_t *b, int team) {
  * would go subnormal: the gates only take 1 / (1 + e), which that does not change); above
  * 88.3 the result is +inf (expf overflows at 88.72), so that sigmoid(-inf) is exactly 0 as
  * in PyTorch and 0 * inf gives NaN downstream as there (issue 17 #17). NaN propagates
- * (every comparison is false, and p is NaN). */
-static inline float rf_expf(float x0) {
+ * (every comparison is false, and p is NaN).
+ * always_inline (also rf_tanhf, rf_sigmoid_*): where GCC declined to inline it into a grown
+ * caller (rf_fused_step_v), each `omp simd` loop became a scalar loop of calls, and the
+ * fp32 gate math ran at a quarter of its speed (tools/spill_check now fails on such a call;
+ * figures in docs/performance.md). */
+static inline __attribute__((always_inline)) float rf_expf(float x0) {
     float x = x0 < -87.3f ? -87.3f : x0;
     x = x > 88.3f ? 88.3f : x;
     const float shift = 12582912.0f;        /* 1.5 * 2^23: x + shift - shift rounds to an integer */
@@ -155,7 +159,7 @@ static inline float rf_expf(float x0) {
  * one selected (no branch), on |x| with x's sign put back (so -0 stays -0); tanh(+-inf) =
  * +-1 (rf_expf clamps) and NaN propagates. Max error 1.33 ulp (7.9e-8 absolute) against
  * tanh in float64 over [-20, 20] (glibc's scalar tanhf: 2.19 ulp). */
-static inline float rf_tanhf(float x) {
+static inline __attribute__((always_inline)) float rf_tanhf(float x) {
     const float a = fabsf(x);
     const float big = 1.0f - 2.0f / (rf_expf(a + a) + 1.0f);
     const float z = a * a;
@@ -169,7 +173,7 @@ static inline float rf_tanhf(float x) {
 }
 
 #define RF_DEFINE_GATES(T, SFX, EXP, TANH)                                                   \
-static inline T rf_sigmoid_##SFX(T v) { return (T)1 / ((T)1 + EXP(-v)); }                    \
+static inline __attribute__((always_inline)) T rf_sigmoid_##SFX(T v) { return (T)1 / ((T)1 + EXP(-v)); } \
                                                                                              \
 /* LSTM: writes c (row stride ldc) and h = o*tanh(c) into h1 (ld1) and, if h2, h2 (ld2). */  \
 static inline void rf_lstm_gates_##SFX(int n, int H, int u0, int u1,                         \

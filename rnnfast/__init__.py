@@ -38,11 +38,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # rnnfast.dask on first use: importing it costs nothing (it imports dask lazily), but
-    # keeping it out of ``import rnnfast`` keeps the cold start as measured
-    if name == "dask":
+    # rnnfast.dask and rnnfast.ray on first use: importing them costs nothing (they
+    # import their framework lazily), but keeping them out of ``import rnnfast`` keeps
+    # the cold start as measured
+    if name in ("dask", "ray"):
         import importlib
-        return importlib.import_module(".dask", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [

@@ -1,7 +1,7 @@
-"""Pieces shared by the scale-out front ends (``rnnfast.ray``; ``rnnfast.dask`` has its
-own copies of the same steps): the batch axis of a layer, the checks a data-parallel
-gradient step makes before any work, the per-chunk forward + backward, and the sum of
-per-chunk parameter gradients. Nothing here imports a cluster framework."""
+"""Pieces shared by the scale-out front ends (``rnnfast.dask`` and ``rnnfast.ray``): the
+batch axis of a layer, the checks a data-parallel gradient step makes before any work,
+the per-chunk forward + backward, and the sum of per-chunk parameter gradients.
+Nothing here imports a cluster framework."""
 from __future__ import annotations
 
 import copy

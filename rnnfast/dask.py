@@ -9,11 +9,12 @@ functions: ``import rnnfast`` does not import it.
 """
 from __future__ import annotations
 
-import copy
 import operator
 from typing import Any
 
 import numpy as np
+
+from ._scaleout import add_grads, batch_axis, check_trainable, grad_block, states_list
 
 __all__ = ["predict", "gradients"]
 
@@ -28,19 +29,15 @@ def _modules():
     return dask, da
 
 
-def _batch_axis(layer) -> int:
-    return 0 if getattr(layer, "batch_first", False) else 1
-
-
 def _as_batch_chunked(da, x, name: str, layer, chunks=None):
     """`x` as a 3-D dask array with one chunk along time and features (and the batch
     chunks `chunks` when given)."""
     if not hasattr(x, "chunks"):
         x = da.from_array(np.asarray(x), chunks=-1)
     if x.ndim != 3:
-        raise ValueError(f"{name}: expected a 3-D dask array ({'(B, T, F)' if _batch_axis(layer) == 0 else '(T, B, F)'}"
+        raise ValueError(f"{name}: expected a 3-D dask array ({'(B, T, F)' if batch_axis(layer) == 0 else '(T, B, F)'}"
                          f", batch chunked), got {x.ndim}-D with shape {x.shape}")
-    b = _batch_axis(layer)
+    b = batch_axis(layer)
     want = {ax: -1 for ax in range(3) if ax != b}
     if chunks is not None:
         want[b] = chunks
@@ -71,10 +68,6 @@ def _predict_block(layer, xb, lengths):
     return layer(xb, None, lengths)
 
 
-def _states(st):
-    return list(st) if isinstance(st, tuple) else [st]
-
-
 def predict(layer, x, lengths=None, return_state: bool = False) -> Any:
     """Run `layer` (a layer or frozen layer) over a dask array of sequences.
 
@@ -100,12 +93,12 @@ def predict(layer, x, lengths=None, return_state: bool = False) -> Any:
     """
     dask, da = _modules()
     x = _as_batch_chunked(da, x, "x", layer)
-    b = _batch_axis(layer)
+    b = batch_axis(layer)
     chunks = x.chunks[b]
     # a tiny local call gives the output widths, dtypes and state structure
     probe_x = np.zeros((1, 1, x.shape[2]), x.dtype if x.dtype.kind == "f" else np.float32)
     py, pst = layer(probe_x)
-    pstates = _states(pst)
+    pstates = states_list(pst)
     lay = dask.delayed(layer, pure=True)       # one key: every task refers to it
     blocks = x.to_delayed()
     blocks = blocks.reshape(-1) if b == 0 else blocks[0, :, 0]
@@ -127,25 +120,6 @@ def predict(layer, x, lengths=None, return_state: bool = False) -> Any:
         return y
     states = [da.concatenate(s, axis=ps.ndim - 2) for s, ps in zip(sts, pstates)]
     return y, (tuple(states) if len(states) > 1 else states[0])
-
-
-def _grad_block(layer, xb, dyb, lengths):
-    # a private shallow copy per task: the training context is per object, and tasks of
-    # one process (threaded scheduler, or a worker's threads) share the layer
-    lay = copy.copy(layer)
-    lay.__dict__ = dict(layer.__dict__)
-    lay._ctx, lay.grads = None, {}
-    lay.forward(xb, None, lengths, train=True)
-    dx, _ = lay.backward(dyb)
-    return dx, lay.grads
-
-
-def _add_grads(*parts):
-    out = {k: np.array(v, copy=True) for k, v in parts[0].items()}
-    for p in parts[1:]:
-        for k, v in p.items():
-            out[k] += v
-    return out
 
 
 def gradients(layer, x, dy, lengths=None, split_every: int = 4) -> tuple[Any, dict[str, np.ndarray]]:
@@ -178,13 +152,9 @@ def gradients(layer, x, dy, lengths=None, split_every: int = 4) -> tuple[Any, di
         Computed, keys and shapes as ``layer.grads``.
     """
     dask, da = _modules()
-    if not hasattr(layer, "backward") or type(layer).__name__.startswith("Frozen"):
-        raise TypeError(f"gradients: expected a trainable rnnfast layer, got {type(layer).__name__}")
-    if getattr(layer, "dropout", 0.0):
-        raise ValueError(f"gradients: dropout={layer.dropout} would draw different masks per chunk than "
-                         "for the whole batch; use a layer with dropout=0")
+    check_trainable(layer, "gradients")
     x = _as_batch_chunked(da, x, "x", layer)
-    b = _batch_axis(layer)
+    b = batch_axis(layer)
     chunks = x.chunks[b]
     dy = _as_batch_chunked(da, dy, "dy", layer, chunks=chunks)
     if dy.shape[:2] != x.shape[:2]:
@@ -195,11 +165,11 @@ def gradients(layer, x, dy, lengths=None, split_every: int = 4) -> tuple[Any, di
     xb = xb.reshape(-1) if b == 0 else xb[0, :, 0]
     dyb = dyb.reshape(-1) if b == 0 else dyb[0, :, 0]
     lens = _split_lengths(da, lengths, chunks)
-    parts = [dask.delayed(_grad_block, pure=True)(lay, a, d, ln) for a, d, ln in zip(xb, dyb, lens)]
+    parts = [dask.delayed(grad_block, pure=True)(lay, a, d, ln) for a, d, ln in zip(xb, dyb, lens)]
     parts = list(dask.persist(*parts))          # run once: dx and grads both come from these
     level = [p[1] for p in parts]
     while len(level) > 1:
-        level = [dask.delayed(_add_grads, pure=True)(*level[i:i + split_every])
+        level = [dask.delayed(add_grads, pure=True)(*level[i:i + split_every])
                  for i in range(0, len(level), split_every)]
     (grads,) = dask.compute(level[0])
     T = x.shape[1 - b]

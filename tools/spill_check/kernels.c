@@ -13,6 +13,13 @@ void chk_fused_step_##S(int code, int G, int H, int K, int n, int p0, int p1, co
     rf_fused_step_##S(code, G, H, K, n, p0, p1, P, xg, ldx, xn, nn, bx, bh, hp, ldp, c, ldc,   \
                       h1, ld1, h2, ld2);                                                       \
 }                                                                                              \
+/* as cy_rnn calls it: the variant `v` known only at run time (NULL for the plain cells) */   \
+void chk_fused_step_v_##S(const rf_var_t *v, const T *ph, int code, int G, int H, int K, int n,\
+        int p0, int p1, const T *P, const T *xg, int ldx, const T *xn, int nn, const T *bx,    \
+        const T *bh, const T *hp, int ldp, T *c, int ldc, T *h1, int ld1, T *h2, int ld2) {    \
+    rf_fused_step_v_##S(v, ph, code, G, H, K, n, p0, p1, P, xg, ldx, xn, nn, bx, bh, hp, ldp,  \
+                        c, ldc, h1, ld1, h2, ld2);                                             \
+}                                                                                              \
 void chk_gemm_panels_##S(int G, int H, int K, int n, int p0, int p1, const T *A, int lda,     \
         const T *P, T *C, int ldc) {                                                           \
     rf_gemm_panels_##S(G, H, K, n, p0, p1, A, lda, P, C, ldc);                                \
