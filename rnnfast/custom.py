@@ -32,7 +32,9 @@ outputs are 0, their states carried).
 from __future__ import annotations
 
 import inspect
+import itertools
 import numbers
+import os
 import re
 import sys
 import threading
@@ -436,7 +438,7 @@ class _Plan:
         return ["    H = Sall.shape[3]", "    B = perm.shape[0]"]
 
     def _row(self, ind: str) -> list:
-        return [f"{ind}for r in range(nact):",
+        return [f"{ind}for r in range(r0, hi):",
                 f"{ind}    b = perm[r]",
                 f"{ind}    t = s if rev == 0 else lp[r] - 1 - s",
                 f"{ind}    for j in range(H):"]
@@ -449,7 +451,7 @@ class _Plan:
         rs = ", ".join(f"Ra{i}" for i in range(ng))
         vs = ", ".join(f"Va{i}" for i in self.vsave)
         wts = ", ".join(f"WT{i}" for i in range(ng))
-        args = ["xp", "perm", "lp", "rev", "nsteps", "train", "Sall", "C", "bhh", "y"]
+        args = ["r0", "r1", "xp", "perm", "lp", "rev", "nsteps", "train", "Sall", "C", "bhh", "y"]
         args += [a for a in (rs, vs, wts) if a]
         L = [f"def fwd({', '.join(args)}):"]
         L += self._header()
@@ -457,12 +459,15 @@ class _Plan:
         L.append("    for s in range(nsteps):")
         L.append("        while nact > 0 and lp[nact - 1] <= s:")
         L.append("            nact -= 1")
+        L.append("        hi = nact if nact < r1 else r1")
+        L.append("        if hi <= r0:")
+        L.append("            hi = r0")
         L.append("        si = s * train")
         L.append("        Sin = Sall[si]")
         L.append("        Sout = Sall[si + train]")
         L.append("        if train:")
         L.append("            for q in range(Sin.shape[0]):")
-        L.append("                for r in range(nact, B):")
+        L.append("                for r in range(hi, r1):")
         L.append("                    for j in range(H):")
         L.append("                        Sout[q, r, j] = Sin[q, r, j]")
         for i in range(ng):
@@ -508,8 +513,9 @@ class _Plan:
                 for gi, (lev, v, _recs) in enumerate(g.groups):
                     if lev != p:
                         continue
-                    src = f"Sin[{v.arg}, :nact]" if v.op == "state" else f"V{gi}[:nact]"
-                    L.append(f"        np.dot({src}, WT{gi}, R{gi}[:nact])")
+                    src = f"Sin[{v.arg}, r0:hi]" if v.op == "state" else f"V{gi}[r0:hi]"
+                    L.append("        if hi > r0:")
+                    L.append(f"            np.dot({src}, WT{gi}, R{gi}[r0:hi])")
         return "\n".join(L) + "\n"
 
     def _load_earlier(self, n: Tracer) -> str:
@@ -525,7 +531,7 @@ class _Plan:
         g = self.g
         st, F = g.stage, g.final
         ng = len(g.groups)
-        args = ["xp", "perm", "lp", "rev", "nsteps", "Sall", "bhh", "dy", "dS", "dSp", "A", "dxp", "dvb"]
+        args = ["r0", "r1", "xp", "perm", "lp", "rev", "nsteps", "Sall", "bhh", "dy", "dS", "dSp", "A", "dxp", "dvb"]
         args += [f"Ra{i}" for i in range(ng)] + [f"dRa{i}" for i in range(ng)] + [f"W{i}" for i in range(ng)]
         L = [f"def bwd({', '.join(args)}):"]
         L += self._header()
@@ -533,11 +539,14 @@ class _Plan:
         L.append("    for s in range(nsteps - 1, -1, -1):")
         L.append("        while nact < B and lp[nact] > s:")
         L.append("            nact += 1")
+        L.append("        hi = nact if nact < r1 else r1")
+        L.append("        if hi <= r0:")
+        L.append("            hi = r0")
         L.append("        Sin = Sall[s]")
         for i in range(ng):
             L.append(f"        R{i} = Ra{i}[s]")
             L.append(f"        dR{i} = dRa{i}[s]")
-        L.append("        for r in range(nact):")
+        L.append("        for r in range(r0, hi):")
         L.append("            for j in range(H):")
         L.append("                for q in range(dSp.shape[0]):")
         L.append("                    dSp[q, r, j] = 0.0")
@@ -578,12 +587,13 @@ class _Plan:
                 for gi, (lev, v, _recs) in enumerate(g.groups):
                     if lev != p - 1:
                         continue
-                    L.append("        dv = dvb[:nact]")
-                    L.append(f"        np.dot(dR{gi}[:nact], W{gi}, dv)")
+                    L.append("        dv = dvb[r0:hi]")
+                    L.append("        if hi > r0:")
+                    L.append(f"            np.dot(dR{gi}[r0:hi], W{gi}, dv)")
                     L += self._row(" " * 8)
-                    L.append(ind + self._add_to(v, "dv[r, j]", p, force_buffer=True))
+                    L.append(ind + self._add_to(v, "dv[r - r0, j]", p, force_buffer=True))
         L.append("        for q in range(dS.shape[0]):")
-        L.append("            for r in range(nact):")
+        L.append("            for r in range(r0, hi):")
         L.append("                for j in range(H):")
         L.append("                    dS[q, r, j] = dSp[q, r, j]")
         return "\n".join(L) + "\n"
@@ -603,6 +613,61 @@ class _Plan:
 
 # ============================================================================ compiled kernels
 _KERNELS: dict = {}
+# Rows per thread below which a call runs on one thread: a step's products of fewer rows
+# are too small to pay for a thread's share of the weights read.
+_MIN_ROWS_PER_THREAD = 2
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _row_chunks(lp: np.ndarray, nthr: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of the length-sorted rows, one per thread, of about equal work
+    (sum of lengths): each range runs the whole recurrence of its rows with no barrier
+    between threads (the rows of a step are independent)."""
+    B = lp.shape[0]
+    n = min(nthr, B // _MIN_ROWS_PER_THREAD) if B else 1
+    if n <= 1:
+        return [(0, B)]
+    work = np.cumsum(lp, dtype=np.float64)
+    total = work[-1]
+    if total <= 0:
+        return [(0, B)]
+    cuts = [0]
+    for c in range(1, n):
+        r = int(np.searchsorted(work, total * c / n)) + 1     # the row reaching the share ends the range
+        cuts.append(min(max(r, cuts[-1] + 1), B - (n - c)))
+    cuts.append(B)
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+
+
+def _run_chunks(kernel, chunks, *args) -> None:
+    """``kernel(r0, r1, *args)`` for every row range, the first on this thread and the
+    others on the pool's threads at the same time (the kernels release the GIL)."""
+    global _POOL
+    if len(chunks) == 1:
+        kernel(*chunks[0], *args)
+        return
+    with _POOL_LOCK:
+        if _POOL is None:
+            import concurrent.futures
+            _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
+                                                          thread_name_prefix="rnnfast-custom")
+        pool = _POOL
+    futs = [pool.submit(kernel, *c, *args) for c in chunks[1:]]
+    try:
+        kernel(*chunks[0], *args)
+    finally:
+        for f in futs:
+            f.result()
+
+
+def _forget_pool_in_child() -> None:
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 _KLOCK = threading.Lock()
 
 
@@ -799,15 +864,16 @@ class CustomRNN(_PickledAsParameters):
         y, hx_n : outputs (T, B, D*H) and the final state(s), structured like hx.
         """
         xs, unbatched, h0, ln = self._prepare(x, hx, lengths)
+        n = threads.enter_call()        # concurrent callers share the threads, never more
         threads.blas_enter()
         try:
-            return self._forward_run(xs, unbatched, h0, ln, train)
+            return self._forward_run(xs, unbatched, h0, ln, train, n)
         finally:
             threads.blas_exit()
+            threads.leave_call(n, n > 1)
 
-    def _forward_run(self, xs, unbatched, h0, ln, train):
+    def _forward_run(self, xs, unbatched, h0, ln, train, nthr):
         plan = self._get_plan()
-        nthr = threads.get_num_threads()
         fwd = _compile(plan.fwd_src, "fwd", self.dtype)
         T, B, _ = xs.shape
         H, D, nS, dt = self.hidden_size, self.num_directions, self.num_states, self.dtype
@@ -845,9 +911,11 @@ class CustomRNN(_PickledAsParameters):
                 WT = [np.ascontiguousarray(w_hh[[r.arg * H + j for r in recs for j in range(H)]].T)
                       for (_, _, recs) in g.groups]
                 y = np.zeros((T, B, H), dt)
-                threads.set_blas_threads(1)         # the per-step GEMMs inside the kernel: small
-                fwd(xp, perm, lp, d, nsteps, int(train), Sall, C, np.ascontiguousarray(b_hh), y,
-                    *Ra, *[Va[i] for i in plan.vsave], *WT)
+                chunks = _row_chunks(lp, nthr)
+                # the steps' products: one BLAS thread per row range, or all on one range
+                threads.set_blas_threads(1 if len(chunks) > 1 else nthr)
+                _run_chunks(fwd, chunks, xp, perm, lp, d, nsteps, int(train), Sall, C,
+                            np.ascontiguousarray(b_hh), y, *Ra, *[Va[i] for i in plan.vsave], *WT)
                 last = nsteps if train else 0
                 hn[:, k][:, perm] = Sall[last]
                 outs.append(y)
@@ -902,17 +970,18 @@ class CustomRNN(_PickledAsParameters):
                for q, a in enumerate(dhn)]
         if unbatched:
             dhn = [None if a is None else a[:, None, :] for a in dhn]
+        n = threads.enter_call()
         threads.blas_enter()
         try:
-            dx, dh0 = self._backward_run(runs, unbatched, batch_first, T, B, dys, dhn)
+            dx, dh0 = self._backward_run(runs, unbatched, batch_first, T, B, dys, dhn, n)
         finally:
             threads.blas_exit()
+            threads.leave_call(n, n > 1)
         return dx, dh0
 
-    def _backward_run(self, runs, unbatched, batch_first, T, B, dys, dhn):
+    def _backward_run(self, runs, unbatched, batch_first, T, B, dys, dhn, nthr):
         H, D, nS, dt, L = self.hidden_size, self.num_directions, self.num_states, self.dtype, self.num_layers
         LD = L * D
-        nthr = threads.get_num_threads()
         plan = self._get_plan()
         bwd = _compile(plan.bwd_src, "bwd", self.dtype)
         g = plan.g
@@ -940,9 +1009,10 @@ class CustomRNN(_PickledAsParameters):
                 Ws = [np.ascontiguousarray(w_hh[[r.arg * H + j for r in recs for j in range(H)]])
                       for (_, _, recs) in g.groups]
                 dyd = np.ascontiguousarray(dout[..., d * H:(d + 1) * H])
-                threads.set_blas_threads(1)
-                bwd(run.xp, perm, run.lp, d, ns, run.S, np.ascontiguousarray(b_hh), dyd, dS, dSp, A, dxp, dvb,
-                    *run.R, *dRa, *Ws)
+                chunks = _row_chunks(run.lp, nthr)
+                threads.set_blas_threads(1 if len(chunks) > 1 else nthr)
+                _run_chunks(bwd, chunks, run.xp, perm, run.lp, d, ns, run.S, np.ascontiguousarray(b_hh), dyd, dS,
+                            dSp, A, dxp, dvb, *run.R, *dRa, *Ws)
                 dh0[:, k][:, perm] = dS
                 threads.set_blas_threads(nthr)
                 sfx = f"_l{layer}" + ("_reverse" if d else "")

@@ -345,3 +345,44 @@ def test_ops_compute_on_arrays():
     np.testing.assert_allclose(ops.hard_sigmoid(a), np.clip(0.2 * a + 0.5, 0, 1))
     np.testing.assert_array_equal(ops.relu(a), np.maximum(a, 0))
     np.testing.assert_array_equal(ops.where(a > 0, a, -a), np.abs(a))
+
+
+# ------------------------------------------------------------------ rows on threads
+def test_row_chunks_balance_the_work():
+    from rnnfast.custom import _row_chunks
+    assert _row_chunks(np.full(64, 100), 2) == [(0, 32), (32, 64)]
+    assert _row_chunks(np.full(3, 100), 2) == [(0, 3)]           # 2 rows a thread at least
+    assert _row_chunks(np.array([100, 10, 10, 10, 10, 10, 10, 10, 10, 10]), 2) == [(0, 1), (1, 10)]
+    assert _row_chunks(np.zeros(8, np.int64), 2) == [(0, 8)]
+    got = _row_chunks(np.array([9, 9, 8, 5, 5, 3, 1, 0, 0]), 3)
+    assert got[0][0] == 0 and got[-1][1] == 9 and all(a < b for a, b in got)
+    assert all(got[i][1] == got[i + 1][0] for i in range(len(got) - 1))
+
+
+@pytest.mark.parametrize("nthreads", [2, 3])
+def test_rows_on_threads_match_one_thread(nthreads):
+    """The recurrence runs on several threads, each a range of the length-sorted rows:
+    outputs, states and every gradient equal one thread's (sequences of different lengths,
+    empty ones, both directions, two layers, initial states)."""
+    rng = np.random.default_rng(5)
+    T, B, I, H = 9, 11, 5, 7
+    layer = rnnfast.CustomRNN(I, H, cell=make_seed(ops), gates=4, num_layers=2, bidirectional=True,
+                              dtype=np.float64, seed=4)
+    x = rng.standard_normal((T, B, I))
+    ln = rng.integers(0, T + 1, B)
+    ln[3], ln[7] = 0, T
+    hx = rng.standard_normal((4, B, H))
+    res = []
+    before = rnnfast.get_num_threads()
+    try:
+        for n in (1, nthreads):
+            rnnfast.set_num_threads(n)
+            y, hn = layer.forward(x, hx, ln, train=True)
+            dx, dh0 = layer.backward(np.cos(y), np.sin(hn))
+            res.append((y, hn, dx, dh0, {k: v.copy() for k, v in layer.grads.items()}))
+    finally:
+        rnnfast.set_num_threads(before)
+    for a, b in zip(res[0][:4], res[1][:4]):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-13)
+    for k, v in res[0][4].items():
+        np.testing.assert_allclose(res[1][4][k], v, rtol=1e-12, atol=1e-13, err_msg=k)

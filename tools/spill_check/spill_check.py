@@ -17,6 +17,7 @@ is reported as skipped (GCC 12 has no znver4); at least one target must compile.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import re
 import shutil
@@ -213,11 +214,16 @@ def main(argv=None) -> int:
         print(f"spill_check: needs {a.cc} and objdump", file=sys.stderr)
         return 2
     n_ok, n_bad, skipped = 0, 0, []
+    marches = a.march.split(",")
     with tempfile.TemporaryDirectory() as d:
-        for march in a.march.split(","):
+        # the targets compile at once, one per core (each compile is one process); the
+        # reports below keep the order of the targets
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as ex:
+            built = list(ex.map(lambda m: compile_target(a.cc, m, os.path.join(d, f"{m}.o"),
+                                                         isa_flags(m) + [f"-D{x}" for x in a.define], a.kernels),
+                                marches))
+        for march, (ok, err) in zip(marches, built):
             obj = os.path.join(d, f"{march}.o")
-            ok, err = compile_target(a.cc, march, obj, isa_flags(march) + [f"-D{x}" for x in a.define],
-                                     a.kernels)
             if not ok:
                 if "march" in err and ("bad value" in err or "unknown" in err or "not recognized" in err):
                     skipped.append(march)
