@@ -42,7 +42,7 @@ import traceback
 
 import numpy as np
 
-from . import _engine, threads
+from . import _engine, backends, threads
 from ._validation import check_input, check_lengths, check_state, to_numpy
 from .layers import _check_dtype, _check_int, _PickledAsParameters
 from .ops import TraceError, Tracer, user_frame
@@ -661,6 +661,25 @@ def _run_chunks(kernel, chunks, *args) -> None:
             f.result()
 
 
+def _big_gemm(nthr: int):
+    """``mm(A, B) -> A @ B`` for the whole-sequence products (input projections, weight and
+    input gradients): the Cython kernels' own GEMM on OpenMP threads where it is built,
+    else NumPy's BLAS on `nthr` threads. NumPy's OpenBLAS keeps its threads spinning for a
+    while after a call, and they took the cores from the row ranges' threads that run the
+    steps next (a third of the samples of a 2-thread call)."""
+    if "cython" in backends.available_backends():
+        from ._train_fast import _gemm_for
+        gemm = _gemm_for("cython", backends.kernel_set("cython").module("training"), nthr)
+
+        def mm(A, B):
+            C = np.empty((A.shape[0], B.shape[1]), np.result_type(A, B))
+            gemm(A, B, C)
+            return C
+        return mm
+    threads.set_blas_threads(nthr)
+    return np.dot
+
+
 def _forget_pool_in_child() -> None:
     global _POOL, _POOL_LOCK
     _POOL, _POOL_LOCK = None, threading.Lock()
@@ -690,9 +709,14 @@ def _compile(src: str, name: str, dtype: np.dtype):
         fn = _KERNELS.get(key)
         if fn is None:
             import numba
+            ns: dict = {"np": np, "f4": np.float32}
             if np.dtype(dtype) == np.float32:
                 src = _FLOAT_LITERAL.sub(r"f4(\1)", src)
-            ns: dict = {"np": np, "f4": np.float32}
+                # exp and tanh that vectorise (libm's are scalar calls in Numba without
+                # SVML); float64 keeps libm's, the oracle-precision path
+                from .kernels import numba_vmath
+                src = src.replace("np.exp(", "expf(").replace("np.tanh(", "tanhf(")
+                ns.update(expf=numba_vmath.expf, tanhf=numba_vmath.tanhf)
             exec(compile(src, f"<rnnfast.custom {name}>", "exec"), ns)
             fn = numba.njit(fastmath=_fastmath(), error_model="numpy", nogil=True)(ns[name])
             _KERNELS[key] = fn
@@ -896,8 +920,7 @@ class CustomRNN(_PickledAsParameters):
             for d in range(D):
                 k = layer * D + d
                 w_ih, w_hh, b_ih, b_hh = self._dir_weights(layer, d)
-                threads.set_blas_threads(nthr)      # the large GEMMs on every thread
-                xp = np.dot(inp.reshape(T * B, -1), w_ih.T)
+                xp = _big_gemm(nthr)(np.ascontiguousarray(inp.reshape(T * B, -1)), w_ih.T)
                 xp += b_ih
                 xp = xp.reshape(T, B, -1)
                 ns = nsteps + 1 if train else 1
@@ -1014,12 +1037,12 @@ class CustomRNN(_PickledAsParameters):
                 _run_chunks(bwd, chunks, run.xp, perm, run.lp, d, ns, run.S, np.ascontiguousarray(b_hh), dyd, dS,
                             dSp, A, dxp, dvb, *run.R, *dRa, *Ws)
                 dh0[:, k][:, perm] = dS
-                threads.set_blas_threads(nthr)
+                mm = _big_gemm(nthr)
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
                 In = run.inp.shape[-1]
-                x2 = run.inp.reshape(T * B, In)
+                x2 = np.ascontiguousarray(run.inp.reshape(T * B, In))
                 dxp2 = dxp.reshape(T * B, -1)
-                grads["weight_ih" + sfx] = np.dot(dxp2.T, x2).astype(dt, copy=False)
+                grads["weight_ih" + sfx] = mm(dxp2.T, x2).astype(dt, copy=False)
                 dW = np.zeros(w_hh.shape, dt)
                 dbh = np.zeros(w_hh.shape[0], np.float64)
                 for gi, (_, v, recs) in enumerate(g.groups):
@@ -1027,7 +1050,7 @@ class CustomRNN(_PickledAsParameters):
                         break
                     Vs = run.S[:ns, v.arg] if v.op == "state" else run.V[gi]
                     dR2 = dRa[gi].reshape(ns * B, -1)
-                    part = np.dot(dR2.T, Vs.reshape(ns * B, H))
+                    part = mm(dR2.T, np.ascontiguousarray(Vs.reshape(ns * B, H)))
                     colsum = dR2.sum(axis=0, dtype=np.float64)
                     for q, r in enumerate(recs):
                         dW[r.arg * H:(r.arg + 1) * H] += part[q * H:(q + 1) * H]
@@ -1036,7 +1059,7 @@ class CustomRNN(_PickledAsParameters):
                 if self.bias:
                     grads["bias_ih" + sfx] = dxp2.sum(axis=0, dtype=np.float64).astype(dt)
                     grads["bias_hh" + sfx] = dbh.astype(dt)
-                part_in = np.dot(dxp2, w_ih).reshape(T, B, In)
+                part_in = mm(dxp2, w_ih).reshape(T, B, In)
                 dinp = part_in if dinp is None else dinp + part_in
             dout = dinp
         self.grads = {k: grads[k] for k in self._params}
