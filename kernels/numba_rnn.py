@@ -50,12 +50,8 @@ from numba.np.linalg import ensure_blas
 
 from .. import threads
 from ..cells import GRU_LBR, GRU_NOLBR, LSTM, LSTM_PROJ, RNN_TANH, VARIANT_LEN
+from . import numba_vmath
 from .numba_common import FASTMATH, act, clip, interruptible_pieces, kernel_threads, variant_fields
-
-# The polynomial approximations below rely on the exact order of their operations
-# (Cody-Waite range reduction): only contraction into FMAs is allowed there.
-_STRICT = {"contract"}
-
 
 _JIT = dict(fastmath=FASTMATH, error_model="numpy", nogil=True, cache=True)
 
@@ -74,61 +70,8 @@ _SERIAL_WORK = 98304
 # float32 exp / tanh / sigmoid that LLVM can vectorise (Cephes expf, tanhf)
 # --------------------------------------------------------------------------------------
 
-@intrinsic
-def _bits_as_f32(typingctx, v):
-    """Reinterpret the low 32 bits of an integer as a float32."""
-    if not isinstance(v, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        val = args[0]
-        if v.bitwidth > 32:
-            val = builder.trunc(val, ir.IntType(32))
-        return builder.bitcast(val, ir.FloatType())
-    return types.float32(v), codegen
-
-
-@njit(fastmath=_STRICT, error_model="numpy", nogil=True, cache=True)
-def _expf(x):
-    """exp of a float32, Cephes expf: |rel err| ~ 1 ulp; clamps below to the normal range,
-    +inf above 88.3 (so that sigmoid(-inf) is exactly 0, as in PyTorch), NaN kept (the
-    selects are written so that a NaN compares false and passes through)."""
-    x0 = x
-    x = np.float32(-87.3) if x < np.float32(-87.3) else x
-    x = np.float32(88.3) if x > np.float32(88.3) else x
-    fx = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
-    x = x - fx * np.float32(0.693359375)
-    x = x - fx * np.float32(-2.12194440e-4)
-    z = x * x
-    p = np.float32(1.9875691500e-4)
-    p = p * x + np.float32(1.3981999507e-3)
-    p = p * x + np.float32(8.3334519073e-3)
-    p = p * x + np.float32(4.1665795894e-2)
-    p = p * x + np.float32(1.6666665459e-1)
-    p = p * x + np.float32(5.0000001201e-1)
-    p = p * z + x + np.float32(1.0)
-    if x0 > np.float32(88.3):
-        return np.float32(np.inf)
-    return p * _bits_as_f32((np.int64(fx) + 127) << 23)
-
-
-@njit(fastmath=_STRICT, error_model="numpy", nogil=True, cache=True)
-def _sigmoid_f32(x):
-    return np.float32(1.0) / (np.float32(1.0) + _expf(-x))
-
-
-@njit(fastmath=_STRICT, error_model="numpy", nogil=True, cache=True)
-def _tanh_f32(x):
-    """Cephes tanhf: odd polynomial below 0.625, 1 - 2/(exp(2|x|)+1) above."""
-    a = abs(x)
-    a = np.float32(9.0) if a > np.float32(9.0) else a       # NaN passes (min() would drop it)
-    z = x * x
-    small = ((((np.float32(-5.70498872745e-3) * z + np.float32(2.06390887954e-2)) * z
-               - np.float32(5.37397155531e-2)) * z + np.float32(1.33314422036e-1)) * z
-             - np.float32(3.33332819422e-1)) * z * x + x
-    big = np.float32(1.0) - np.float32(2.0) / (_expf(a + a) + np.float32(1.0))
-    big = big if x >= np.float32(0.0) else -big
-    return small if a < np.float32(0.625) else big
+# (kernels/numba_vmath.py: one definition for every Numba kernel)
+_expf, _sigmoid_f32, _tanh_f32 = numba_vmath.expf, numba_vmath.sigmoidf, numba_vmath.tanhf
 
 
 @njit(**_JIT)
