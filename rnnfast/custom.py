@@ -16,9 +16,13 @@ How it runs (one layer, one direction):
    The recurrent products of one stage that share their argument form one GEMM (their
    blocks of ``W_hh`` side by side), so a step makes as few passes as the data allow
    (an LSTM: one; the seed cell of issue 19: two).
-2. The input projections of all steps are one GEMM (``x @ W_ih.T + b_ih``).
+2. The input projections of all steps are one GEMM (``x @ W_ih.T + b_ih``; the Cython
+   kernels' own GEMM where built).
 3. The steps run in one generated Numba function (the loop over time inside): per
    stage, a fused elementwise loop over (B, H), then that stage's GEMMs (``np.dot``).
+   The rows of a step are independent, so each thread runs that function for a range
+   of the (length-sorted) rows, all steps, with no barrier between threads; float32
+   exp and tanh are kernels/numba_vmath.py's, which vectorise.
 4. Training: the forward keeps the states of every step and the products' results;
    the backward is generated from the same graph by reverse-mode differentiation, stage
    by stage from the last (recomputing the elementwise values from what was kept), with
