@@ -71,7 +71,6 @@ _SERIAL_WORK = 98304
 # --------------------------------------------------------------------------------------
 
 # (kernels/numba_vmath.py: one definition for every Numba kernel)
-_expf, _sigmoid_f32, _tanh_f32 = numba_vmath.expf, numba_vmath.sigmoidf, numba_vmath.tanhf
 
 
 @njit(**_JIT)
@@ -90,14 +89,14 @@ def _tanh(x):       # pragma: no cover - typed stub, see the overload
 @overload(_sigmoid)
 def _ol_sigmoid(x):
     if x == types.float32:
-        return lambda x: _sigmoid_f32(x)
+        return lambda x: numba_vmath.sigmoidf(x)
     return lambda x: _sigmoid_f64(x)
 
 
 @overload(_tanh)
 def _ol_tanh(x):
     if x == types.float32:
-        return lambda x: _tanh_f32(x)
+        return lambda x: numba_vmath.tanhf(x)
     return lambda x: math.tanh(x)
 
 

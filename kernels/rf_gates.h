@@ -128,9 +128,9 @@ static inline void rf_sync(rf_sync_t *b, int team) {
  * in PyTorch and 0 * inf gives NaN downstream as there (issue 17 #17). NaN propagates
  * (every comparison is false, and p is NaN).
  * always_inline (also rf_tanhf, rf_sigmoid_*): where GCC declined to inline it into a grown
- * caller (rf_fused_step_v), each `omp simd` loop became a scalar loop of calls, and the
- * fp32 gate math ran at a quarter of its speed (tools/spill_check now fails on such a call;
- * figures in docs/performance.md). */
+ * caller (rf_fused_step_v), each `omp simd` loop became a scalar loop of calls (commit
+ * 6ea1db3; figures in docs/performance.md). tests/test_cy_kernel.py reads the built modules
+ * and tools/spill_check every -march target's code for such a call. */
 static inline __attribute__((always_inline)) float rf_expf(float x0) {
     float x = x0 < -87.3f ? -87.3f : x0;
     x = x > 88.3f ? 88.3f : x;

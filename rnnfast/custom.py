@@ -670,7 +670,7 @@ def _big_gemm(nthr: int):
     input gradients): the Cython kernels' own GEMM on OpenMP threads where it is built,
     else NumPy's BLAS on `nthr` threads. NumPy's OpenBLAS keeps its threads spinning for a
     while after a call, and they took the cores from the row ranges' threads that run the
-    steps next (a third of the samples of a 2-thread call)."""
+    steps next (commit bcbf021; figures in docs/performance.md)."""
     if "cython" in backends.available_backends():
         from ._train_fast import _gemm_for
         gemm = _gemm_for("cython", backends.kernel_set("cython").module("training"), nthr)

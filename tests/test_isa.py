@@ -129,3 +129,13 @@ def test_spill_detector():
     assert spill_check.spills(spill_check.parse(_TILE)) == []
     loops = spill_check.loops(spill_check.parse(_SPILLED)["rf_gemm_blk_6_0_f"])
     assert len(loops) == 1 and len(loops[0]) == 9      # 0x1004 .. 0x1033
+
+
+def test_scalar_gate_math_call_detector():
+    """The check that found 6ea1db3's bug in the built modules, run on every -march target
+    too: an out-of-line call of the float gate math (a gate loop gone scalar) is reported."""
+    bad = ("0000000000031f40 <rf_fused_step_v_f>:\n"
+           "   3a96b:\tcall   31f00 <rf_expf>\n"
+           "   3a970:\tcall   31f80 <rf_tanhf.part.0>\n")
+    assert spill_check.scalar_math_calls(bad) and "2 out-of-line" in spill_check.scalar_math_calls(bad)[0]
+    assert spill_check.scalar_math_calls("   3a96b:\tcall   31f00 <rf_gemm_f>\n") == []
