@@ -249,7 +249,8 @@ def main(argv=None) -> int:
             n_ok += 1
             if found:
                 n_bad += 1
-                print(f"FAIL {march}: {len(found)} problems (hot loops keeping vectors on the stack, scalar gate-math calls)")
+                print(f"FAIL {march}: {len(found)} problems (hot loops keeping vectors on the stack, "
+                      "scalar gate-math calls)")
                 for f in found if a.verbose else found[:6]:
                     print("    " + f)
             else:
